@@ -1,0 +1,368 @@
+"""Reading GLUE data (standard TSV files, the user's own files, or the hub) and batching it.
+
+Every reader returns a `TextDataset`: one tuple of 1 or 2 texts per example and its label as a
+class index (float for regression). What a task's files look like comes from its `TaskSpec`.
+Mistakes in a file raise one `UserError` sentence naming the file and, where there is one, the
+1-based line.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding
+
+from .errors import UserError
+from .tasks import TaskSpec
+
+HUB_DATASET = "nyu-mll/glue"
+
+
+@dataclass
+class TextDataset:
+    """Examples of one split: `texts[i]` holds 1 or 2 strings, `labels[i]` their label."""
+
+    texts: list[tuple[str, ...]]
+    labels: list  # int class index, or float for regression
+    source: str  # a file path, or e.g. "hub nyu-mll/glue sst2 validation"
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class TaskData:
+    """A task's training data and its dev splits, keyed by `spec.dev_splits` names."""
+
+    spec: TaskSpec
+    train: TextDataset
+    dev: dict[str, TextDataset]
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def _read_text(path: Path) -> str:
+    """The file's text, refusing missing, binary, non-UTF-8 and empty files."""
+    if not path.exists():
+        raise UserError(f"data file {path} does not exist")
+    if not path.is_file():
+        raise UserError(f"data file {path} is a folder, not a file")
+    raw = path.read_bytes()
+    if b"\x00" in raw:
+        raise UserError(f"{path} is not a text file (it holds NUL bytes)")
+    try:
+        text = raw.decode("utf-8-sig")  # -sig: MRPC's header starts with a BOM
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise UserError(f"{path}, line {line}: the file is not UTF-8 text") from None
+    if not text.strip():
+        raise UserError(f"{path} has no examples (the file is empty)")
+    return text
+
+
+def _read_rows(path: Path, delimiter: str, quoting: int) -> list[tuple[int, list[str]]]:
+    """(1-based line number, fields) for every row, without trailing blank lines."""
+    text = _read_text(path)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
+    rows = []
+    try:
+        for fields in reader:
+            rows.append((reader.line_num, fields))
+    except csv.Error as err:
+        raise UserError(f"{path}, line {reader.line_num + 1}: the row cannot be read ({err})") from None
+    while rows and not "".join(rows[-1][1]).strip():
+        rows.pop()  # a blank last line is harmless
+    return rows
+
+
+def _column_index(path: Path, header: list[str], column: str) -> int:
+    if column not in header:
+        raise UserError(
+            f"{path}, line 1: the header has no column {column!r} (it has {', '.join(header)})")
+    return header.index(column)
+
+
+def _check_width(path: Path, line: int, fields: list[str], width: int, kind: str) -> None:
+    if len(fields) != width:
+        raise UserError(f"{path}, line {line}: expected {width} {kind} columns, found {len(fields)}")
+
+
+def _as_int(value) -> int | None:
+    """`value` as an int if it is one (an int, or a string of digits), else None."""
+    if isinstance(value, bool):  # JSON true/false are not class indices
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().isdecimal():
+        return int(value)
+    return None
+
+
+def _parse_label(spec: TaskSpec, value, where: str, allow_index: bool):
+    """`value` as a class index, or as a float for regression.
+
+    Classification accepts the label strings of `spec.labels`; with `allow_index` also their
+    integer indices, as the hub and the user's files may give them.
+    """
+    if spec.labels is None:
+        try:
+            number = math.nan if isinstance(value, bool) else float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if not math.isfinite(number):
+            raise UserError(f"{where}: label {value!r} is not a number")
+        return number
+    if isinstance(value, str) and value.strip() in spec.labels:
+        return spec.labels.index(value.strip())
+    index = _as_int(value) if allow_index else None
+    if index is not None and 0 <= index < len(spec.labels):
+        return index
+    choices = ", ".join(spec.labels)
+    if allow_index:
+        choices += f" (or a class index 0 to {len(spec.labels) - 1})"
+    raise UserError(f"{where}: label {value!r} is not one of {choices}")
+
+
+# ----------------------------------------------------------------------------- GLUE TSV files
+
+
+def read_glue_tsv(spec: TaskSpec, path: str | Path) -> TextDataset:
+    """One split of `spec`'s task in the standard GLUE TSV layout.
+
+    Read with quoting disabled, as the GLUE processors do: texts hold unbalanced quotes (RTE's
+    train row 2164), which csv's default quoting would merge across columns.
+    """
+    path = Path(path)
+    rows = _read_rows(path, "\t", csv.QUOTE_NONE)
+    if spec.tsv_has_header:
+        header = rows[0][1] if rows else []
+        rows = rows[1:]
+        width = spec.tsv_column_count or len(header)
+        text_index = [_column_index(path, header, c) for c in spec.tsv_text_columns]
+        label_index = _column_index(path, header, spec.tsv_label_column)
+    else:  # headerless (CoLA): the spec gives 0-based positions
+        width = spec.tsv_column_count
+        text_index = list(spec.tsv_text_columns)
+        label_index = spec.tsv_label_column
+    if not rows:
+        raise UserError(f"{path} has no examples")
+    texts, labels = [], []
+    for line, fields in rows:
+        _check_width(path, line, fields, width, "tab-separated")
+        texts.append(tuple(fields[i] for i in text_index))
+        labels.append(_parse_label(spec, fields[label_index], f"{path}, line {line}", allow_index=False))
+    return TextDataset(texts, labels, str(path))
+
+
+# ----------------------------------------------------------------------------- the user's files
+
+
+def _table_records(path: Path, delimiter: str, quoting: int,
+                   columns: Sequence[str]) -> list[tuple[str, dict]]:
+    """(where, row as a dict) for a CSV/TSV file whose first line names the columns."""
+    rows = _read_rows(path, delimiter, quoting)
+    header = rows[0][1]
+    for column in columns:
+        _column_index(path, header, column)
+    kind = "tab-separated" if delimiter == "\t" else "comma-separated"
+    records = []
+    for line, fields in rows[1:]:
+        _check_width(path, line, fields, len(header), kind)
+        records.append((f"{path}, line {line}", dict(zip(header, fields))))
+    return records
+
+
+def _json_records(path: Path) -> list[tuple[str, dict]]:
+    """(where, object) for a .json file holding one list of objects."""
+    try:
+        items = json.loads(_read_text(path))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}, line {err.lineno}: the JSON is malformed ({err.msg})") from None
+    if not isinstance(items, list):
+        raise UserError(f"{path} must hold a JSON list of objects, one per example")
+    return [(f"{path}, item {i}", item) for i, item in enumerate(items, start=1)]
+
+
+def _jsonl_records(path: Path) -> list[tuple[str, dict]]:
+    """(where, object) for a .jsonl file: one JSON object per line, blank lines skipped."""
+    records = []
+    for line, text in enumerate(_read_text(path).splitlines(), start=1):
+        if not text.strip():
+            continue
+        try:
+            records.append((f"{path}, line {line}", json.loads(text)))
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}, line {line}: the JSON is malformed ({err.msg})") from None
+    return records
+
+
+def _records_to_dataset(spec: TaskSpec, path: Path, records: list[tuple[str, dict]],
+                        text_columns: Sequence[str], label_column: str) -> TextDataset:
+    """Texts and labels out of (where, record) pairs, checking each record's columns."""
+    columns = (*text_columns, label_column)
+    if not records:
+        raise UserError(f"{path} has no examples")
+    texts, labels = [], []
+    for where, record in records:
+        if not isinstance(record, dict):
+            raise UserError(f"{where}: expected a JSON object, found {type(record).__name__}")
+        for column in columns:
+            if column not in record:
+                raise UserError(f"{where}: there is no column {column!r}")
+        row = tuple(record[c] for c in text_columns)
+        for column, text in zip(text_columns, row):
+            if not isinstance(text, str):
+                raise UserError(f"{where}: column {column!r} holds {text!r}, not text")
+        texts.append(row)
+        labels.append(_parse_label(spec, record[label_column], where, allow_index=True))
+    return TextDataset(texts, labels, str(path))
+
+
+def read_user_file(spec: TaskSpec, path: str | Path, text_columns: Sequence[str] | None = None,
+                   label_column: str | None = None) -> TextDataset:
+    """The user's own .csv, .tsv, .json (a list of objects) or .jsonl file for task `spec`.
+
+    `text_columns` (1 or 2 names) default to the hub's names for the task, `label_column` to
+    "label". Labels may be the task's label strings or their class indices (regression: a
+    number). CSV uses standard quoting; TSV has quoting disabled, like the GLUE files.
+    """
+    path = Path(path)
+    text_columns = tuple(text_columns or spec.hub_text_columns)
+    label_column = label_column or "label"
+    if not 1 <= len(text_columns) <= 2:
+        raise UserError(f"give 1 or 2 text columns, not {len(text_columns)}")
+    columns = (*text_columns, label_column)
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        records = _table_records(path, ",", csv.QUOTE_MINIMAL, columns)
+    elif suffix == ".tsv":
+        records = _table_records(path, "\t", csv.QUOTE_NONE, columns)
+    elif suffix == ".json":
+        records = _json_records(path)
+    elif suffix == ".jsonl":
+        records = _jsonl_records(path)
+    else:
+        raise UserError(f"{path}: unknown file type {suffix or '(none)'!r}; use .csv, .tsv, .json or .jsonl")
+    return _records_to_dataset(spec, path, records, text_columns, label_column)
+
+
+# ----------------------------------------------------------------------------- the hub
+
+
+def _hub_split(spec: TaskSpec, split, name: str) -> TextDataset:
+    """A hub split (a `datasets.Dataset`) as a TextDataset."""
+    source = f"hub {HUB_DATASET} {spec.name} {name}"
+    columns = [list(split[c]) for c in spec.hub_text_columns]
+    labels = [_parse_label(spec, v, source, allow_index=True) for v in split["label"]]
+    return TextDataset(list(zip(*columns)), labels, source)
+
+
+def load_hub(spec: TaskSpec) -> tuple[TextDataset, dict[str, TextDataset]]:
+    """Train and dev splits of `spec` from the Hugging Face hub's GLUE (`nyu-mll/glue`).
+
+    Dev splits come back under `spec.dev_splits` names ("validation" -> "dev").
+    """
+    import datasets  # slow to import; only the hub path needs it
+
+    try:
+        hub = datasets.load_dataset(HUB_DATASET, spec.name)
+    except OSError as err:  # ConnectionError, hub HTTP and "not found offline" errors all are OSErrors
+        raise UserError(
+            f"the Hugging Face hub could not be reached to download GLUE {spec.name} "
+            f"({type(err).__name__}); give a folder of GLUE TSV files with --data-dir or $GLUE_DIR"
+        ) from None
+    train = _hub_split(spec, hub["train"], "train")
+    dev = {name: _hub_split(spec, hub[hub_name], hub_name)
+           for name, hub_name in zip(spec.dev_splits, spec.hub_dev_splits)}
+    return train, dev
+
+
+# ----------------------------------------------------------------------------- choosing a source
+
+
+def _task_dir(spec: TaskSpec, data_dir: Path) -> Path:
+    """The folder holding the task's TSV files: `data_dir/<glue_dir>`, or `data_dir` itself."""
+    if not data_dir.is_dir():
+        raise UserError(f"the GLUE data folder {data_dir} does not exist")
+    for folder in (data_dir / spec.glue_dir, data_dir):
+        if (folder / "train.tsv").is_file():
+            return folder
+    raise UserError(f"the GLUE data folder {data_dir} holds neither {spec.glue_dir}/train.tsv nor train.tsv")
+
+
+def load_task_data(spec: TaskSpec, data_dir: str | Path | None = None,
+                   train_file: str | Path | None = None, validation_file: str | Path | None = None,
+                   text_columns: Sequence[str] | None = None,
+                   label_column: str | None = None) -> TaskData:
+    """The task's data from the user's files if given, else from `data_dir`, else from the hub.
+
+    A user's validation file becomes the first dev split (`spec.dev_splits[0]`).
+    `text_columns`/`label_column` apply to the user's files only.
+    """
+    if (train_file is None) != (validation_file is None):
+        raise UserError("give both a training file and a validation file, or neither")
+    if train_file is not None:
+        train = read_user_file(spec, train_file, text_columns, label_column)
+        dev = read_user_file(spec, validation_file, text_columns, label_column)
+        return TaskData(spec, train, {spec.dev_splits[0]: dev})
+    if text_columns or label_column:
+        raise UserError("text and label column names apply only to your own training and validation files")
+    if data_dir is not None:
+        folder = _task_dir(spec, Path(data_dir))
+        train = read_glue_tsv(spec, folder / "train.tsv")
+        dev = {split: read_glue_tsv(spec, folder / f"{split}.tsv") for split in spec.dev_splits}
+        return TaskData(spec, train, dev)
+    train, dev = load_hub(spec)
+    return TaskData(spec, train, dev)
+
+
+# ----------------------------------------------------------------------------- tokens and batches
+
+
+def encode(dataset: TextDataset, tokenizer, max_length: int) -> list[dict]:
+    """Token ids of each example (truncated to `max_length`, not padded) plus its "labels"."""
+    if len(dataset) == 0:
+        return []
+    text_lists = [list(texts) for texts in zip(*dataset.texts)]  # one list per text position
+    tokens = tokenizer(*text_lists, truncation=True, max_length=max_length)
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in tokens]
+    return [{**{k: tokens[k][i] for k in keys}, "labels": label}
+            for i, label in enumerate(dataset.labels)]
+
+
+class _PadBatch:
+    """Pads a batch to its longest example; labels become long (classes) or float (regression).
+
+    A class rather than a closure so that DataLoader workers can pickle it.
+    """
+
+    def __init__(self, tokenizer):
+        self.pad = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        labels = [f["labels"] for f in features]
+        batch = dict(self.pad([{k: v for k, v in f.items() if k != "labels"} for f in features]))
+        dtype = torch.float32 if isinstance(labels[0], float) else torch.long
+        batch["labels"] = torch.tensor(labels, dtype=dtype)
+        return batch
+
+
+def make_loader(encoded: Iterable[dict], tokenizer, batch_size: int, shuffle: bool,
+                seed: int) -> DataLoader:
+    """Batches of `encoded`, padded per batch; with `shuffle`, the order is fixed by `seed`.
+
+    Each pass over the loader draws a new order from the same seeded generator, so runs with
+    the same seed see the same sequence of epochs.
+    """
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(list(encoded), batch_size=batch_size, shuffle=shuffle, generator=generator,
+                      collate_fn=_PadBatch(tokenizer))

