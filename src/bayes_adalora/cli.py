@@ -81,6 +81,10 @@ def _quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=".*`r` is not used in AdaLora.*")
+    # peft reads a deprecated transformers property on every run; nothing a user can act on
+    warnings.filterwarnings("ignore", message=".*`is_gradient_checkpointing` is deprecated.*")
+    # AdaLoRA may prune a matrix to rank 0; peft's save then warns of unsharded DeepSpeed tensors
+    warnings.filterwarnings("ignore", message=".*LoRA tensor\\(s\\) have invalid shape.*")
 
 
 if __name__ == "__main__":

@@ -82,7 +82,11 @@ def load_model(name: str, spec: TaskSpec, trust_remote_code: bool):
     """(tokenizer, model for sequence classification, newly initialised module names)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    kwargs = dict(num_labels=spec.num_labels, trust_remote_code=trust_remote_code)
+    import torch
+
+    # fp32 master weights whatever the checkpoint's dtype: IVON keeps one dtype for all its state,
+    # and --bf16 autocasts the compute.
+    kwargs = dict(num_labels=spec.num_labels, trust_remote_code=trust_remote_code, dtype=torch.float32)
     if spec.is_regression:
         kwargs["problem_type"] = "regression"
     try:

@@ -37,8 +37,14 @@ class TrainingDiverged(UserError):
 def check_output_dir(path: Path, overwrite: bool) -> None:
     if path.exists() and not path.is_dir():
         raise UserError(f"--output-dir {path} is a file, not a folder")
-    if not overwrite and any((path / m).exists() for m in RUN_MARKERS):
+    if not path.is_dir():
+        return
+    holds_run = any((path / m).exists() for m in RUN_MARKERS)
+    if holds_run and not overwrite:
         raise UserError(f"{path} already holds a run: pass --overwrite to replace it, or choose another --output-dir")
+    # refused up front, not after training; and --overwrite only ever deletes a run, never other files
+    if not holds_run and any(path.iterdir()):
+        raise UserError(f"--output-dir {path} holds files that are not a run: choose a new or empty folder")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -212,8 +218,24 @@ def write_outputs(out: Path, overwrite: bool, write) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _score(value: float) -> float:
+    """For comparing evaluations: an undefined metric (NaN, e.g. Pearson of constant predictions) ranks last."""
+    return -math.inf if math.isnan(value) else value
+
+
+def _finite_or_none(obj):
+    """NaN and inf become null, so the files stay strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
 def _json_dump(obj, path: Path) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    path.write_text(json.dumps(_finite_or_none(obj), indent=2, allow_nan=False) + "\n")
 
 
 # ---------------------------------------------------------------- the run
@@ -270,7 +292,7 @@ def train(config: TrainConfig) -> dict:
     step = 0
     bar = tqdm(total=total_steps, disable=not config.progress, desc=f"{config.method} {spec.name}", dynamic_ncols=True)
     while step < total_steps:
-        for batch in train_loader:
+        for index, batch in enumerate(train_loader):
             t0 = time.perf_counter()
             batch = {k: v.to(device) for k, v in batch.items()}
             loss = training_step(model, batch, optimizer, config, autocast)
@@ -296,10 +318,11 @@ def train(config: TrainConfig) -> dict:
                     postfix["rank budget"] = budget
                 bar.set_postfix(postfix)
 
-            if step % eval_steps == 0 or step == total_steps:
+            end_of_epoch = index == len(train_loader) - 1
+            if step % eval_steps == 0 or step == total_steps or end_of_epoch:
                 final = evaluate(model, dev_loaders, spec, device, autocast)
                 history["eval"].append({"step": step, **final})
-                if not best or final[spec.main_metric_name] > best[spec.main_metric_name]:
+                if not best or _score(final[spec.main_metric_name]) > _score(best[spec.main_metric_name]):
                     best = {**final, "step": step}
             if step >= total_steps:
                 break

@@ -1,0 +1,224 @@
+"""The paper's table in miniature: packaged MiniLM on five GLUE tasks, every method, three seeds.
+
+Resumable: each cell is one `bayes_adalora.train` run in `<work>/<task>/<cell>-seed<k>/`; a cell
+whose results.json exists is skipped. When all cells are done (or with --report), writes
+`benchmarks/results/mini-glue.md` (mean and std per cell, the official metric per task, the
+machine and date) and `mini-glue.json` beside it.
+
+    python benchmarks/mini_glue.py --glue-dir ../shared/data/glue            # the whole grid
+    python benchmarks/mini_glue.py --tune --glue-dir ../shared/data/glue     # the lr sweep first
+    python benchmarks/mini_glue.py --plan paper                               # DeBERTaV3-base, hub, GPU
+
+Every method gets the same step budget per task. Tuning, equal for every optimizer family: three
+learning rates per family (IVON: adalora-ivon and every bayes-adalora criterion share one; AdaLoRA
+with AdamW; LoRA), seed 0, on SST-2 and CoLA; the lr with the best mean main metric is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from datetime import date
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+# (cell name, method, criterion)
+CELLS = (
+    ("lora", "lora", None),
+    ("adalora", "adalora", None),
+    ("adalora-ivon", "adalora-ivon", None),
+    ("bayes-adalora", "bayes-adalora", "snr_abs"),
+    ("bayes-snr", "bayes-adalora", "snr"),
+    ("bayes-mean_abs", "bayes-adalora", "mean_abs"),
+    ("bayes-inv_sigma", "bayes-adalora", "inv_sigma"),
+)
+FAMILY = {"lora": "lora", "adalora": "adalora", "adalora-ivon": "ivon", "bayes-adalora": "ivon"}
+TASKS = {  # task: (steps, max_length); same for every method
+    "sst2": (240, 64),
+    "cola": (240, 64),
+    "mrpc": (240, 128),
+    "stsb": (240, 128),
+    "rte": (240, 128),
+}
+SEEDS = (0, 1, 2)
+LR_GRID = {"ivon": (1.0, 3.0, 6.0), "adalora": (1e-3, 2e-3, 4e-3), "lora": (5e-4, 1e-3, 2e-3)}
+DEFAULT_LR = {"ivon": 3.0, "adalora": 2e-3, "lora": 1e-3}
+TUNE_TASKS = ("sst2", "cola")
+
+# The paper's own scale: every GLUE task, 5 seeds, --recipe paper, DeBERTaV3-base (needs hub + GPU).
+PAPER_TASKS = ("mnli", "sst2", "cola", "qqp", "qnli", "rte", "mrpc", "stsb")
+PAPER_SEEDS = (2021, 2022, 2023, 2024, 2025)
+
+
+def cell_given(task: str, cell: str, seed: int, lr: float | None, glue_dir: str | None, out: Path,
+               plan: str, overrides: dict | None = None) -> dict:
+    """The explicit TrainConfig values of one grid cell."""
+    _, method, criterion = next(c for c in CELLS if c[0] == cell)
+    given = {"task": task, "method": method, "seed": seed, "output_dir": str(out), "progress": False}
+    if criterion:
+        given["criterion"] = criterion
+    if glue_dir:
+        given["data_dir"] = glue_dir
+    if plan == "paper":
+        given.update(recipe="paper", model="microsoft/deberta-v3-base")
+    else:
+        steps, max_length = TASKS[task]
+        given.update(max_steps=steps, max_length=max_length, eval_steps=steps // 4, lr=lr)
+    return {**given, **(overrides or {})}
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """`KEY=VALUE` pairs (VALUE read as JSON where it parses, else a string) for every cell."""
+    out = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        try:
+            out[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.replace("-", "_")] = value
+    return out
+
+
+def run_cell(given: dict) -> dict:
+    """Train one cell (in a worker process, one thread: two cells share two cores)."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("MINI_GLUE_THREADS", "1")))
+    from bayes_adalora.cli import _quiet_libraries
+    from bayes_adalora.config import make_config
+    from bayes_adalora.train import train
+
+    _quiet_libraries()
+    config, _ = make_config(given)
+    return train(config)
+
+
+def run_cells(jobs: list[dict], workers: int) -> None:
+    todo = [g for g in jobs if not (Path(g["output_dir"]) / "results.json").exists()]
+    print(f"{len(jobs) - len(todo)} cells done, {len(todo)} to run", flush=True)
+    start = time.time()
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for given, result in zip(todo, pool.map(run_cell, todo)):
+            m = result["metrics"]["best"]
+            print(f"[{time.time() - start:7.0f}s] {given['task']} {Path(given['output_dir']).name}: "
+                  f"best {result['main_metric']} {m[result['main_metric']]:.4f}", flush=True)
+
+
+def best_lrs(work: Path) -> dict[str, float]:
+    """Per family, the lr of the sweep with the best mean main metric over TUNE_TASKS."""
+    chosen = {}
+    for family, grid in LR_GRID.items():
+        cell = {"ivon": "bayes-adalora", "adalora": "adalora", "lora": "lora"}[family]
+        means = {}
+        for lr in grid:
+            vals = []
+            for task in TUNE_TASKS:
+                path = work / "tune" / task / f"{cell}-lr{lr:g}" / "results.json"
+                if path.exists():
+                    r = json.loads(path.read_text())
+                    vals.append(r["metrics"]["best"][r["main_metric"]])
+            if len(vals) == len(TUNE_TASKS):
+                means[lr] = statistics.fmean(vals)
+        chosen[family] = max(means, key=means.get) if means else DEFAULT_LR[family]
+    return chosen
+
+
+def report(work: Path, out: Path, lrs: dict, plan: str, seeds, tasks) -> None:
+    table: dict = {}
+    for task in tasks:
+        for cell, _, _ in CELLS:
+            scores, secs = [], []
+            for seed in seeds:
+                path = work / task / f"{cell}-seed{seed}" / "results.json"
+                if path.exists():
+                    r = json.loads(path.read_text())
+                    scores.append(r["metrics"]["best"][r["main_metric"]])
+                    secs.append(r["seconds_per_step"])
+                    metric = r["main_metric"]
+            if scores:
+                table.setdefault(task, {})[cell] = {
+                    "metric": metric, "scores": scores, "mean": statistics.fmean(scores),
+                    "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+                    "seconds_per_step": statistics.fmean(secs),
+                }
+    meta = {
+        "date": date.today().isoformat(), "machine": _machine(), "plan": plan, "seeds": list(seeds),
+        "steps_and_max_length": {t: TASKS[t] for t in tasks if t in TASKS} if plan == "mini" else "paper recipe",
+        "learning_rates": lrs,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    name = "mini-glue" if plan == "mini" else "paper-glue"
+    (out / f"{name}.json").write_text(json.dumps({**meta, "results": table}, indent=2) + "\n")
+    lines = [
+        f"# {'Mini-GLUE' if plan == 'mini' else 'Paper-scale GLUE'}: best dev score, mean ± std over seeds {list(seeds)}",
+        "",
+        f"Machine: {meta['machine']}. Date: {meta['date']}. Learning rates: {lrs}.",
+        f"Steps and max length per task: {meta['steps_and_max_length']}.",
+        "",
+        "| method | " + " | ".join(f"{t} ({table[t][next(iter(table[t]))]['metric']})" for t in table) + " |",
+        "|---|" + "---|" * len(table),
+    ]
+    for cell, _, _ in CELLS:
+        row = [f"{table[t][cell]['mean']:.4f} ± {table[t][cell]['std']:.4f} (n={len(table[t][cell]['scores'])})"
+               if cell in table[t] else "-" for t in table]
+        lines.append(f"| {cell} | " + " | ".join(row) + " |")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _machine() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--glue-dir", default=os.environ.get("GLUE_DIR"), help="GLUE TSV folder (default $GLUE_DIR; none: the hub)")
+    parser.add_argument("--work", type=Path, default=Path("runs/mini-glue"), help="where cells are trained (resumable)")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--workers", type=int, default=2, help="cells trained at once")
+    parser.add_argument("--tune", action="store_true", help="run the learning-rate sweep only")
+    parser.add_argument("--report", action="store_true", help="write the table from finished cells only")
+    parser.add_argument("--plan", choices=("mini", "paper"), default="mini")
+    parser.add_argument("--tasks", nargs="+", default=None)
+    parser.add_argument("--seeds", nargs="+", type=int, default=None)
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override a TrainConfig field in every cell, e.g. model=PATH max_steps=20")
+    args = parser.parse_args(argv)
+    overrides = parse_overrides(args.set)
+    tasks = args.tasks or (list(TASKS) if args.plan == "mini" else list(PAPER_TASKS))
+    seeds = args.seeds or (SEEDS if args.plan == "mini" else PAPER_SEEDS)
+
+    if args.tune:
+        jobs = [
+            cell_given(task, cell, 0, lr, args.glue_dir, args.work / "tune" / task / f"{cell}-lr{lr:g}", "mini", overrides)
+            for family, grid in LR_GRID.items() for lr in grid for task in TUNE_TASKS
+            for cell in [{"ivon": "bayes-adalora", "adalora": "adalora", "lora": "lora"}[family]]
+        ]
+        run_cells(jobs, args.workers)
+        print("chosen:", best_lrs(args.work))
+        return 0
+    lrs = best_lrs(args.work) if args.plan == "mini" else "paper recipe"
+    if not args.report:
+        jobs = [
+            cell_given(task, cell, seed, None if args.plan == "paper" else lrs[FAMILY[method]], args.glue_dir,
+                       args.work / task / f"{cell}-seed{seed}", args.plan, overrides)
+            for task in tasks for seed in seeds for cell, method, _ in CELLS
+        ]
+        run_cells(jobs, args.workers)
+    report(args.work, args.out, lrs, args.plan, seeds, tasks)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Training-step speed of lora, adalora (peft, AdamW, sensitivity), adalora-ivon and bayes-adalora.
+
+All methods live in one process and take turns step by step on the same batches, so machine
+drift cancels. Each step is split into: forward+backward, optimizer (AdamW step; IVON's
+sampling, restore and update), and rank allocation (peft's `update_and_allocate`, which for
+`adalora` also updates the sensitivity EMAs at every step). Medians over steps; allocation is
+also given as its mean share of the step, since it only does real work at masking steps.
+
+    python benchmarks/speed.py --setting cpu            # packaged MiniLM, batch 32, SST-2 sentences
+    python benchmarks/speed.py --setting gpu --dtype bf16   # DeBERTaV3-base-shaped, batch 32, len 128
+
+Writes benchmarks/results/speed-<setting>[-<dtype>].json and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from bayes_adalora.allocator import install_posterior_allocator
+from bayes_adalora.config import TrainConfig
+from bayes_adalora.train import build_trainable_model, make_optimizer
+
+METHODS = ("lora", "adalora", "adalora-ivon", "bayes-adalora")
+HERE = Path(__file__).resolve().parent
+
+
+def cpu_batches(n_batches: int, batch_size: int, max_length: int, seed: int):
+    """Real SST-2 sentences, tokenised for the packaged MiniLM."""
+    from transformers import AutoTokenizer
+
+    from bayes_adalora.data import encode, make_loader, read_glue_tsv
+    from bayes_adalora.models import default_model_path
+    from bayes_adalora.tasks import get_task
+
+    glue = HERE.parents[1] / "shared" / "data" / "glue"
+    data = read_glue_tsv(get_task("sst2"), glue / "SST-2" / "train.tsv")
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    loader = make_loader(encode(data, tokenizer, max_length), tokenizer, batch_size, True, seed)
+    batches = []
+    for batch in loader:
+        batches.append(batch)
+        if len(batches) == n_batches:
+            break
+    return batches
+
+
+def gpu_batches(n_batches: int, batch_size: int, length: int, vocab: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        {
+            "input_ids": torch.randint(5, vocab, (batch_size, length), generator=gen),
+            "attention_mask": torch.ones(batch_size, length, dtype=torch.long),
+            "labels": torch.randint(0, 2, (batch_size,), generator=gen),
+        }
+        for _ in range(n_batches)
+    ]
+
+
+def base_model(setting: str):
+    from transformers import AutoModelForSequenceClassification, DebertaV2Config, DebertaV2ForSequenceClassification
+
+    if setting == "cpu":
+        from bayes_adalora.models import default_model_path
+
+        return AutoModelForSequenceClassification.from_pretrained(default_model_path(), num_labels=2)
+    config = DebertaV2Config(  # microsoft/deberta-v3-base's shape, random weights (no hub here)
+        vocab_size=128100, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+        intermediate_size=3072, max_position_embeddings=512, relative_attention=True, position_buckets=256,
+        norm_rel_ebd="layer_norm", share_att_key=True, pos_att_type=["p2c", "c2p"], max_relative_positions=-1,
+        type_vocab_size=0, num_labels=2,
+    )
+    return DebertaV2ForSequenceClassification(config)
+
+
+class Method:
+    """One method's model, optimizer and allocator, stepping with a timer per phase."""
+
+    def __init__(self, name: str, setting: str, total_steps: int, device, seed: int):
+        torch.manual_seed(seed)
+        self.name = name
+        init_r, target_r = (6, 4) if setting == "cpu" else (3, 2)  # the paper's rank-2 budget on the GPU
+        self.config = TrainConfig(
+            method=name, init_r=init_r, target_r=target_r, lora_r=target_r,
+            tinit=total_steps // 10, tfinal=total_steps // 5, delta_t=10,
+        )
+        self.model = build_trainable_model(base_model(setting), self.config, total_steps, set()).to(device)
+        self.model.train()
+        self.optimizer = make_optimizer(self.model, self.config, ess=67349.0)
+        self.tuner = self.model.base_model if self.config.uses_adalora else None
+        if name == "bayes-adalora":
+            install_posterior_allocator(self.model, self.optimizer, "snr_abs")
+        self.times: dict[str, list[float]] = {"step": [], "forward_backward": [], "optimizer": [], "allocation": []}
+
+    def step(self, batch, step: int, autocast, sync) -> None:
+        t = [time.perf_counter()]
+
+        def mark():
+            sync()
+            t.append(time.perf_counter())
+
+        if self.config.uses_ivon:
+            self.optimizer.zero_grad(set_to_none=True)
+            ctx = self.optimizer.sampled_params(train=True)
+            ctx.__enter__()
+            mark()  # sampling
+            with autocast:
+                loss = self.model(**batch).loss
+            loss.backward()
+            mark()  # forward + backward
+            ctx.__exit__(None, None, None)
+            self.optimizer.step()
+            mark()  # restore + update
+            opt = (t[1] - t[0]) + (t[3] - t[2])
+            fb = t[2] - t[1]
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            with autocast:
+                loss = self.model(**batch).loss
+            loss.backward()
+            mark()
+            self.optimizer.step()
+            mark()
+            fb, opt = t[1] - t[0], t[2] - t[1]
+        if self.tuner is not None:
+            self.tuner.update_and_allocate(step)
+        mark()
+        self.times["step"].append(t[-1] - t[0])
+        self.times["forward_backward"].append(fb)
+        self.times["optimizer"].append(opt)
+        self.times["allocation"].append(t[-1] - t[-2] if self.tuner is not None else 0.0)
+
+
+def run(args) -> dict:
+    device = torch.device("cuda" if args.setting == "gpu" else "cpu")
+    if args.setting == "cpu":
+        batches = cpu_batches(args.steps + args.warmup, 32, 64, seed=0)
+    else:
+        batches = gpu_batches(8, 32, 128, 128100, seed=0)
+    total = args.steps + args.warmup
+    methods = [Method(m, args.setting, total, device, seed=0) for m in METHODS]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
+    sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
+    peak = {}
+    for i in range(total):
+        batch = {k: v.to(device) for k, v in batches[i % len(batches)].items()}
+        for m in methods:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            m.step(batch, i + 1, autocast, sync)
+            if device.type == "cuda":
+                peak[m.name] = max(peak.get(m.name, 0.0), torch.cuda.max_memory_allocated() / 2**20)
+        if i + 1 == args.warmup:
+            for m in methods:
+                for v in m.times.values():
+                    v.clear()
+    rows = {}
+    for m in methods:
+        med = {k: statistics.median(v) for k, v in m.times.items()}
+        rows[m.name] = {
+            "step_s": med["step"],
+            "forward_backward_s": med["forward_backward"],
+            "optimizer_s": med["optimizer"],
+            "allocation_mean_s": statistics.fmean(m.times["allocation"]),
+            "allocation_share": statistics.fmean(m.times["allocation"]) / statistics.fmean(m.times["step"]),
+            "allocation_max_s": max(m.times["allocation"]),
+            "peak_memory_mb": peak.get(m.name),
+        }
+    ref = rows["adalora"]["step_s"]
+    for r in rows.values():
+        r["ratio_to_adalora"] = r["step_s"] / ref
+    return {
+        "setting": args.setting, "dtype": args.dtype, "steps": args.steps, "warmup": args.warmup,
+        "date": date.today().isoformat(), "machine": machine(device), "torch": torch.__version__,
+        "methods": rows,
+    }
+
+
+def machine(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def table(result: dict) -> str:
+    lines = [
+        f"Setting {result['setting']} ({result['dtype']}), {result['machine']}, {result['date']}, "
+        f"median of {result['steps']} interleaved steps after {result['warmup']} warm-up",
+        "",
+        "| method | step (ms) | ratio to adalora | fwd+bwd (ms) | optimizer (ms) | allocation, mean (ms) | allocation share | peak GPU MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in result["methods"].items():
+        mem = f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] else "-"
+        lines.append(
+            f"| {name} | {1e3 * r['step_s']:.1f} | {r['ratio_to_adalora']:.3f} | {1e3 * r['forward_backward_s']:.1f} "
+            f"| {1e3 * r['optimizer_s']:.2f} | {1e3 * r['allocation_mean_s']:.3f} | {100 * r['allocation_share']:.2f}% | {mem} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setting", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--steps", type=int, default=60, help="timed steps per method")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps per method first")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    args = parser.parse_args(argv)
+    if args.setting == "gpu" and not torch.cuda.is_available():
+        print("speed.py: --setting gpu needs a CUDA device", file=sys.stderr)
+        return 2
+    result = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = f"speed-{args.setting}" + ("" if args.setting == "cpu" and args.dtype == "fp32" else f"-{args.dtype}")
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
