@@ -13,9 +13,11 @@ export MINI_GLUE_THREADS=2
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" | tee -a "$out/gpu.txt"
 {
-  python3 benchmarks/speed.py --setting gpu --dtype fp32 --steps 40 --warmup 10 --out "$out"
-  python3 benchmarks/speed.py --setting gpu --dtype bf16 --steps 40 --warmup 10 --out "$out"
+  python3 benchmarks/speed.py --setting gpu --dtype fp32 --steps 30 --warmup 6 --out "$out"
+  python3 benchmarks/speed.py --setting gpu --dtype bf16 --steps 30 --warmup 6 --out "$out"
 } 2>&1 | grep -v -i warn | tee "$out/speed.log"
 grid=(--glue-dir .devcarry/glue --work /tmp/mini-glue --out "$out" --workers "$workers" --set model="$PWD/.devcarry/minilm" eval_batch_size=256)
 python3 benchmarks/mini_glue.py --tune "${grid[@]}" 2>&1 | grep -v -i warn | tee "$out/mini-glue.log"
-python3 benchmarks/mini_glue.py "${grid[@]}" 2>&1 | grep -v -i warn | tee -a "$out/mini-glue.log"
+# the grid gets what is left of the lease; the table is written from the cells that finished
+timeout "${GRID_SECONDS:-360}" python3 benchmarks/mini_glue.py "${grid[@]}" 2>&1 | grep -v -i warn | tee -a "$out/mini-glue.log"
+python3 benchmarks/mini_glue.py --report "${grid[@]}" 2>&1 | grep -v -i warn | tail -3

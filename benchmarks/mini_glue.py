@@ -130,7 +130,7 @@ def best_lrs(work: Path) -> dict[str, float]:
     return chosen
 
 
-def report(work: Path, out: Path, lrs: dict, plan: str, seeds, tasks) -> None:
+def report(work: Path, out: Path, lrs: dict, plan: str, seeds, tasks, overrides: dict) -> None:
     table: dict = {}
     for task in tasks:
         for cell, _, _ in CELLS:
@@ -151,7 +151,7 @@ def report(work: Path, out: Path, lrs: dict, plan: str, seeds, tasks) -> None:
     meta = {
         "date": date.today().isoformat(), "machine": _machine(), "plan": plan, "seeds": list(seeds),
         "steps_and_max_length": {t: TASKS[t] for t in tasks if t in TASKS} if plan == "mini" else "paper recipe",
-        "learning_rates": lrs,
+        "learning_rates": lrs, "overrides": overrides,
     }
     out.mkdir(parents=True, exist_ok=True)
     name = "mini-glue" if plan == "mini" else "paper-glue"
@@ -160,7 +160,7 @@ def report(work: Path, out: Path, lrs: dict, plan: str, seeds, tasks) -> None:
         f"# {'Mini-GLUE' if plan == 'mini' else 'Paper-scale GLUE'}: best dev score, mean ± std over seeds {list(seeds)}",
         "",
         f"Machine: {meta['machine']}. Date: {meta['date']}. Learning rates: {lrs}.",
-        f"Steps and max length per task: {meta['steps_and_max_length']}.",
+        f"Steps and max length per task: {meta['steps_and_max_length']}. Overrides: {overrides or 'none'}.",
         "",
         "| method | " + " | ".join(f"{t} ({table[t][next(iter(table[t]))]['metric']})" for t in table) + " |",
         "|---|" + "---|" * len(table),
@@ -216,7 +216,7 @@ def main(argv=None) -> int:
             for task in tasks for seed in seeds for cell, method, _ in CELLS
         ]
         run_cells(jobs, args.workers)
-    report(args.work, args.out, lrs, args.plan, seeds, tasks)
+    report(args.work, args.out, lrs, args.plan, seeds, tasks, overrides)
     return 0
 
 

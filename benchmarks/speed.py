@@ -219,6 +219,9 @@ def main(argv=None) -> int:
     if args.setting == "gpu" and not torch.cuda.is_available():
         print("speed.py: --setting gpu needs a CUDA device", file=sys.stderr)
         return 2
+    from bayes_adalora.cli import _quiet_libraries
+
+    _quiet_libraries()
     result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"speed-{args.setting}" + ("" if args.setting == "cpu" and args.dtype == "fp32" else f"-{args.dtype}")
