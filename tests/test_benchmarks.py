@@ -1,0 +1,41 @@
+"""Plumbing of the benchmark grid, offline with the tiny model: cells, resume, the table."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import mini_glue  # noqa: E402
+
+TINY = ["max_steps=8", "tinit=1", "tfinal=2", "delta_t=2", "max_length=32", "eval_steps=4", "warmup_steps=1"]
+
+
+@pytest.mark.parametrize("plan", ["mini", "paper"])
+def test_grid_runs_every_cell_resumes_and_writes_the_table(plan, tmp_path, glue_dir, tiny_deberta, capsys, monkeypatch):
+    monkeypatch.setenv("MINI_GLUE_THREADS", "1")
+    seed = "0" if plan == "mini" else "2021"
+    args = ["--plan", plan, "--tasks", "sst2", "--seeds", seed, "--glue-dir", str(glue_dir), "--workers", "1",
+            "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
+            "--set", f"model={tiny_deberta}", *TINY]
+    assert mini_glue.main(args) == 0
+    first = capsys.readouterr().out
+    assert f"0 cells done, {len(mini_glue.CELLS)} to run" in first
+
+    name = "mini-glue" if plan == "mini" else "paper-glue"
+    table = json.loads((tmp_path / "out" / f"{name}.json").read_text())
+    cells = table["results"]["sst2"]
+    assert set(cells) == {c for c, _, _ in mini_glue.CELLS}
+    for cell in cells.values():
+        assert cell["metric"] == "accuracy" and len(cell["scores"]) == 1
+    one = json.loads((tmp_path / "work" / "sst2" / f"bayes-inv_sigma-seed{seed}" / "config.json").read_text())
+    assert one["criterion"] == "inv_sigma" and one["max_steps"] == 8 and one["model"] == str(tiny_deberta)
+    if plan == "paper":  # the recipe is applied under the overrides: paper's rank-2 budget and IVON settings
+        assert one["recipe"] == "paper" and (one["init_r"], one["target_r"]) == (3, 2)
+        assert one["ivon_weight_decay"] == 1e-8 and one["lr"] == 0.4
+    md = (tmp_path / "out" / f"{name}.md").read_text()
+    assert "| bayes-adalora |" in md and "sst2 (accuracy)" in md
+
+    assert mini_glue.main(args) == 0  # resumable: nothing left to train
+    assert f"{len(mini_glue.CELLS)} cells done, 0 to run" in capsys.readouterr().out
