@@ -7,7 +7,7 @@ import sys
 import typing
 
 from .config import TrainConfig, config_fields, make_config
-from .errors import UserError
+from .errors import TrainingDiverged, UserError
 
 
 def _flag_kwargs(field) -> dict:
@@ -15,10 +15,13 @@ def _flag_kwargs(field) -> dict:
     args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
     base = args[0]
     kwargs = {"help": field.metadata["help"], "default": argparse.SUPPRESS}
-    if "choices" in field.metadata:
-        kwargs["choices"] = field.metadata["choices"]
+    for key in ("choices", "nargs", "const"):
+        if key in field.metadata:
+            kwargs[key] = field.metadata[key]
     if base is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
+    elif "nargs" in kwargs:
+        kwargs["type"] = base
     elif typing.get_origin(base) is list:
         kwargs.update(nargs="+", type=typing.get_args(base)[0], metavar="NAME")
     else:
@@ -53,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
             config, _ = make_config(args)
             results = train(config)
             print(_summary(results))
+    except TrainingDiverged as exc:
+        print(f"bayes-adalora: error: {exc}", file=sys.stderr)
+        return 1
     except UserError as exc:
         print(f"bayes-adalora: error: {exc}", file=sys.stderr)
         return 2

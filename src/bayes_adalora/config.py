@@ -73,8 +73,16 @@ class TrainConfig:
     ivon_weight_decay: float = _f(1e-8, "IVON weight decay (prior precision per example).")
     ivon_clip_radius: float = _f(1e-3, "IVON elementwise update clip.")
     train_mc_samples: int = _f(1, "IVON posterior samples per training step.")
+    mc_samples: int = _f(0, "Posterior predictive at the final evaluation: average over K draws from IVON's posterior (0: off).")
+    log_correlations: bool | None = _f(None, "Log Spearman correlations of sensitivity and posterior triplet scores at "
+                                             "each allocation step to correlations.json (default: on for IVON methods).")
+    plots: bool = _f(True, "Write PNG plots of the run into the output folder at the end.")
     # running
     output_dir: str = _f("runs/latest", "Where results.json, adapter/, posterior.safetensors and config.json go.")
+    save_steps: int | None = _f(None, "Write a checkpoint (for --resume) every N steps into OUTPUT_DIR/checkpoints.")
+    save_total_limit: int = _f(2, "Checkpoints kept, the latest ones (0 keeps all).")
+    resume: str | None = _f(None, "Continue from the latest checkpoint in --output-dir, or from the checkpoint folder given.",
+                            nargs="?", const="latest")
     overwrite: bool = _f(False, "Replace a run already in --output-dir.")
     recipe: str | None = _f(None, "'paper' fills the paper's hyperparameters for the task; explicit flags win.", choices=("paper",))
     device: str = _f("auto", "cpu, cuda, cuda:N or auto.")
@@ -88,6 +96,10 @@ class TrainConfig:
     @property
     def uses_adalora(self) -> bool:
         return self.method in ADALORA_METHODS
+
+    @property
+    def logs_correlations(self) -> bool:
+        return self.uses_adalora and self.uses_ivon if self.log_correlations is None else self.log_correlations
 
     def resolved_lr(self) -> float:
         if self.lr is not None:
@@ -105,6 +117,12 @@ class TrainConfig:
             raise UserError(
                 f"--criterion {self.criterion} reads IVON's posterior and needs --method bayes-adalora, not {self.method}"
             )
+        if self.mc_samples < 0:
+            raise UserError(f"--mc-samples must be 0 (off) or positive, got {self.mc_samples}")
+        for name in ("mc_samples", "log_correlations"):
+            if getattr(self, name) and not self.uses_ivon:
+                flag = f"--{name.replace('_', '-')}"
+                raise UserError(f"{flag} reads IVON's posterior and needs --method bayes-adalora or adalora-ivon, not {self.method}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise UserError(f"--max-steps must be positive, got {self.max_steps}")
         if self.max_steps is None and self.epochs <= 0:
@@ -115,7 +133,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("delta_t", "eval_steps", "max_train_samples", "max_eval_samples", "ivon_ess"):
+        for name in ("delta_t", "eval_steps", "max_train_samples", "max_eval_samples", "ivon_ess", "save_steps"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")

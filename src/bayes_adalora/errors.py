@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """A problem with the user's input: the CLI prints its message as one sentence and exits with 2."""
+
+
+class TrainingDiverged(UserError):
+    """The loss or the weights became NaN or infinite (exit code 1: not bad input, a bad run)."""

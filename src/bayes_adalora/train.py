@@ -8,43 +8,60 @@ import os
 import resource
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .allocator import install_posterior_allocator
+from .allocator import install_correlation_logger, install_posterior_allocator
+from .checkpoint import CHECKPOINTS, checkpoint_dirs, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import encode, load_task_data, make_loader
-from .errors import UserError
-from .metrics import compute_metrics, predictions_from_logits
+from .errors import TrainingDiverged, UserError
+from .evaluation import mc_predictive, point_predictive, predictive_metrics
 from .models import default_model_path, load_model, plan_adapter_modules, target_module_suffixes
-from .posterior import posterior_state_dict
+from .posterior import posterior_sigma, posterior_state_dict
 from .schedules import constant_warmup, default_adalora_phases, linear_warmup_decay, two_phase
 from .tasks import TaskSpec, get_task
 
 RUN_MARKERS = ("results.json", "config.json")
-
-
-class TrainingDiverged(UserError):
-    """The loss became NaN or infinite."""
+RUN_FILES = ("adapter", "model", "posterior.safetensors", "history.json")
 
 
 # ---------------------------------------------------------------- set-up
 
 
-def check_output_dir(path: Path, overwrite: bool) -> None:
+def check_output_dir(path: Path, overwrite: bool, resume: str | None = None) -> None:
     if path.exists() and not path.is_dir():
         raise UserError(f"--output-dir {path} is a file, not a folder")
     if not path.is_dir():
         return
     holds_run = any((path / m).exists() for m in RUN_MARKERS)
+    holds_checkpoints = (path / CHECKPOINTS).is_dir()
     if holds_run and not overwrite:
         raise UserError(f"{path} already holds a run: pass --overwrite to replace it, or choose another --output-dir")
+    if holds_checkpoints and not holds_run and not (overwrite or resume):
+        raise UserError(f"{path} holds an unfinished run: pass --resume to continue it, or --overwrite to start again")
     # refused up front, not after training; and --overwrite only ever deletes a run, never other files
-    if not holds_run and any(path.iterdir()):
+    others = [p for p in path.iterdir() if p.name not in (*RUN_MARKERS, CHECKPOINTS, *RUN_FILES)]
+    if not holds_run and not holds_checkpoints and others:
         raise UserError(f"--output-dir {path} holds files that are not a run: choose a new or empty folder")
+
+
+def resume_checkpoint(out: Path, resume: str | None) -> Path | None:
+    """The checkpoint to resume from: `latest` in the output folder, or a given checkpoint folder."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = checkpoint_dirs(out)
+        if not found:
+            raise UserError(f"--resume found no checkpoint in {out / CHECKPOINTS}")
+        return found[-1]
+    path = Path(resume)
+    if not (path / "state.pt").exists():
+        raise UserError(f"--resume {resume}: no checkpoint there (a checkpoint folder holds state.pt)")
+    return path
 
 
 def resolve_device(name: str) -> torch.device:
@@ -165,14 +182,70 @@ def predict(model: nn.Module, loader, device: torch.device, autocast) -> tuple[t
     return torch.cat(logits), torch.cat(labels)
 
 
-def evaluate(model: nn.Module, loaders: dict, spec: TaskSpec, device, autocast) -> dict[str, float]:
-    """Official metrics on every dev split, named as in results.json."""
+def evaluate(model: nn.Module, loaders: dict, spec: TaskSpec, device, autocast) -> dict:
+    """Official metrics on every dev split, named as in results.json; for classification also
+    calibration and selective prediction (ece, nll, brier, aurc, accuracy_at_coverage)."""
     out = {}
     for split, loader in loaders.items():
         logits, labels = predict(model, loader, device, autocast)
-        values = compute_metrics(spec, predictions_from_logits(spec, logits.numpy()), labels.numpy())
-        out.update({spec.metric_name(split, m): v for m, v in values.items()})
+        out.update(predictive_metrics(spec, split, point_predictive(spec, logits.numpy()), labels.numpy()))
     return out
+
+
+@contextmanager
+def posterior_draw(model: nn.Module, sigma: dict[str, torch.Tensor], generator: torch.Generator):
+    """The weights named in `sigma` set to one draw mu + sigma * eps of the posterior, mu restored after.
+
+    eps comes from `generator` on the CPU, so a seed gives the same draws on every device. Pruned
+    AdaLoRA triplets stay pruned: the noise of a lambda that is exactly 0 in mu is dropped.
+    """
+    from peft.tuners.adalora import AdaLoraLayer
+
+    lambdas = {id(p) for m in model.modules() if isinstance(m, AdaLoraLayer) for p in m.lora_E.values()}
+    means = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in sigma:
+                noise = sigma[name].to(p.device, p.dtype) * torch.randn(p.shape, generator=generator).to(p.device, p.dtype)
+                if id(p) in lambdas:
+                    noise *= p != 0
+                means[name] = p.data
+                p.data = p.data + noise
+    try:
+        yield
+    finally:
+        for name, p in model.named_parameters():
+            if name in means:
+                p.data = means[name]
+
+
+def predict_sampled(model: nn.Module, loaders: dict, device, autocast, sigma: dict[str, torch.Tensor],
+                    samples: int, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per split, (logits of each posterior draw (K, N, C), labels): K draws, each predicting every split."""
+    generator = torch.Generator().manual_seed(seed)
+    draws: dict[str, list] = {split: [] for split in loaders}
+    labels = {}
+    for _ in range(samples):
+        with posterior_draw(model, sigma, generator):
+            for split, loader in loaders.items():
+                logits, labels[split] = predict(model, loader, device, autocast)
+                draws[split].append(logits)
+    return {split: (torch.stack(draws[split]), labels[split]) for split in loaders}
+
+
+def evaluate_sampled(model: nn.Module, loaders: dict, spec: TaskSpec, device, autocast,
+                     sigma: dict[str, torch.Tensor], samples: int, seed: int) -> dict:
+    """`evaluate`'s metrics of the posterior predictive over `samples` draws, and "samples": K."""
+    out = {}
+    for split, (draws, labels) in predict_sampled(model, loaders, device, autocast, sigma, samples, seed).items():
+        out.update(predictive_metrics(spec, split, mc_predictive(spec, draws.numpy()), labels.numpy()))
+    return {**out, "samples": samples}
+
+
+def named_posterior_sigma(model: nn.Module, optimizer) -> dict[str, torch.Tensor]:
+    """IVON's posterior sigma of every trained parameter, keyed by its name in `model` (as in posterior.safetensors)."""
+    names = {p: n for n, p in model.named_parameters()}
+    return {names[p]: s for p, s in posterior_sigma(optimizer).items()}
 
 
 # ---------------------------------------------------------------- results
@@ -200,22 +273,45 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def write_outputs(out: Path, overwrite: bool, write) -> None:
-    """Write into a fresh sibling folder, then swap it in: a failed run leaves nothing half-written."""
+def write_outputs(out: Path, write) -> None:
+    """Write into a fresh sibling folder, then move each output into `out` (where checkpoints may
+    already be): a failed run leaves no half-written output behind."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         write(tmp)
-        if out.exists():
-            if overwrite:
-                shutil.rmtree(out)
-            else:
-                out.rmdir()  # only an empty folder is left to replace (check_output_dir refused the rest)
-        tmp.rename(out)
+        if not out.exists():
+            tmp.rename(out)
+            return
+        for name in (*RUN_MARKERS, *RUN_FILES):  # a run being overwritten is replaced, not merged into
+            old = out / name
+            if old.is_dir():
+                shutil.rmtree(old)
+            elif old.exists():
+                old.unlink()
+        for item in tmp.iterdir():
+            os.replace(item, out / item.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _kept(out: Path) -> str:
+    found = checkpoint_dirs(out)
+    return f"; the last good checkpoint is {found[-1]}" if found else ""
+
+
+def write_plots(folder: Path) -> None:
+    """The run's PNGs (`plots.plot_run`); a plotting failure is reported, and costs the run nothing."""
+    import sys
+
+    from .plots import plot_run
+
+    try:
+        plot_run(folder)
+    except Exception as exc:  # noqa: BLE001 - a figure is not worth a finished run
+        print(f"bayes-adalora: warning: the plots were not written ({type(exc).__name__}: {exc})", file=sys.stderr)
 
 
 def _score(value: float) -> float:
@@ -247,7 +343,8 @@ def train(config: TrainConfig) -> dict:
 
     spec = get_task(config.task)
     out = Path(config.output_dir)
-    check_output_dir(out, config.overwrite)
+    check_output_dir(out, config.overwrite, config.resume)
+    resume_from = resume_checkpoint(out, config.resume)
     device = resolve_device(config.device)
 
     data = load_task_data(
@@ -279,7 +376,9 @@ def train(config: TrainConfig) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(config, total_steps, warmup))
     tuner = model.base_model if config.uses_adalora else None
     if config.method == "bayes-adalora":
-        install_posterior_allocator(model, optimizer, config.criterion)
+        install_posterior_allocator(model, optimizer, config.criterion, config.logs_correlations)
+    elif config.logs_correlations:
+        install_correlation_logger(model, optimizer)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config.bf16 else nullcontext()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -290,9 +389,22 @@ def train(config: TrainConfig) -> dict:
     final: dict = {}
     train_seconds = 0.0
     step = 0
-    bar = tqdm(total=total_steps, disable=not config.progress, desc=f"{config.method} {spec.name}", dynamic_ncols=True)
+    skip = 0  # batches of the current epoch already trained (resume)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, optimizer, scheduler, tuner)
+        step, history, best, final = state["step"], state["history"], state["best"], state["final"]
+        train_seconds, skip = state["train_seconds"], state["batch_in_epoch"]
+        train_loader.generator.set_state(state["loader_generator"])
+    elif (out / CHECKPOINTS).is_dir():
+        shutil.rmtree(out / CHECKPOINTS)  # --overwrite (checked above): the old run's checkpoints go
+    if config.logs_correlations:  # kept in the history, so that a resumed run goes on with it
+        tuner.rankallocator.correlation_log = history.setdefault("correlations", [])
+    bar = tqdm(total=total_steps, initial=step, disable=not config.progress, desc=f"{config.method} {spec.name}", dynamic_ncols=True)
     while step < total_steps:
+        epoch_start = train_loader.generator.get_state()  # the epoch's order is drawn from it
         for index, batch in enumerate(train_loader):
+            if index < skip:
+                continue
             t0 = time.perf_counter()
             batch = {k: v.to(device) for k, v in batch.items()}
             loss = training_step(model, batch, optimizer, config, autocast)
@@ -304,7 +416,7 @@ def train(config: TrainConfig) -> dict:
                 torch.cuda.synchronize(device)
             train_seconds += time.perf_counter() - t0
             if not math.isfinite(loss):
-                raise TrainingDiverged(f"training diverged at step {step}: the loss is {loss}; lower --lr")
+                raise TrainingDiverged(f"training diverged at step {step}: the loss is {loss}; lower --lr{_kept(out)}")
 
             budget = tuner.rankallocator.budget_schedule(step)[0] if tuner is not None else None
             lr_now = optimizer.param_groups[0]["lr"]
@@ -324,9 +436,20 @@ def train(config: TrainConfig) -> dict:
                 history["eval"].append({"step": step, **final})
                 if not best or _score(final[spec.main_metric_name]) > _score(best[spec.main_metric_name]):
                     best = {**final, "step": step}
+            if config.save_steps and step % config.save_steps == 0 and step < total_steps:
+                if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
+                    raise TrainingDiverged(f"training diverged at step {step}: the weights are no longer finite; lower --lr{_kept(out)}")
+                extra = {"history": history, "best": best, "final": final, "train_seconds": train_seconds,
+                         "loader_generator": epoch_start, "batch_in_epoch": index + 1}
+                save_checkpoint(out, step, model, optimizer, scheduler, tuner, extra, config.save_total_limit)
             if step >= total_steps:
                 break
+        skip = 0
     bar.close()
+    mc = {}
+    if config.mc_samples:  # once, at the end: K passes over the dev data
+        mc = evaluate_sampled(model, dev_loaders, spec, device, autocast, named_posterior_sigma(model, optimizer),
+                              config.mc_samples, config.seed)
 
     ranks = adapter_ranks(model, config)
     results = {
@@ -336,7 +459,7 @@ def train(config: TrainConfig) -> dict:
         "model": model_name,
         "seed": config.seed,
         "steps": total_steps,
-        "metrics": {"final": final, "best": best},
+        "metrics": {"final": final, "best": best, **({"mc": mc} if mc else {})},
         "main_metric": spec.main_metric_name,
         "train_seconds": train_seconds,
         "seconds_per_step": train_seconds / total_steps,
@@ -348,7 +471,7 @@ def train(config: TrainConfig) -> dict:
         "device": str(device),
     }
     resolved = {
-        **config.to_dict(), "model": model_name, "lr": config.resolved_lr(), "total_steps": total_steps,
+        **config.to_dict(), "model": model_name, "data_dir": config.data_dir or os.environ.get("GLUE_DIR") or None, "lr": config.resolved_lr(), "total_steps": total_steps,
         "warmup_steps": warmup, "eval_steps": eval_steps, "ivon_ess": ess if config.uses_ivon else None,
         "num_labels": spec.num_labels,
     }
@@ -369,8 +492,13 @@ def train(config: TrainConfig) -> dict:
             tensors, meta = posterior_state_dict(optimizer, names)
             save_file(tensors, folder / "posterior.safetensors", metadata=meta)
         _json_dump(resolved, folder / "config.json")
-        _json_dump(history, folder / "history.json")
+        _json_dump({k: v for k, v in history.items() if k != "correlations"}, folder / "history.json")
         _json_dump(results, folder / "results.json")
+        if config.logs_correlations:
+            _json_dump({"sensitivity": tuner.rankallocator.sensitivity_kind, "triplets": tuner.rankallocator.init_bgt,
+                        "steps": history["correlations"]}, folder / "correlations.json")
+        if config.plots:
+            write_plots(folder)
 
-    write_outputs(out, config.overwrite, write)
+    write_outputs(out, write)
     return results

@@ -1,0 +1,139 @@
+"""Checkpoints for exact resume: everything a run's next step depends on, written atomically.
+
+Weights go to safetensors; the rest (optimizer, scheduler, allocator EMAs, RNG states, data
+position, history) to a torch file read back with `weights_only=True`. Beyond the usual
+`state_dict`s this keeps what peft and ivon-opt do not save themselves: IVON's `current_step`
+(its momentum debiasing), peft's RankAllocator EMAs (`ipt`, `exp_avg_ipt`, `exp_avg_unc`) and the
+AdaLoRA `rank_pattern`, the data loader's generator as of the current epoch's start plus the batch
+index within it, and the CPU RNG states of torch, Python and NumPy.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import UserError
+
+CHECKPOINTS = "checkpoints"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """Complete checkpoints under `output_dir`, oldest first."""
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / "state.pt").exists()]
+    return [p for _, p in sorted(found)]
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+        "python_gauss": random.getstate()[2],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def allocator_state(tuner) -> dict:
+    """peft's AdaLoRA allocator state and rank pattern (None where the method has no allocator)."""
+    if tuner is None:
+        return {}
+    alloc = tuner.rankallocator
+    config = tuner.peft_config[tuner.trainable_adapter_name]
+    return {
+        "ipt": dict(alloc.ipt), "exp_avg_ipt": dict(alloc.exp_avg_ipt), "exp_avg_unc": dict(alloc.exp_avg_unc),
+        "rank_pattern": config.rank_pattern,
+    }
+
+
+def load_allocator_state(tuner, state: dict) -> None:
+    if tuner is None or not state:
+        return
+    alloc = tuner.rankallocator
+    alloc.ipt, alloc.exp_avg_ipt, alloc.exp_avg_unc = state["ipt"], state["exp_avg_ipt"], state["exp_avg_unc"]
+    tuner.peft_config[tuner.trainable_adapter_name].rank_pattern = state["rank_pattern"]
+
+
+def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, tuner, extra: dict, keep: int) -> Path:
+    """Write checkpoint `step` (write into a temporary folder, then rename) and keep the last `keep`."""
+    from safetensors.torch import save_file
+
+    root = Path(output_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = root / f".step-{step:07d}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(trainable_state(model), tmp / "weights.safetensors")
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "ivon_current_step": getattr(optimizer, "current_step", None),
+        "scheduler": scheduler.state_dict(),
+        "allocator": allocator_state(tuner),
+        "rng": rng_state(),
+        **extra,
+    }
+    torch.save(state, tmp / "state.pt")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in checkpoint_dirs(output_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, tuner) -> dict:
+    """Restore a checkpoint into the run's objects; returns the state (step, loader position, extras)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / "state.pt").exists() or not (path / "weights.safetensors").exists():
+        raise UserError(f"{path} is not a complete checkpoint (weights.safetensors and state.pt are needed)")
+    weights = load_file(path / "weights.safetensors")
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
+    if missing:
+        raise UserError(f"checkpoint {path} does not match this run: it lacks {missing[0]}")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+    state = torch.load(path / "state.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    if state.get("ivon_current_step") is not None:
+        optimizer.current_step = state["ivon_current_step"]
+        device = next(p.device for p in params.values() if p.requires_grad)
+        for group in optimizer.param_groups:  # IVON keeps its Hessian and momentum in the groups
+            group["hess"], group["momentum"] = group["hess"].to(device), group["momentum"].to(device)
+    scheduler.load_state_dict(state["scheduler"])
+    load_allocator_state(tuner, state["allocator"])
+    set_rng_state(state["rng"])
+    return state

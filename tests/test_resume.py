@@ -1,0 +1,107 @@
+"""Checkpoints and exact resume: a run killed with SIGKILL and resumed equals an uninterrupted one, bitwise."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bayes_adalora.cli import main
+
+STEPS = 60
+
+
+def run_args(glue_dir, model, out, *extra):
+    return ["train", "--task", "sst2", "--data-dir", str(glue_dir), "--model", str(model), "--max-steps", str(STEPS),
+            "--max-length", "32", "--batch-size", "8", "--eval-steps", "15", "--no-progress",
+            "--output-dir", str(out), *extra]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def adapter_tensors(run):
+    return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+def assert_same_run(a, b):
+    ra, rb = (json.loads((r / "results.json").read_text()) for r in (a, b))
+    assert ra["metrics"] == rb["metrics"] and ra["final_ranks"] == rb["final_ranks"]
+    ha, hb = (json.loads((r / "history.json").read_text()) for r in (a, b))
+    assert ha["loss"] == hb["loss"] and ha["eval"] == hb["eval"]
+    ta, tb = adapter_tensors(a), adapter_tensors(b)
+    assert ta.keys() == tb.keys()
+    for key in ta:
+        assert torch.equal(ta[key], tb[key]), key
+    if (a / "posterior.safetensors").exists():
+        pa, pb = load_file(a / "posterior.safetensors"), load_file(b / "posterior.safetensors")
+        assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def kill_at_checkpoint(args, out, step):
+    """Start the run in a child process, SIGKILL it once checkpoint `step` (or a later one) exists."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    child = subprocess.Popen([sys.executable, "-m", "bayes_adalora.cli", *args], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and child.poll() is None:
+            done = [int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*")] if (out / "checkpoints").is_dir() else []
+            if done and max(done) >= step:
+                break
+            time.sleep(0.05)
+        assert child.poll() is None, "the run ended before it could be killed"
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert not (out / "results.json").exists()
+
+
+@pytest.mark.parametrize("method", ["bayes-adalora", "adalora"])
+def test_killed_and_resumed_runs_equal_the_uninterrupted_run(method, tmp_path, glue_dir, tiny_deberta):
+    reference = tmp_path / "reference"
+    assert main(run_args(glue_dir, tiny_deberta, reference, "--method", method)) == 0
+    kills = sorted(random.Random(7).sample(range(5, STEPS - 5), 3)) if method == "bayes-adalora" else [33]
+    for kill in kills:
+        out = tmp_path / f"killed-{kill}"
+        args = run_args(glue_dir, tiny_deberta, out, "--method", method, "--save-steps", "1")
+        kill_at_checkpoint(args, out, kill)
+        latest = max(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*"))
+        assert latest < STEPS and len(list((out / "checkpoints").glob("step-*"))) <= 2  # keeps the last 2
+        assert main([*args, "--resume"]) == 0
+        assert_same_run(reference, out)
+
+
+def test_resume_refuses_a_missing_checkpoint(tmp_path, glue_dir, tiny_deberta, capsys):
+    out = tmp_path / "nothing"
+    code = main(run_args(glue_dir, tiny_deberta, out, "--resume", str(tmp_path / "no-such-checkpoint")))
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "checkpoint" in err[0]
+
+
+def test_divergence_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, glue_dir, tiny_deberta, capsys):
+    out = tmp_path / "diverged"
+    code = main(run_args(glue_dir, tiny_deberta, out, "--lr", "1e4", "--ivon-clip-radius", "1e6", "--save-steps", "1"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "diverged at step" in err[0]
+    step = int(err[0].split("diverged at step ")[1].split(":")[0])
+    kept = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*"))
+    assert kept and kept[-1] == step - 1  # the last good step, loadable
+    state = torch.load(out / "checkpoints" / f"step-{kept[-1]:07d}" / "state.pt", weights_only=True)
+    assert state["step"] == step - 1
+    weights = load_file(out / "checkpoints" / f"step-{kept[-1]:07d}" / "weights.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
