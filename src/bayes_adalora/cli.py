@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import typing
 
@@ -41,6 +42,31 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for field in config_fields():
         train.add_argument("--" + field.name.replace("_", "-"), dest=field.name, **_flag_kwargs(field))
+
+    evaluate = commands.add_parser(
+        "evaluate", help="evaluate a saved run: point and posterior-predictive metrics, predictions",
+        description="Evaluate a saved run folder. Without --data-dir or --data-file: the run's own dev data, "
+                    "which gives back results.json's final metrics exactly. Prints the metrics as JSON.",
+    )
+    evaluate.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `bayes-adalora train`")
+    evaluate.add_argument("--data-dir", help="another GLUE folder (<TASK>/<SPLIT>.tsv or <SPLIT>.tsv)")
+    evaluate.add_argument("--data-file", help="one file: a GLUE TSV of the task (an unlabeled test.tsv too), "
+                                              "or .csv .tsv .json .jsonl as for --validation-file")
+    evaluate.add_argument("--split", help="with --data-dir: the file <SPLIT>.tsv, e.g. test "
+                                          "[default: the task's dev split(s)]")
+    evaluate.add_argument("--mc-samples", type=int, default=0, metavar="K",
+                          help="also the posterior predictive over K draws from IVON's posterior (IVON runs) [default: 0]")
+    evaluate.add_argument("--predictions", metavar="FILE",
+                          help="write one row per example (CSV: index, prediction, probability or value, "
+                               "predictive_std with MC); unlabeled GLUE test data: the GLUE submission TSV")
+    evaluate.add_argument("--max-eval-samples", type=int, metavar="N",
+                          help="only the first N examples of each split [default: the run's for its own data, else all]")
+    evaluate.add_argument("--seed", type=int, help="seed of the posterior draws [default: the run's seed]")
+    evaluate.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto [default: auto]")
+
+    plot = commands.add_parser("plot", help="write a run's PNG figures (ranks, training curves, sigma, correlations)")
+    plot.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `bayes-adalora train`")
+    plot.add_argument("--output-dir", help="where the PNGs go [default: RUN_DIR]")
     return parser
 
 
@@ -56,6 +82,16 @@ def main(argv: list[str] | None = None) -> int:
             config, _ = make_config(args)
             results = train(config)
             print(_summary(results))
+        elif command == "evaluate":
+            from .run_io import evaluate_run
+            from .train import _finite_or_none
+
+            print(json.dumps(_finite_or_none(evaluate_run(**args)), indent=2))
+        elif command == "plot":
+            from .plots import plot_run
+
+            for path in plot_run(args["run_dir"], args["output_dir"]):
+                print(path)
     except TrainingDiverged as exc:
         print(f"bayes-adalora: error: {exc}", file=sys.stderr)
         return 1
@@ -68,8 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _numbers(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+
+
 def _summary(results: dict) -> str:
-    final = ", ".join(f"{k} {v:.4f}" for k, v in results["metrics"]["final"].items())
+    final = _numbers(results["metrics"]["final"])
+    if "mc" in results["metrics"]:
+        final += f"; posterior predictive ({results['metrics']['mc']['samples']} draws) {_numbers(results['metrics']['mc'])}"
     best = results["metrics"]["best"]
     best_main = best.get(results["main_metric"])
     return (

@@ -18,6 +18,7 @@ from .allocator import install_correlation_logger, install_posterior_allocator
 from .checkpoint import CHECKPOINTS, checkpoint_dirs, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import encode, load_task_data, make_loader
+from .distributed import Processes
 from .errors import TrainingDiverged, UserError
 from .evaluation import mc_predictive, point_predictive, predictive_metrics
 from .models import default_model_path, load_model, plan_adapter_modules, target_module_suffixes
@@ -117,7 +118,7 @@ def build_trainable_model(model: nn.Module, config: TrainConfig, total_steps: in
     return get_peft_model(model, peft_config)
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig, ess: float):
+def make_optimizer(model: nn.Module, config: TrainConfig, ess: float, sync: bool = False):
     params = [p for p in model.parameters() if p.requires_grad]
     lr = config.resolved_lr()
     if config.uses_ivon:
@@ -126,7 +127,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig, ess: float):
         return ivon.IVON(
             params, lr=lr, ess=ess, hess_init=config.ivon_hess_init, beta1=config.ivon_beta1,
             beta2=config.ivon_beta2, weight_decay=config.ivon_weight_decay, mc_samples=config.train_mc_samples,
-            clip_radius=config.ivon_clip_radius,
+            clip_radius=config.ivon_clip_radius, sync=sync,
         )
     return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
 
@@ -346,6 +347,8 @@ def train(config: TrainConfig) -> dict:
     check_output_dir(out, config.overwrite, config.resume)
     resume_from = resume_checkpoint(out, config.resume)
     device = resolve_device(config.device)
+    procs = Processes.start(device, config.batch_size)
+    device = procs.device or device
 
     data = load_task_data(
         spec, data_dir=config.data_dir or os.environ.get("GLUE_DIR") or None, train_file=config.train_file,
@@ -371,8 +374,9 @@ def train(config: TrainConfig) -> dict:
     ess = config.ivon_ess or float(len(data.train))
 
     model = build_trainable_model(model, config, total_steps, fresh).to(device)
+    forward_model = procs.wrap(model)  # DDP under accelerate; peft's allocator works on `model`
     model.train()
-    optimizer = make_optimizer(model, config, ess)
+    optimizer = make_optimizer(model, config, ess, sync=procs.world > 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(config, total_steps, warmup))
     tuner = model.base_model if config.uses_adalora else None
     if config.method == "bayes-adalora":
@@ -399,15 +403,15 @@ def train(config: TrainConfig) -> dict:
         shutil.rmtree(out / CHECKPOINTS)  # --overwrite (checked above): the old run's checkpoints go
     if config.logs_correlations:  # kept in the history, so that a resumed run goes on with it
         tuner.rankallocator.correlation_log = history.setdefault("correlations", [])
-    bar = tqdm(total=total_steps, initial=step, disable=not config.progress, desc=f"{config.method} {spec.name}", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, disable=not (config.progress and procs.is_main), desc=f"{config.method} {spec.name}", dynamic_ncols=True)
     while step < total_steps:
         epoch_start = train_loader.generator.get_state()  # the epoch's order is drawn from it
         for index, batch in enumerate(train_loader):
             if index < skip:
                 continue
             t0 = time.perf_counter()
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss = training_step(model, batch, optimizer, config, autocast)
+            batch = {k: v.to(device) for k, v in procs.shard(batch).items()}
+            loss = training_step(forward_model, batch, optimizer, config, autocast)
             step += 1
             if tuner is not None:
                 tuner.update_and_allocate(step)
@@ -436,7 +440,7 @@ def train(config: TrainConfig) -> dict:
                 history["eval"].append({"step": step, **final})
                 if not best or _score(final[spec.main_metric_name]) > _score(best[spec.main_metric_name]):
                     best = {**final, "step": step}
-            if config.save_steps and step % config.save_steps == 0 and step < total_steps:
+            if config.save_steps and step % config.save_steps == 0 and step < total_steps and procs.is_main:
                 if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
                     raise TrainingDiverged(f"training diverged at step {step}: the weights are no longer finite; lower --lr{_kept(out)}")
                 extra = {"history": history, "best": best, "final": final, "train_seconds": train_seconds,
@@ -452,6 +456,8 @@ def train(config: TrainConfig) -> dict:
                               config.mc_samples, config.seed)
 
     ranks = adapter_ranks(model, config)
+    if not procs.same_everywhere(ranks):  # every process must have masked the same triplets
+        raise RuntimeError("the processes ended with different rank patterns; please report this as a bug")
     results = {
         "task": spec.name,
         "method": config.method,
@@ -469,6 +475,7 @@ def train(config: TrainConfig) -> dict:
         "total_rank": sum(ranks.values()),
         "train_examples": len(data.train),
         "device": str(device),
+        "processes": procs.world,
     }
     resolved = {
         **config.to_dict(), "model": model_name, "data_dir": config.data_dir or os.environ.get("GLUE_DIR") or None, "lr": config.resolved_lr(), "total_steps": total_steps,
@@ -500,5 +507,7 @@ def train(config: TrainConfig) -> dict:
         if config.plots:
             write_plots(folder)
 
-    write_outputs(out, write)
+    if procs.is_main:
+        write_outputs(out, write)
+    procs.wait()
     return results

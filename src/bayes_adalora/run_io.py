@@ -1,0 +1,358 @@
+"""A saved run folder read back: its files, its model rebuilt exactly as trained, and `evaluate`.
+
+The model is rebuilt the way training built it (`train.build_trainable_model`, AdaLoRA at its
+initial rank) and the saved adapter is loaded into it, pruned triplets coming back as zeros: the
+same shapes as in training, so the same kernels and bitwise the same logits. Evaluation then runs
+through `train.evaluate` / `train.predict_sampled`, the functions training used.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig, config_fields
+from .data import TextDataset, _column_index, _read_rows, load_task_data, read_glue_tsv, read_user_file
+from .errors import UserError
+from .tasks import TaskSpec, get_task
+
+
+@dataclass
+class SavedRun:
+    """The files of a finished run (`train` wrote them)."""
+
+    folder: Path
+    resolved: dict  # config.json: the full resolved configuration
+    results: dict
+
+    @property
+    def config(self) -> TrainConfig:
+        names = {f.name for f in config_fields()}
+        return TrainConfig(**{k: v for k, v in self.resolved.items() if k in names})
+
+    @property
+    def spec(self) -> TaskSpec:
+        return get_task(self.resolved["task"])
+
+    @property
+    def method(self) -> str:
+        return self.resolved["method"]
+
+    def json(self, name: str) -> dict | None:
+        """One of the run's JSON files (history.json, correlations.json), None where the run has none."""
+        path = self.folder / name
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def posterior(self, kind: str) -> dict[str, torch.Tensor] | None:
+        """posterior.safetensors' `<name>.<kind>` tensors (kind: mean, hess, sigma) by parameter name, or None."""
+        path = self.folder / "posterior.safetensors"
+        if not path.is_file():
+            return None
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return {k.removesuffix(f".{kind}"): f.get_tensor(k) for k in f.keys() if k.endswith(f".{kind}")}
+
+
+def read_run(folder: str | Path) -> SavedRun:
+    """The run in `folder`, refusing anything that is not a finished run."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"the run folder {folder} does not exist")
+    files = {}
+    for name in ("config.json", "results.json"):
+        path = folder / name
+        if not path.is_file():
+            raise UserError(f"{folder} is not a finished run: it has no {name}")
+        try:
+            files[name] = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}, line {err.lineno}: the JSON is malformed ({err.msg})") from None
+    return SavedRun(folder, files["config.json"], files["results.json"])
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def load_adapter_weights(model, adapter_dir: Path) -> None:
+    """Load peft's saved adapter into `model`, built as in training (AdaLoRA at its initial rank).
+
+    peft saves an AdaLoRA adapter cut to its kept triplets (`rank_pattern`); they are put back at
+    their places and the pruned ones are zeros, as lambda is in the trained model.
+    """
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    pattern = json.loads((adapter_dir / "adapter_config.json").read_text()).get("rank_pattern") or {}
+    for name, keep in pattern.items():  # "<module>.lora_E": one flag per initial triplet
+        kept = torch.tensor(keep, dtype=torch.bool).nonzero()[:, 0]
+        prefix = f"base_model.model.{name.rsplit('.', 1)[0]}"
+        for factor, dim in (("lora_E", 0), ("lora_A", 0), ("lora_B", 1)):
+            saved = state[f"{prefix}.{factor}"]
+            shape = list(saved.shape)
+            shape[dim] = len(keep)
+            state[f"{prefix}.{factor}"] = saved.new_zeros(shape).index_copy_(dim, kept, saved)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    loaded = set_peft_model_state_dict(model, state)
+    missing = sorted(trained & set(loaded.missing_keys))
+    if loaded.unexpected_keys or missing:
+        raise UserError(f"the adapter in {adapter_dir} does not fit the run's model "
+                        f"({(loaded.unexpected_keys or missing)[0]} does not match)")
+
+
+def load_run_model(run: SavedRun, device: torch.device):
+    """(tokenizer, model) of the run, in eval mode on `device`, holding the weights the run ended with."""
+    from .models import load_model
+    from .train import build_trainable_model
+
+    config, spec = run.config, run.spec
+    if run.method == "full":
+        if not (run.folder / "model").is_dir():
+            raise UserError(f"{run.folder} holds no model/ folder: the fine-tuned model of this full run is missing")
+        tokenizer, model, _ = load_model(str(run.folder / "model"), spec, config.trust_remote_code)
+    else:
+        adapter = run.folder / "adapter"
+        if not (adapter / "adapter_config.json").is_file() or not (adapter / "adapter_model.safetensors").is_file():
+            raise UserError(f"{run.folder} holds no adapter (adapter/adapter_config.json and adapter_model.safetensors)")
+        tokenizer, base, fresh = load_model(run.resolved["model"], spec, config.trust_remote_code)
+        model = build_trainable_model(base, config, run.resolved["total_steps"], fresh)
+        load_adapter_weights(model, adapter)
+    return tokenizer, model.to(device).eval()
+
+
+def check_posterior(run: SavedRun) -> None:
+    """Refuse MC sampling from a run that has no posterior to draw from."""
+    if run.method not in ("bayes-adalora", "adalora-ivon"):
+        raise UserError(f"--mc-samples draws from IVON's posterior, and {run.folder} is a {run.method} run "
+                        f"trained without one (use a bayes-adalora or adalora-ivon run)")
+    if not (run.folder / "posterior.safetensors").is_file():
+        raise UserError(f"{run.folder} has no posterior.safetensors: --mc-samples has no posterior to draw from")
+
+
+def posterior_sigma_by_name(run: SavedRun, model) -> dict[str, torch.Tensor]:
+    """The run's posterior sigma of every trained parameter of `model`, checked against it."""
+    check_posterior(run)
+    sigma = run.posterior("sigma")
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    wrong = sorted(n for n in trained if n not in sigma or sigma[n].shape != trained[n].shape)
+    if wrong:
+        raise UserError(f"{run.folder}/posterior.safetensors does not fit the run's model (no sigma for {wrong[0]})")
+    return {n: sigma[n] for n in trained}
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class EvalSplit:
+    """Examples to evaluate: a dataset, the index of each example, and whether labels are known."""
+
+    data: TextDataset
+    index: list[str]
+    labeled: bool = True
+
+
+def _glue_test_text_columns(spec: TaskSpec) -> tuple[str, ...]:
+    """Text columns of the task's GLUE test.tsv: the TSV names, or the hub's where the TSV has no header (CoLA)."""
+    return spec.tsv_text_columns if all(isinstance(c, str) for c in spec.tsv_text_columns) else spec.hub_text_columns
+
+
+def read_glue_test_tsv(spec: TaskSpec, path: Path, rows: list) -> EvalSplit:
+    """An unlabeled GLUE test file: an `index` (QQP: `id`) column and the task's text columns."""
+    header = rows[0][1]
+    index_column = next((c for c in ("index", "id") if c in header), None)
+    columns = _glue_test_text_columns(spec)
+    missing = [c for c in columns if c not in header]
+    if index_column is None or missing:
+        raise UserError(
+            f"{path} does not look like {spec.name} data: its header ({', '.join(header)}) has no "
+            f"{repr(missing[0]) if missing else 'index'} column and no label column {spec.tsv_label_column!r}"
+        )
+    positions = [_column_index(path, header, c) for c in columns]
+    at = header.index(index_column)
+    texts, index = [], []
+    for line, fields in rows[1:]:
+        if len(fields) != len(header):
+            raise UserError(f"{path}, line {line}: expected {len(header)} tab-separated columns, found {len(fields)}")
+        texts.append(tuple(fields[i] for i in positions))
+        index.append(fields[at])
+    if not texts:
+        raise UserError(f"{path} has no examples")
+    dummy = 0.0 if spec.is_regression else 0  # the loader wants a label; none is read
+    return EvalSplit(TextDataset(texts, [dummy] * len(texts), str(path)), index, labeled=False)
+
+
+def _is_glue_layout(spec: TaskSpec, header: list[str], labeled: bool) -> bool:
+    if not spec.tsv_has_header:  # CoLA: headerless train/dev, a test file with a header
+        return len(header) == spec.tsv_column_count if labeled else header[:1] == ["index"]
+    columns = spec.tsv_text_columns + ((spec.tsv_label_column,) if labeled else ())
+    return all(c in header for c in columns)
+
+
+def read_eval_file(spec: TaskSpec, path: Path, text_columns=None, label_column=None) -> EvalSplit:
+    """A file to evaluate on: a GLUE TSV of the task (labeled, or an unlabeled test file), else the
+    user's own .csv/.tsv/.json/.jsonl with labels, read as training reads --validation-file."""
+    if path.suffix.lower() == ".tsv" and path.is_file():
+        rows = _read_rows(path, "\t", csv.QUOTE_NONE)
+        header = rows[0][1] if rows else []
+        if _is_glue_layout(spec, header, labeled=True):
+            data = read_glue_tsv(spec, path)
+            return EvalSplit(data, [str(i) for i in range(len(data))])
+        has_label = (label_column or spec.tsv_label_column) in header or "label" in header
+        if not has_label and ("index" in header or "id" in header):
+            return read_glue_test_tsv(spec, path, rows)
+    data = read_user_file(spec, path, text_columns, label_column)
+    return EvalSplit(data, [str(i) for i in range(len(data))])
+
+
+def load_eval_data(run: SavedRun, data_dir: str | None, data_file: str | None, split: str | None,
+                   max_eval_samples: int | None) -> dict[str, EvalSplit]:
+    """What to evaluate, by split name: the run's own dev data (as it was, --max-eval-samples
+    included), a split of another GLUE folder, or one file."""
+    spec, config = run.spec, run.config
+    if data_dir and data_file:
+        raise UserError("give --data-dir or --data-file, not both")
+    if data_file:
+        if split:
+            raise UserError("--split picks a file of a --data-dir folder; with --data-file the file is the split")
+        splits = {spec.dev_splits[0]: read_eval_file(spec, Path(data_file), config.text_columns, config.label_column)}
+    elif data_dir:
+        folder = Path(data_dir)
+        if not folder.is_dir():
+            raise UserError(f"the GLUE data folder {folder} does not exist")
+        folder = folder / spec.glue_dir if (folder / spec.glue_dir).is_dir() else folder
+        names = [split] if split else list(spec.dev_splits)
+        splits = {}
+        for name in names:
+            path = folder / f"{name}.tsv"
+            if not path.is_file():
+                raise UserError(f"{path} does not exist: --split names a file <SPLIT>.tsv of the task's GLUE folder")
+            splits[name] = read_eval_file(spec, path)
+    else:
+        if split and split not in spec.dev_splits:
+            raise UserError(f"the run's own data has the dev split(s) {', '.join(spec.dev_splits)}, not {split!r}")
+        own = load_task_data(
+            spec, data_dir=run.resolved.get("data_dir") or os.environ.get("GLUE_DIR") or None,
+            train_file=config.train_file, validation_file=config.validation_file,
+            text_columns=config.text_columns, label_column=config.label_column,
+        )
+        max_eval_samples = max_eval_samples or config.max_eval_samples
+        splits = {name: EvalSplit(ds, [str(i) for i in range(len(ds))]) for name, ds in own.dev.items()
+                  if split is None or name == split}
+    if max_eval_samples:
+        for s in splits.values():
+            n = max_eval_samples
+            s.data = dataclasses.replace(s.data, texts=s.data.texts[:n], labels=s.data.labels[:n])
+            s.index = s.index[:max_eval_samples]
+    return splits
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+def write_predictions(path: Path, spec: TaskSpec, splits: dict[str, EvalSplit], predictive: dict) -> None:
+    """One row per example: index, prediction (the label string) and its probability, or the
+    regression value; predictive_std with MC. Unlabeled GLUE test data: the submission format,
+    `index<TAB>prediction`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    several = len(splits) > 1
+    unlabeled = not all(s.labeled for s in splits.values())
+
+    def label_of(value) -> str:
+        return f"{float(value):.6f}" if spec.is_regression else spec.labels[int(value)]
+
+    with open(path, "w", newline="") as f:
+        if unlabeled:
+            writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+            writer.writerow(["index", "prediction"])
+            for name, s in splits.items():
+                writer.writerows([i, label_of(v)] for i, v in zip(s.index, predictive[name].predictions))
+            return
+        writer = csv.writer(f, lineterminator="\n")
+        mc = any(p.std is not None for p in predictive.values())
+        header = (["split"] if several else []) + ["index"]
+        header += ["value"] if spec.is_regression else ["prediction", "probability"]
+        writer.writerow(header + (["predictive_std"] if mc else []))
+        for name, s in splits.items():
+            p = predictive[name]
+            columns = [p.predictions] if spec.is_regression else [[label_of(v) for v in p.predictions], p.confidence]
+            columns += [p.std] if mc else []
+            for i, row in enumerate(zip(*columns)):
+                values = [v if isinstance(v, str) else repr(float(v)) for v in row]  # exact: re-reading gives the same numbers
+                writer.writerow(([name] if several else []) + [s.index[i]] + values)
+
+
+def evaluate_run(run_dir: str | Path, data_dir: str | None = None, data_file: str | None = None,
+                 split: str | None = None, mc_samples: int = 0, predictions: str | None = None,
+                 seed: int | None = None, device: str = "auto", max_eval_samples: int | None = None) -> dict:
+    """Evaluate a saved run; returns {"run", "data", "examples", "metrics": {"point", "mc"?}, "predictions"?}.
+
+    Point metrics are those of the posterior mean (the saved adapter), computed by `train.evaluate`,
+    so the run's own dev data gives back results.json's final metrics exactly; with `mc_samples`
+    K, the posterior predictive over K draws seeded by `seed` (default: the run's seed), as the
+    run's own --mc-samples did.
+    """
+    from .data import encode, make_loader
+    from .evaluation import mc_predictive, point_predictive, predictive_metrics
+    from .train import predict, predict_sampled, resolve_device
+
+    if mc_samples < 0:
+        raise UserError(f"--mc-samples must be 0 (off) or positive, got {mc_samples}")
+    if max_eval_samples is not None and max_eval_samples <= 0:
+        raise UserError(f"--max-eval-samples must be positive, got {max_eval_samples}")
+    run = read_run(run_dir)
+    spec, config = run.spec, run.config
+    if mc_samples:
+        check_posterior(run)  # before any data or model is loaded
+    splits = load_eval_data(run, data_dir, data_file, split, max_eval_samples)
+    unlabeled = [s.data.source for s in splits.values() if not s.labeled]
+    if unlabeled and not predictions:
+        raise UserError(f"{unlabeled[0]} has no labels: pass --predictions FILE to write its predictions")
+
+    device = resolve_device(device)
+    tokenizer, model = load_run_model(run, device)
+    sigma = posterior_sigma_by_name(run, model) if mc_samples else None
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config.bf16 else nullcontext()
+    loaders = {
+        name: make_loader(encode(s.data, tokenizer, config.max_length), tokenizer, config.eval_batch_size, False, config.seed)
+        for name, s in splits.items()
+    }
+    point = {}
+    for name, loader in loaders.items():  # what train.evaluate does, keeping the logits for the predictions file
+        logits, labels = predict(model, loader, device, autocast)
+        point[name] = (point_predictive(spec, logits.numpy()), labels.numpy())
+    sampled = {}
+    if mc_samples:
+        draws = predict_sampled(model, loaders, device, autocast, sigma, mc_samples,
+                                config.seed if seed is None else seed)
+        sampled = {name: (mc_predictive(spec, d.numpy()), y.numpy()) for name, (d, y) in draws.items()}
+
+    metrics = {"point": {}}
+    for name, (p, y) in point.items():
+        if splits[name].labeled:
+            metrics["point"].update(predictive_metrics(spec, name, p, y))
+    if sampled:
+        metrics["mc"] = {}
+        for name, (p, y) in sampled.items():
+            if splits[name].labeled:
+                metrics["mc"].update(predictive_metrics(spec, name, p, y))
+        metrics["mc"]["samples"] = mc_samples
+    out = {
+        "run": str(run.folder), "task": spec.name, "method": run.method,
+        "data": {name: s.data.source for name, s in splits.items()},
+        "examples": {name: len(s.data) for name, s in splits.items()},
+        "metrics": metrics,
+    }
+    if predictions:
+        chosen = {name: (sampled or point)[name][0] for name in splits}
+        write_predictions(Path(predictions), spec, splits, chosen)
+        out["predictions"] = str(predictions)
+    return out
