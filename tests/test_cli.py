@@ -67,15 +67,6 @@ def folder_snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
     }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from threads; on a busy 2-core machine two spinning threads run ~20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, glue_dir, tiny_deberta):
     """`trained(method, *flags, task=...)`: the output folder of that run, trained once per module."""

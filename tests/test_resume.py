@@ -23,14 +23,6 @@ def run_args(glue_dir, model, out, *extra):
             "--output-dir", str(out), *extra]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def adapter_tensors(run):
     return load_file(run / "adapter" / "adapter_model.safetensors")
 

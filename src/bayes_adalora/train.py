@@ -399,7 +399,7 @@ def train(config: TrainConfig) -> dict:
         step, history, best, final = state["step"], state["history"], state["best"], state["final"]
         train_seconds, skip = state["train_seconds"], state["batch_in_epoch"]
         train_loader.generator.set_state(state["loader_generator"])
-    elif (out / CHECKPOINTS).is_dir():
+    elif (out / CHECKPOINTS).is_dir() and procs.is_main:
         shutil.rmtree(out / CHECKPOINTS)  # --overwrite (checked above): the old run's checkpoints go
     if config.logs_correlations:  # kept in the history, so that a resumed run goes on with it
         tuner.rankallocator.correlation_log = history.setdefault("correlations", [])
