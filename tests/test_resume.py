@@ -92,8 +92,25 @@ def test_divergence_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, 
     assert code == 1 and len(err) == 1 and "diverged at step" in err[0]
     step = int(err[0].split("diverged at step ")[1].split(":")[0])
     kept = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*"))
-    assert kept and kept[-1] == step - 1  # the last good step, loadable
+    # the loss of step s is taken at the weights of step s - 1: the last good checkpoint is s - 2
+    assert kept == [step - 2]
+    assert f"step-{step - 2:07d}" in err[0]
     state = torch.load(out / "checkpoints" / f"step-{kept[-1]:07d}" / "state.pt", weights_only=True)
-    assert state["step"] == step - 1
+    assert state["step"] == step - 2
     weights = load_file(out / "checkpoints" / f"step-{kept[-1]:07d}" / "weights.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())
+    # usable: the run goes on from it with a sane learning rate
+    assert main(run_args(glue_dir, tiny_deberta, out, "--lr", "1.0", "--resume")) == 0
+    config = json.loads((out / "config.json").read_text())
+    history = json.loads((out / "history.json").read_text())
+    assert config["lr"] == 1.0 and len(history["loss"]) == STEPS
+    assert all(lr <= 1.0 for lr in history["lr"][step - 2:])
+
+
+def test_exploding_loss_stops_the_run_before_it_turns_nan(tmp_path, glue_dir, tiny_deberta, capsys):
+    """IVON clips its update, so lr 1e4 makes the loss explode without NaN; the run still stops."""
+    out = tmp_path / "exploded"
+    code = main(run_args(glue_dir, tiny_deberta, out, "--lr", "1e4", "--divergence-factor", "3", "--save-steps", "1"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "times the first step's" in err[0], err
+    assert not (out / "results.json").exists()

@@ -79,6 +79,7 @@ class TrainConfig:
     plots: bool = _f(True, "Write PNG plots of the run into the output folder at the end.")
     # running
     output_dir: str = _f("runs/latest", "Where results.json, adapter/, posterior.safetensors and config.json go.")
+    divergence_factor: float = _f(100.0, "Stop when the loss exceeds this many times the first step's (0: only NaN/inf stops).")
     save_steps: int | None = _f(None, "Write a checkpoint (for --resume) every N steps into OUTPUT_DIR/checkpoints.")
     save_total_limit: int = _f(2, "Checkpoints kept, the latest ones (0 keeps all).")
     resume: str | None = _f(None, "Continue from the latest checkpoint in --output-dir, or from the checkpoint folder given.",

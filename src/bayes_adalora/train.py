@@ -298,9 +298,18 @@ def write_outputs(out: Path, write) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _kept(out: Path) -> str:
+def _kept(out: Path, first_bad: int, procs: Processes) -> str:
+    """Drop the checkpoints from step `first_bad` on and name the last good one.
+
+    The loss of step s is computed at the weights of step s - 1, so a loss that diverges at step s
+    condemns checkpoint s - 1 too.
+    """
+    if procs.is_main:
+        for path in checkpoint_dirs(out):
+            if int(path.name.split("-")[1]) >= first_bad:
+                shutil.rmtree(path, ignore_errors=True)
     found = checkpoint_dirs(out)
-    return f"; the last good checkpoint is {found[-1]}" if found else ""
+    return f"; the last good checkpoint is {found[-1]}" if found else "; no good checkpoint is left"
 
 
 def write_plots(folder: Path) -> None:
@@ -399,6 +408,11 @@ def train(config: TrainConfig) -> dict:
         step, history, best, final = state["step"], state["history"], state["best"], state["final"]
         train_seconds, skip = state["train_seconds"], state["batch_in_epoch"]
         train_loader.generator.set_state(state["loader_generator"])
+        lr = config.resolved_lr()
+        if any(base != lr for base in scheduler.base_lrs):  # e.g. resuming a diverged run with a lower --lr
+            scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+            for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+                group["lr"] = lr * factor(scheduler.last_epoch)
     elif (out / CHECKPOINTS).is_dir() and procs.is_main:
         shutil.rmtree(out / CHECKPOINTS)  # --overwrite (checked above): the old run's checkpoints go
     if config.logs_correlations:  # kept in the history, so that a resumed run goes on with it
@@ -420,7 +434,13 @@ def train(config: TrainConfig) -> dict:
                 torch.cuda.synchronize(device)
             train_seconds += time.perf_counter() - t0
             if not math.isfinite(loss):
-                raise TrainingDiverged(f"training diverged at step {step}: the loss is {loss}; lower --lr{_kept(out)}")
+                raise TrainingDiverged(f"training diverged at step {step}: the loss is {loss}; lower --lr{_kept(out, step - 1, procs)}")
+            first = history["loss"][0] if history["loss"] else loss
+            if config.divergence_factor and loss > config.divergence_factor * first:
+                raise TrainingDiverged(
+                    f"training diverged at step {step}: the loss {loss:.4g} is over {config.divergence_factor:g} times "
+                    f"the first step's {first:.4g}; lower --lr{_kept(out, step - 1, procs)}"
+                )
 
             budget = tuner.rankallocator.budget_schedule(step)[0] if tuner is not None else None
             lr_now = optimizer.param_groups[0]["lr"]
@@ -442,7 +462,7 @@ def train(config: TrainConfig) -> dict:
                     best = {**final, "step": step}
             if config.save_steps and step % config.save_steps == 0 and step < total_steps and procs.is_main:
                 if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
-                    raise TrainingDiverged(f"training diverged at step {step}: the weights are no longer finite; lower --lr{_kept(out)}")
+                    raise TrainingDiverged(f"training diverged at step {step}: the weights are no longer finite; lower --lr{_kept(out, step, procs)}")
                 extra = {"history": history, "best": best, "final": final, "train_seconds": train_seconds,
                          "loader_generator": epoch_start, "batch_in_epoch": index + 1}
                 save_checkpoint(out, step, model, optimizer, scheduler, tuner, extra, config.save_total_limit)
