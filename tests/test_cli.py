@@ -162,9 +162,8 @@ def hand_merged_model(model_path: Path, num_labels: int, factors: dict[str, dict
     return model
 
 
-def adapter_factors(adapter_file: Path) -> tuple[dict, dict]:
-    """(low-rank factors per module, head weights) from peft's adapter_model.safetensors."""
-    tensors, _ = read_tensors(adapter_file)
+def split_factors(tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """(low-rank factors per module, head weights) from tensors named as in the PeftModel."""
     factors: dict[str, dict[str, torch.Tensor]] = {}
     head = {}
     for key, value in tensors.items():
@@ -176,28 +175,19 @@ def adapter_factors(adapter_file: Path) -> tuple[dict, dict]:
                 factors.setdefault(module, {})[factor[-1]] = value
                 break
         else:
-            head[name] = value
+            head[name.replace(".modules_to_save.default", "")] = value
     return factors, head
+
+
+def adapter_factors(adapter_file: Path) -> tuple[dict, dict]:
+    """(low-rank factors per module, head weights) from peft's adapter_model.safetensors."""
+    return split_factors(read_tensors(adapter_file)[0])
 
 
 def posterior_means(posterior_file: Path) -> tuple[dict, dict]:
     """(low-rank factors per module, head weights) from the posterior means the run held at the end."""
     tensors, _ = read_tensors(posterior_file)
-    factors: dict[str, dict[str, torch.Tensor]] = {}
-    head = {}
-    for key, value in tensors.items():
-        if not key.endswith(".mean"):
-            continue
-        name = key.removeprefix("base_model.model.").removesuffix(".mean")
-        parts = name.split(".")
-        for factor in ("lora_A", "lora_B", "lora_E"):
-            if factor in parts:
-                module = ".".join(parts[: parts.index(factor)])
-                factors.setdefault(module, {})[factor[-1]] = value
-                break
-        else:
-            head[name.replace(".modules_to_save.default", "")] = value
-    return factors, head
+    return split_factors({k.removesuffix(".mean"): v for k, v in tensors.items() if k.endswith(".mean")})
 
 
 # ----------------------------------------------------------------------------- every method trains and saves
