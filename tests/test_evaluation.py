@@ -359,6 +359,8 @@ def test_evaluate_refuses_bad_input_with_one_sentence(runs, capfd, tmp_path, glu
     test = tmp_path / "test.tsv"
     test.write_text("index\tsentence\n0\ta fine film\n")
     assert_refused(capfd, ["evaluate", runs["bayes"], "--data-file", test], "--predictions")
+    # a predictions path that is a folder: refused before any evaluation, nothing written
+    assert_refused(capfd, ["evaluate", runs["bayes"], "--predictions", tmp_path], "is a folder")
 
 
 def test_train_refuses_mc_samples_without_a_posterior(capfd, tmp_path, glue_dir, tiny_deberta):

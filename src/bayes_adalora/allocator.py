@@ -70,8 +70,9 @@ class _PosteriorTriplets:
         offsets, offset = {}, 0
         for group in self.optimizer.param_groups:
             for p in group["params"]:
-                offsets[p] = offset
-                offset += p.numel()
+                if p is not None:  # IVON's flat state skips them too
+                    offsets[p] = offset
+                    offset += p.numel()
         params, index, segment, weight, names, first = [], [], [], [], [], 0
         for name, m in layers:
             P, E, Q = m.lora_B[self.adapter_name], m.lora_E[self.adapter_name], m.lora_A[self.adapter_name]

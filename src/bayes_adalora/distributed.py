@@ -63,6 +63,12 @@ class Processes:
         """DDP-wrapped model for the forward pass (the unwrapped one stays for peft's allocator)."""
         return self.accelerator.prepare_model(model) if self.accelerator else model
 
+    def mean(self, value: float) -> float:
+        """The mean of `value` over the processes (each one's loss on its share: the batch's loss)."""
+        if self.world == 1:
+            return value
+        return self.accelerator.reduce(torch.tensor(value, device=self.accelerator.device), "mean").item()
+
     def same_everywhere(self, value) -> bool:
         """Whether every process holds an equal `value` (compared by a digest of its pickle)."""
         if self.world == 1:

@@ -27,7 +27,7 @@ from .allocator import PosteriorRankAllocator, install_posterior_allocator
 from .config import IVON_METHODS, TrainConfig
 from .models import load_model
 from .tasks import get_task
-from .train import build_trainable_model, make_optimizer
+from .train import build_trainable_model, fill_missing_grads, make_optimizer
 
 # Below this, a learning rate is on AdamW's scale: IVON's step is lr * clip((m + wd mu) / (h + wd)).
 IVON_LR_WARN_BELOW = 1e-2
@@ -212,17 +212,9 @@ class IVONTrainer(Trainer):
                 with self.compute_loss_context_manager():
                     loss = self.compute_loss(model, dict(inputs))  # a copy: compute_loss may pop the labels
                 self.accelerator.backward(loss)
-                _fill_missing_grads(optimizer)
+                fill_missing_grads(optimizer)
             losses.append(loss.detach())
         return torch.stack(losses).mean() / self.current_gradient_accumulation_steps
-
-
-def _fill_missing_grads(optimizer) -> None:
-    """IVON reads the gradient of every trainable parameter; one the loss did not reach gets zeros."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.requires_grad and p.grad is None:
-                p.grad = torch.zeros_like(p)
 
 
 def make_trainer(model, train_dataset, eval_dataset, config: TrainConfig, training_args: TrainingArguments,

@@ -258,6 +258,15 @@ def load_eval_data(run: SavedRun, data_dir: str | None, data_file: str | None, s
 # ----------------------------------------------------------------------------- evaluate
 
 
+def check_predictions_path(path: Path) -> None:
+    """Refuse, before any work, a predictions path that cannot be written."""
+    if path.is_dir():
+        raise UserError(f"--predictions {path} is a folder: give a file name")
+    parent = next((p for p in (path.parent, *path.parent.parents) if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UserError(f"--predictions {path}: {parent} cannot be written to")
+
+
 def write_predictions(path: Path, spec: TaskSpec, splits: dict[str, EvalSplit], predictive: dict) -> None:
     """One row per example: index, prediction (the label string) and its probability, or the
     regression value; predictive_std with MC. Unlabeled GLUE test data: the submission format,
@@ -269,6 +278,15 @@ def write_predictions(path: Path, spec: TaskSpec, splits: dict[str, EvalSplit], 
     def label_of(value) -> str:
         return f"{float(value):.6f}" if spec.is_regression else spec.labels[int(value)]
 
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        _write_prediction_rows(tmp, spec, splits, predictive, several, unlabeled, label_of)
+        os.replace(tmp, path)  # all rows or nothing
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_prediction_rows(path, spec, splits, predictive, several, unlabeled, label_of) -> None:
     with open(path, "w", newline="") as f:
         if unlabeled:
             writer = csv.writer(f, delimiter="\t", lineterminator="\n")
@@ -312,6 +330,8 @@ def evaluate_run(run_dir: str | Path, data_dir: str | None = None, data_file: st
     spec, config = run.spec, run.config
     if mc_samples:
         check_posterior(run)  # before any data or model is loaded
+    if predictions:
+        check_predictions_path(Path(predictions))
     splits = load_eval_data(run, data_dir, data_file, split, max_eval_samples)
     unlabeled = [s.data.source for s in splits.values() if not s.labeled]
     if unlabeled and not predictions:

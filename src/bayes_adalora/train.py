@@ -157,15 +157,24 @@ def training_step(model: nn.Module, batch: dict, optimizer, config: TrainConfig,
         loss.backward()
         optimizer.step()
         return loss.item()
-    total = 0.0
+    losses = []
     for _ in range(config.train_mc_samples):
         with optimizer.sampled_params(train=True):
             optimizer.zero_grad(set_to_none=True)
             loss = forward_loss(model, batch, autocast)
             loss.backward()
-        total += loss.item()
+            fill_missing_grads(optimizer)
+        losses.append(loss.detach())
     optimizer.step()
-    return total / config.train_mc_samples
+    return torch.stack(losses).mean().item()  # one device sync per step
+
+
+def fill_missing_grads(optimizer) -> None:
+    """IVON reads the gradient of every parameter it holds; one the loss did not reach gets zeros."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
 
 
 @torch.no_grad()
@@ -425,7 +434,7 @@ def train(config: TrainConfig) -> dict:
                 continue
             t0 = time.perf_counter()
             batch = {k: v.to(device) for k, v in procs.shard(batch).items()}
-            loss = training_step(forward_model, batch, optimizer, config, autocast)
+            loss = procs.mean(training_step(forward_model, batch, optimizer, config, autocast))  # the batch's loss
             step += 1
             if tuner is not None:
                 tuner.update_and_allocate(step)
@@ -460,12 +469,15 @@ def train(config: TrainConfig) -> dict:
                 history["eval"].append({"step": step, **final})
                 if not best or _score(final[spec.main_metric_name]) > _score(best[spec.main_metric_name]):
                     best = {**final, "step": step}
-            if config.save_steps and step % config.save_steps == 0 and step < total_steps and procs.is_main:
+            if config.save_steps and step % config.save_steps == 0 and step < total_steps:
+                # every process checks (they hold the same weights), so all stop together
                 if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
                     raise TrainingDiverged(f"training diverged at step {step}: the weights are no longer finite; lower --lr{_kept(out, step, procs)}")
                 extra = {"history": history, "best": best, "final": final, "train_seconds": train_seconds,
                          "loader_generator": epoch_start, "batch_in_epoch": index + 1}
-                save_checkpoint(out, step, model, optimizer, scheduler, tuner, extra, config.save_total_limit)
+                if procs.is_main:
+                    save_checkpoint(out, step, model, optimizer, scheduler, tuner, extra, config.save_total_limit)
+                procs.wait()
             if step >= total_steps:
                 break
         skip = 0
