@@ -114,3 +114,14 @@ def test_exploding_loss_stops_the_run_before_it_turns_nan(tmp_path, glue_dir, ti
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "times the first step's" in err[0], err
     assert not (out / "results.json").exists()
+
+
+def test_resume_from_a_checkpoint_at_an_epoch_end(tmp_path, glue_dir, tiny_deberta):
+    """64 examples in batches of 8: step 16 ends the second epoch; resuming there starts the third."""
+    reference, saved, resumed = tmp_path / "reference", tmp_path / "saved", tmp_path / "resumed"
+    assert main(run_args(glue_dir, tiny_deberta, reference)) == 0
+    assert main(run_args(glue_dir, tiny_deberta, saved, "--save-steps", "8", "--save-total-limit", "0")) == 0
+    checkpoint = saved / "checkpoints" / "step-0000016"
+    assert torch.load(checkpoint / "state.pt", weights_only=True)["batch_in_epoch"] == 8  # the epoch's last batch
+    assert main(run_args(glue_dir, tiny_deberta, resumed, "--resume", str(checkpoint))) == 0
+    assert_same_run(reference, resumed)

@@ -475,6 +475,8 @@ def train(config: TrainConfig) -> dict:
                     raise TrainingDiverged(f"training diverged at step {step}: the weights are no longer finite; lower --lr{_kept(out, step, procs)}")
                 extra = {"history": history, "best": best, "final": final, "train_seconds": train_seconds,
                          "loader_generator": epoch_start, "batch_in_epoch": index + 1}
+                # (at an epoch's last batch the sampler has yet to draw once more from the generator,
+                # so the next epoch's start is not known here: a resume replays this epoch's order)
                 if procs.is_main:
                     save_checkpoint(out, step, model, optimizer, scheduler, tuner, extra, config.save_total_limit)
                 procs.wait()
