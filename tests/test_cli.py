@@ -497,3 +497,15 @@ def test_empty_existing_folder_takes_the_run(tmp_path, glue_dir, tiny_deberta):
     out.mkdir()
     assert main(train_argv(glue_dir, tiny_deberta, out, "--method", "lora")) == 0
     assert read_json(out / "results.json")["method"] == "lora"
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["evaluate"], ["plot"]])
+def test_help_prints_every_flag_and_exits_zero(command, capsys):
+    # argparse %-formats help texts: a bare "%" in one (e.g. "6% of the run") used to crash --help
+    with pytest.raises(SystemExit) as stop:
+        main([*command, "--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: bayes-adalora")
+    if command == ["train"]:
+        assert "6% of the run" in out and "--ivon-beta2" in out and "[default: 0.99999]" in out

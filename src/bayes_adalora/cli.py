@@ -15,7 +15,8 @@ def _flag_kwargs(field) -> dict:
     hint = typing.get_type_hints(TrainConfig)[field.name]
     args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
     base = args[0]
-    kwargs = {"help": field.metadata["help"], "default": argparse.SUPPRESS}
+    # argparse formats help with %, so a literal "6%" must be doubled
+    kwargs = {"help": field.metadata["help"].replace("%", "%%"), "default": argparse.SUPPRESS}
     for key in ("choices", "nargs", "const"):
         if key in field.metadata:
             kwargs[key] = field.metadata[key]
@@ -28,7 +29,7 @@ def _flag_kwargs(field) -> dict:
     else:
         kwargs["type"] = base
     if field.default is not None and base is not bool:
-        kwargs["help"] += f" [default: {field.default}]"
+        kwargs["help"] += f" [default: {field.default}]".replace("%", "%%")
     return kwargs
 
 
