@@ -15,6 +15,9 @@ TINY = ["max_steps=8", "tinit=1", "tfinal=2", "delta_t=2", "max_length=32", "eva
 @pytest.mark.parametrize("plan", ["mini", "paper"])
 def test_grid_runs_every_cell_resumes_and_writes_the_table(plan, tmp_path, glue_dir, tiny_deberta, capsys, monkeypatch):
     monkeypatch.setenv("MINI_GLUE_THREADS", "1")
+    # the mini plan sweeps lrs first: a one-rung ladder per family on one task keeps it short
+    monkeypatch.setattr(mini_glue, "LR_GRID", {"ivon": (0.5,), "adalora": (1e-3,), "lora": (1e-3,)})
+    monkeypatch.setattr(mini_glue, "TUNE_TASKS", ("sst2",))
     seed = "0" if plan == "mini" else "2021"
     args = ["--plan", plan, "--tasks", "sst2", "--seeds", seed, "--glue-dir", str(glue_dir), "--workers", "1",
             "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
@@ -22,6 +25,7 @@ def test_grid_runs_every_cell_resumes_and_writes_the_table(plan, tmp_path, glue_
     assert mini_glue.main(args) == 0
     first = capsys.readouterr().out
     assert f"0 cells done, {len(mini_glue.CELLS)} to run" in first
+    assert ("0 cells done, 3 to run" in first) == (plan == "mini")  # the sweep, before the grid
 
     name = "mini-glue" if plan == "mini" else "paper-glue"
     table = json.loads((tmp_path / "out" / f"{name}.json").read_text())
@@ -31,11 +35,17 @@ def test_grid_runs_every_cell_resumes_and_writes_the_table(plan, tmp_path, glue_
         assert cell["metric"] == "accuracy" and len(cell["scores"]) == 1
     one = json.loads((tmp_path / "work" / "sst2" / f"bayes-inv_sigma-seed{seed}" / "config.json").read_text())
     assert one["criterion"] == "inv_sigma" and one["max_steps"] == 8 and one["model"] == str(tiny_deberta)
+    if plan == "mini":  # the sweep's lrs reach the grid, and the table says what it cost
+        assert (one["lr"], one["batch_size"], one["bf16"]) == (0.5, 16, True)
+        assert table["learning_rates"] == {"ivon": 0.5, "adalora": 1e-3, "lora": 1e-3}
+        assert set(table["wall_seconds"]) == {"tune", "grid"} and all(v > 0 for v in table["wall_seconds"].values())
+        assert table["tuning"]["ivon"] == {"0.5": table["results"]["sst2"]["bayes-adalora"]["mean"]}
     if plan == "paper":  # the recipe is applied under the overrides: paper's rank-2 budget and IVON settings
         assert one["recipe"] == "paper" and (one["init_r"], one["target_r"]) == (3, 2)
         assert one["ivon_weight_decay"] == 1e-8 and one["lr"] == 0.4
     md = (tmp_path / "out" / f"{name}.md").read_text()
     assert "| bayes-adalora |" in md and "sst2 (accuracy)" in md
+    assert "at or above adalora on" in md and "mean rank over tasks" in md
 
     assert mini_glue.main(args) == 0  # resumable: nothing left to train
     assert f"{len(mini_glue.CELLS)} cells done, 0 to run" in capsys.readouterr().out
