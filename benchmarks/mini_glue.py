@@ -59,6 +59,7 @@ SEEDS = (0, 1, 2)
 # the first two at the top of their ladders then) and one doubling above it.
 LR_GRID = {"ivon": (3.0, 6.0, 12.0), "adalora": (2e-3, 4e-3, 8e-3), "lora": (1e-3, 2e-3, 4e-3)}
 DEFAULT_LR = {"ivon": 6.0, "adalora": 4e-3, "lora": 2e-3}
+DIVERGED = "diverged.json"
 TUNE_TASKS = ("sst2", "mrpc")  # CoLA gave every method an MCC near 0 in short runs: no signal
 
 # The paper's own scale: every GLUE task, 5 seeds, --recipe paper, DeBERTaV3-base (needs hub + GPU).
@@ -96,23 +97,45 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 
 def run_cell(given: dict) -> dict:
-    """Train one cell (in a worker process, one thread: two cells share two cores)."""
+    """Train one cell (in a worker process, one thread: two cells share two cores). A run that
+    diverges is a result too: it leaves <cell>/diverged.json and the grid goes on."""
     import torch
 
     torch.set_num_threads(int(os.environ.get("MINI_GLUE_THREADS", "1")))
     from bayes_adalora.cli import _quiet_libraries
     from bayes_adalora.config import make_config
+    from bayes_adalora.errors import TrainingDiverged
     from bayes_adalora.train import train
 
     _quiet_libraries()
     config, _ = make_config(given)
-    return train(config)
+    try:
+        return train(config)
+    except TrainingDiverged as error:
+        out = Path(given["output_dir"])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / DIVERGED).write_text(json.dumps({"error": str(error)}) + "\n")
+        return {"diverged": str(error)}
+
+
+def cell_done(out: Path) -> bool:
+    return (out / "results.json").exists() or (out / DIVERGED).exists()
+
+
+def cell_score(out: Path) -> tuple[str, float | None] | None:
+    """(main metric, best dev score) of a finished cell, the score None if it diverged; None if not run."""
+    if (out / "results.json").exists():
+        r = json.loads((out / "results.json").read_text())
+        return r["main_metric"], r["metrics"]["best"][r["main_metric"]]
+    if (out / DIVERGED).exists():
+        return "", None
+    return None
 
 
 def run_cells(jobs: list[dict], workers: int, work: Path, phase: str) -> None:
     """Train the cells not done yet; the wall time spent is added to <work>/wall-seconds.json
     under `phase` as each cell ends, so an interrupted grid still counts what it ran."""
-    todo = [g for g in jobs if not (Path(g["output_dir"]) / "results.json").exists()]
+    todo = [g for g in jobs if not cell_done(Path(g["output_dir"]))]
     print(f"{len(jobs) - len(todo)} cells done, {len(todo)} to run", flush=True)
     if not todo:
         return
@@ -122,9 +145,11 @@ def run_cells(jobs: list[dict], workers: int, work: Path, phase: str) -> None:
         for future in as_completed(futures):
             given, result = futures[future], future.result()
             mark = _add_wall(work, phase, mark)
-            m = result["metrics"]["best"]
-            print(f"[{time.time() - start:7.0f}s] {given['task']} {Path(given['output_dir']).name}: "
-                  f"best {result['main_metric']} {m[result['main_metric']]:.4f}", flush=True)
+            if "diverged" in result:
+                outcome = result["diverged"]
+            else:
+                outcome = f"best {result['main_metric']} {result['metrics']['best'][result['main_metric']]:.4f}"
+            print(f"[{time.time() - start:7.0f}s] {given['task']} {Path(given['output_dir']).name}: {outcome}", flush=True)
 
 
 def _add_wall(work: Path, phase: str, since: float) -> float:
@@ -138,9 +163,13 @@ def _add_wall(work: Path, phase: str, since: float) -> float:
 
 
 def best_lrs(work: Path) -> dict[str, float]:
-    """Per family, the lr of the sweep with the best mean main metric over TUNE_TASKS."""
-    return {family: max(means, key=means.get) if means else DEFAULT_LR[family]
-            for family, means in tuning_scores(work).items()}
+    """Per family, the lr of the sweep with the best mean main metric over TUNE_TASKS (an lr that
+    diverged on any of them is out)."""
+    chosen = {}
+    for family, means in tuning_scores(work).items():
+        ok = {lr: v for lr, v in means.items() if v is not None}
+        chosen[family] = max(ok, key=ok.get) if ok else DEFAULT_LR[family]
+    return chosen
 
 
 def summary(table: dict) -> list[str]:
@@ -148,18 +177,24 @@ def summary(table: dict) -> list[str]:
     out = []
     both = [t for t in table if {"bayes-adalora", "adalora"} <= set(table[t])]
     if both:
-        wins = [t for t in both if table[t]["bayes-adalora"]["mean"] >= table[t]["adalora"]["mean"]]
+        wins = [t for t in both if table[t]["bayes-adalora"]["mean"] is not None
+                and table[t]["bayes-adalora"]["mean"] >= _mean(table[t]["adalora"])]
         out.append(f"bayes-adalora (snr_abs) at or above adalora on {len(wins)} of {len(both)} tasks"
                    f"{': ' + ', '.join(wins) if wins else ''}.")
     crits = ("bayes-adalora", "bayes-snr", "bayes-mean_abs", "bayes-inv_sigma")
     full = [t for t in table if set(crits) <= set(table[t])]
     if full:
         names = {"bayes-adalora": "snr_abs", "bayes-snr": "snr", "bayes-mean_abs": "mean_abs", "bayes-inv_sigma": "inv_sigma"}
-        ranks = {c: statistics.fmean(sorted(crits, key=lambda k: -table[t][k]["mean"]).index(c) + 1 for t in full)
+        ranks = {c: statistics.fmean(sorted(crits, key=lambda k: -_mean(table[t][k])).index(c) + 1 for t in full)
                  for c in crits}
         out.append("Criterion ablation, mean rank over tasks (1 best): "
                    + ", ".join(f"{names[c]} {ranks[c]:.1f}" for c in crits) + ".")
     return out
+
+
+def _mean(entry: dict) -> float:
+    """A cell's mean for comparisons: a cell whose every seed diverged ranks last."""
+    return entry["mean"] if entry["mean"] is not None else float("-inf")
 
 
 def tuning_scores(work: Path) -> dict[str, dict[float, float]]:
@@ -169,14 +204,10 @@ def tuning_scores(work: Path) -> dict[str, dict[float, float]]:
         cell = {"ivon": "bayes-adalora", "adalora": "adalora", "lora": "lora"}[family]
         means = {}
         for lr in grid:
-            vals = []
-            for task in TUNE_TASKS:
-                path = work / "tune" / task / f"{cell}-lr{lr:g}" / "results.json"
-                if path.exists():
-                    r = json.loads(path.read_text())
-                    vals.append(r["metrics"]["best"][r["main_metric"]])
-            if len(vals) == len(TUNE_TASKS):
-                means[lr] = statistics.fmean(vals)
+            got = [cell_score(work / "tune" / task / f"{cell}-lr{lr:g}") for task in TUNE_TASKS]
+            if all(got):
+                vals = [score for _, score in got]
+                means[lr] = None if None in vals else statistics.fmean(vals)
         chosen[family] = means
     return chosen
 
@@ -185,20 +216,24 @@ def report(work: Path, out: Path, lrs: dict, plan: str, seeds, tasks, overrides:
     table: dict = {}
     for task in tasks:
         for cell, _, _ in CELLS:
-            scores, secs = [], []
+            scores, diverged = [], 0
             for seed in seeds:
-                path = work / task / f"{cell}-seed{seed}" / "results.json"
-                if path.exists():
-                    r = json.loads(path.read_text())
-                    scores.append(r["metrics"]["best"][r["main_metric"]])
-                    secs.append(r["seconds_per_step"])
-                    metric = r["main_metric"]
-            if scores:
+                got = cell_score(work / task / f"{cell}-seed{seed}")
+                if got and got[1] is None:
+                    diverged += 1
+                elif got:
+                    scores.append(got[1])
+            if scores or diverged:
                 table.setdefault(task, {})[cell] = {
-                    "metric": metric, "scores": scores, "mean": statistics.fmean(scores),
+                    "scores": scores, "diverged": diverged,
+                    "mean": statistics.fmean(scores) if scores else None,
                     "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
-                    "seconds_per_step": statistics.fmean(secs),
                 }
+        if task in table:
+            from bayes_adalora.tasks import get_task
+
+            for entry in table[task].values():
+                entry["metric"] = get_task(task).main_metric_name
     meta = {
         "date": date.today().isoformat(), "machine": _machine(), "plan": plan, "seeds": list(seeds),
         "steps_and_max_length": {t: TASKS[t] for t in tasks if t in TASKS} if plan == "mini" else "paper recipe",
@@ -220,8 +255,7 @@ def report(work: Path, out: Path, lrs: dict, plan: str, seeds, tasks, overrides:
         "|---|" + "---|" * len(table),
     ]
     for cell, _, _ in CELLS:
-        row = [f"{table[t][cell]['mean']:.4f} ± {table[t][cell]['std']:.4f} (n={len(table[t][cell]['scores'])})"
-               if cell in table[t] else "-" for t in table]
+        row = [_cell_text(table[t][cell]) if cell in table[t] else "-" for t in table]
         lines.append(f"| {cell} | " + " | ".join(row) + " |")
     lines += ["", *summary(table)]
     if meta["wall_seconds"]:
@@ -231,10 +265,17 @@ def report(work: Path, out: Path, lrs: dict, plan: str, seeds, tasks, overrides:
     if meta["tuning"]:
         lines += ["", f"Tuning (seed 0, mean over {', '.join(TUNE_TASKS)} of the main metric; "
                       f"IVON's lr chosen with bayes-adalora):", ""]
-        lines += [f"- {family}: " + ", ".join(f"lr {lr:g} → {v:.4f}" for lr, v in scores.items())
+        lines += [f"- {family}: " + ", ".join(f"lr {lr:g} → {'diverged' if v is None else f'{v:.4f}'}" for lr, v in scores.items())
                   for family, scores in meta["tuning"].items()]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _cell_text(entry: dict) -> str:
+    n = f"n={len(entry['scores'])}" + (f", {entry['diverged']} diverged" if entry["diverged"] else "")
+    if entry["mean"] is None:
+        return f"diverged ({n})"
+    return f"{entry['mean']:.4f} ± {entry['std']:.4f} ({n})"
 
 
 def _machine() -> str:

@@ -49,3 +49,30 @@ def test_grid_runs_every_cell_resumes_and_writes_the_table(plan, tmp_path, glue_
 
     assert mini_glue.main(args) == 0  # resumable: nothing left to train
     assert f"{len(mini_glue.CELLS)} cells done, 0 to run" in capsys.readouterr().out
+
+
+def test_a_diverged_cell_is_recorded_and_the_grid_goes_on(tmp_path, glue_dir, tiny_deberta, capsys, monkeypatch):
+    # a loss above 1e-9 times the first step's stops every run at once, as a too-high lr would later
+    monkeypatch.setenv("MINI_GLUE_THREADS", "1")
+    monkeypatch.setattr(mini_glue, "LR_GRID", {"ivon": (0.5,), "adalora": (1e-3,), "lora": (1e-3,)})
+    monkeypatch.setattr(mini_glue, "TUNE_TASKS", ("sst2",))
+    args = ["--tasks", "sst2", "--seeds", "0", "--glue-dir", str(glue_dir), "--workers", "1",
+            "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
+            "--set", f"model={tiny_deberta}", *TINY, "divergence_factor=1e-9"]
+    assert mini_glue.main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("training diverged at step 1") == 3 + len(mini_glue.CELLS)
+    marker = json.loads((tmp_path / "work" / "sst2" / "bayes-adalora-seed0" / mini_glue.DIVERGED).read_text())
+    assert marker["error"].startswith("training diverged at step 1")
+
+    table = json.loads((tmp_path / "out" / "mini-glue.json").read_text())
+    assert table["tuning"] == {"ivon": {"0.5": None}, "adalora": {"0.001": None}, "lora": {"0.001": None}}
+    assert table["learning_rates"] == mini_glue.DEFAULT_LR  # no lr of the sweep survived
+    cell = table["results"]["sst2"]["adalora"]
+    assert (cell["scores"], cell["diverged"], cell["mean"], cell["metric"]) == ([], 1, None, "accuracy")
+    md = (tmp_path / "out" / "mini-glue.md").read_text()
+    assert "| adalora | diverged (n=0, 1 diverged) |" in md
+    assert "at or above adalora on 0 of 1 tasks." in md
+
+    assert mini_glue.main(args) == 0  # diverged cells count as done: nothing is retried
+    assert f"{len(mini_glue.CELLS)} cells done, 0 to run" in capsys.readouterr().out
