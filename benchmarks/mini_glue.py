@@ -143,7 +143,11 @@ def run_cells(jobs: list[dict], workers: int, work: Path, phase: str) -> None:
     with ProcessPoolExecutor(max_workers=workers) as pool:
         futures = {pool.submit(run_cell, g): g for g in todo}
         for future in as_completed(futures):
-            given, result = futures[future], future.result()
+            try:
+                given, result = futures[future], future.result()
+            except BaseException:  # a bad cell stops the grid now, not after every queued cell ran
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
             mark = _add_wall(work, phase, mark)
             if "diverged" in result:
                 outcome = result["diverged"]
@@ -185,10 +189,15 @@ def summary(table: dict) -> list[str]:
     full = [t for t in table if set(crits) <= set(table[t])]
     if full:
         names = {"bayes-adalora": "snr_abs", "bayes-snr": "snr", "bayes-mean_abs": "mean_abs", "bayes-inv_sigma": "inv_sigma"}
-        ranks = {c: statistics.fmean(sorted(crits, key=lambda k: -_mean(table[t][k])).index(c) + 1 for t in full)
-                 for c in crits}
-        out.append("Criterion ablation, mean rank over tasks (1 best): "
+        from scipy.stats import rankdata
+
+        per_task = [rankdata([-_mean(table[t][c]) for c in crits], method="average") for t in full]
+        ranks = {c: statistics.fmean(r[i] for r in per_task) for i, c in enumerate(crits)}
+        out.append("Criterion ablation, mean rank over tasks (1 best, ties share): "
                    + ", ".join(f"{names[c]} {ranks[c]:.1f}" for c in crits) + ".")
+        for c in ("bayes-mean_abs", "bayes-inv_sigma"):
+            gaps = [f"{t} {_mean(table[t][c]) - _mean(table[t]['bayes-adalora']):+.4f}" for t in full]
+            out.append(f"{names[c]} minus snr_abs, per task: {', '.join(gaps)}.")
     return out
 
 

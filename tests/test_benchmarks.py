@@ -45,7 +45,7 @@ def test_grid_runs_every_cell_resumes_and_writes_the_table(plan, tmp_path, glue_
         assert one["ivon_weight_decay"] == 1e-8 and one["lr"] == 0.4
     md = (tmp_path / "out" / f"{name}.md").read_text()
     assert "| bayes-adalora |" in md and "sst2 (accuracy)" in md
-    assert "at or above adalora on" in md and "mean rank over tasks" in md
+    assert "at or above adalora on" in md and "mean rank over tasks" in md and "mean_abs minus snr_abs, per task: sst2 " in md
 
     assert mini_glue.main(args) == 0  # resumable: nothing left to train
     assert f"{len(mini_glue.CELLS)} cells done, 0 to run" in capsys.readouterr().out
