@@ -9,6 +9,11 @@ also given as its mean share of the step, since it only does real work at maskin
     python benchmarks/speed.py --setting cpu            # packaged MiniLM, batch 32, SST-2 sentences
     python benchmarks/speed.py --setting gpu --dtype bf16   # DeBERTaV3-base-shaped, batch 32, len 128
 
+Peak memory: on the GPU, torch's peak allocation during each method's steps. On the CPU the
+methods share one process, so each one also runs `--memory-steps` steps alone in a fresh
+process (Linux): its peak resident set size during those steps is reported, and how much of it
+training adds to the built model (activations, gradients, optimizer state).
+
 Writes benchmarks/results/speed-<setting>[-<dtype>].json and prints a Markdown table.
 """
 
@@ -16,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -34,24 +41,25 @@ METHODS = ("lora", "adalora", "adalora-ivon", "bayes-adalora")
 HERE = Path(__file__).resolve().parent
 
 
+GLUE = Path(os.environ.get("GLUE_DIR") or HERE.parents[1] / "shared" / "data" / "glue")
+
+
 def cpu_batches(n_batches: int, batch_size: int, max_length: int, seed: int):
-    """Real SST-2 sentences, tokenised for the packaged MiniLM."""
+    """Real SST-2 sentences (GLUE's SST-2/train.tsv under $GLUE_DIR), a seeded random draw,
+    tokenised for the packaged MiniLM and padded per batch."""
+    from dataclasses import replace
+
     from transformers import AutoTokenizer
 
     from bayes_adalora.data import encode, make_loader, read_glue_tsv
     from bayes_adalora.models import default_model_path
     from bayes_adalora.tasks import get_task
 
-    glue = HERE.parents[1] / "shared" / "data" / "glue"
-    data = read_glue_tsv(get_task("sst2"), glue / "SST-2" / "train.tsv")
+    data = read_glue_tsv(get_task("sst2"), GLUE / "SST-2" / "train.tsv")
+    pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[: n_batches * batch_size].tolist()
+    data = replace(data, texts=[data.texts[i] for i in pick], labels=[data.labels[i] for i in pick])
     tokenizer = AutoTokenizer.from_pretrained(default_model_path())
-    loader = make_loader(encode(data, tokenizer, max_length), tokenizer, batch_size, True, seed)
-    batches = []
-    for batch in loader:
-        batches.append(batch)
-        if len(batches) == n_batches:
-            break
-    return batches
+    return list(make_loader(encode(data, tokenizer, max_length), tokenizer, batch_size, False, seed))
 
 
 def gpu_batches(n_batches: int, batch_size: int, length: int, vocab: int, seed: int):
@@ -140,6 +148,40 @@ class Method:
         self.times["allocation"].append(t[-1] - t[-2] if self.tuner is not None else 0.0)
 
 
+def rss_mb(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, from /proc."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def memory_alone(args) -> dict:
+    """In this (fresh) process: build one method, then train it args.steps steps on the CPU; the
+    peak RSS is taken over the training steps only (loading's transient peak is reset away)."""
+    import gc
+
+    batches = cpu_batches(args.steps, 32, 64, seed=0)
+    method = Method(args.memory_of, "cpu", args.steps, torch.device("cpu"), seed=0)
+    gc.collect()
+    built = rss_mb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux 4.0+)
+    for i, batch in enumerate(batches):
+        method.step(batch, i + 1, nullcontext(), lambda: None)
+    peak = rss_mb("VmHWM")
+    return {"peak_rss_mb": peak, "training_adds_mb": peak - built}
+
+
+def cpu_memory(methods, steps: int) -> dict:
+    """Each method alone in a fresh process (`memory_alone`); RSS cannot be split inside one."""
+    out = {}
+    for name in methods:
+        cmd = [sys.executable, __file__, "--setting", "cpu", "--memory-of", name, "--steps", str(steps)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out[name] = json.loads(done.stdout.strip().splitlines()[-1])
+    return out
+
+
 def run(args) -> dict:
     device = torch.device("cuda" if args.setting == "gpu" else "cpu")
     if args.setting == "cpu":
@@ -147,7 +189,7 @@ def run(args) -> dict:
     else:
         batches = gpu_batches(8, 32, 128, 128100, seed=0)
     total = args.steps + args.warmup
-    methods = [Method(m, args.setting, total, device, seed=0) for m in METHODS]
+    methods = [Method(m, args.setting, total, device, seed=0) for m in args.methods]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
     sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
     peak = {}
@@ -175,13 +217,17 @@ def run(args) -> dict:
             "allocation_max_s": max(m.times["allocation"]),
             "peak_memory_mb": peak.get(m.name),
         }
+    del methods
+    if device.type == "cpu" and args.memory_steps:
+        for name, mem in cpu_memory(args.methods, args.memory_steps).items():
+            rows[name].update(peak_rss_mb=mem["peak_rss_mb"], training_adds_rss_mb=mem["training_adds_mb"])
     ref = rows["adalora"]["step_s"]
     for r in rows.values():
         r["ratio_to_adalora"] = r["step_s"] / ref
     return {
         "setting": args.setting, "dtype": args.dtype, "steps": args.steps, "warmup": args.warmup,
         "date": date.today().isoformat(), "machine": machine(device), "torch": torch.__version__,
-        "methods": rows,
+        "memory_steps": args.memory_steps if device.type == "cpu" else None, "methods": rows,
     }
 
 
@@ -196,11 +242,16 @@ def table(result: dict) -> str:
         f"Setting {result['setting']} ({result['dtype']}), {result['machine']}, {result['date']}, "
         f"median of {result['steps']} interleaved steps after {result['warmup']} warm-up",
         "",
-        "| method | step (ms) | ratio to adalora | fwd+bwd (ms) | optimizer (ms) | allocation, mean (ms) | allocation share | peak GPU MB |",
+        "| method | step (ms) | ratio to adalora | fwd+bwd (ms) | optimizer (ms) | allocation, mean (ms) | allocation share | peak MB |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in result["methods"].items():
-        mem = f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] else "-"
+        if r.get("peak_memory_mb"):
+            mem = f"{r['peak_memory_mb']:.0f} (GPU)"
+        elif r.get("peak_rss_mb"):
+            mem = f"{r['peak_rss_mb']:.0f} RSS (+{r['training_adds_rss_mb']:.0f} training)"
+        else:
+            mem = "-"
         lines.append(
             f"| {name} | {1e3 * r['step_s']:.1f} | {r['ratio_to_adalora']:.3f} | {1e3 * r['forward_backward_s']:.1f} "
             f"| {1e3 * r['optimizer_s']:.2f} | {1e3 * r['allocation_mean_s']:.3f} | {100 * r['allocation_share']:.2f}% | {mem} |"
@@ -214,17 +265,29 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--steps", type=int, default=60, help="timed steps per method")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps per method first")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                        help="which methods (adalora is always one: the ratios are to it)")
+    parser.add_argument("--memory-steps", type=int, default=10,
+                        help="CPU: steps of each method alone in a fresh process for its peak RSS (0: skip)")
+    parser.add_argument("--memory-of", choices=METHODS, help=argparse.SUPPRESS)  # the fresh process's job
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
+    if "adalora" not in args.methods:
+        args.methods.insert(0, "adalora")
     if args.setting == "gpu" and not torch.cuda.is_available():
         print("speed.py: --setting gpu needs a CUDA device", file=sys.stderr)
         return 2
     from bayes_adalora.cli import _quiet_libraries
 
     _quiet_libraries()
+    if args.memory_of:
+        print(json.dumps(memory_alone(args)))
+        return 0
     result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"speed-{args.setting}" + ("" if args.setting == "cpu" and args.dtype == "fp32" else f"-{args.dtype}")
+    if sorted(args.methods) != sorted(METHODS):
+        name += "-" + "-".join(args.methods)  # a partial run never replaces the full table
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))
     return 0

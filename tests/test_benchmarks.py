@@ -76,3 +76,27 @@ def test_a_diverged_cell_is_recorded_and_the_grid_goes_on(tmp_path, glue_dir, ti
 
     assert mini_glue.main(args) == 0  # diverged cells count as done: nothing is retried
     assert f"{len(mini_glue.CELLS)} cells done, 0 to run" in capsys.readouterr().out
+
+
+def test_speed_interleaves_methods_and_measures_each_ones_memory_alone(tmp_path, monkeypatch):
+    from conftest import SHARED_GLUE
+
+    if not (SHARED_GLUE / "SST-2").is_dir():
+        pytest.skip("GLUE files not beside the checkout")
+    import speed
+
+    monkeypatch.setattr(speed, "GLUE", SHARED_GLUE)
+    monkeypatch.setenv("GLUE_DIR", str(SHARED_GLUE))  # the fresh memory processes read it too
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    args = ["--setting", "cpu", "--methods", "bayes-adalora", "--steps", "2", "--warmup", "1",
+            "--memory-steps", "2", "--out", str(tmp_path)]
+    assert speed.main(args) == 0
+    result = json.loads((tmp_path / "speed-cpu-adalora-bayes-adalora.json").read_text())  # never speed-cpu.json
+    rows = result["methods"]
+    assert list(rows) == ["adalora", "bayes-adalora"] and rows["adalora"]["ratio_to_adalora"] == 1.0
+    assert result["memory_steps"] == 2
+    for row in rows.values():
+        assert 0 < row["forward_backward_s"] < row["step_s"] and row["optimizer_s"] > 0
+        # MiniLM's fp32 weights alone are about 90 MB; training adds activations and optimizer state
+        assert row["peak_rss_mb"] > 300 and 0 < row["training_adds_rss_mb"] < row["peak_rss_mb"]
+    assert rows["bayes-adalora"]["ratio_to_adalora"] == rows["bayes-adalora"]["step_s"] / rows["adalora"]["step_s"]
