@@ -310,6 +310,8 @@ def main(argv=None) -> int:
                         help="override a TrainConfig field in every cell, e.g. model=PATH max_steps=20")
     args = parser.parse_args(argv)
     overrides = parse_overrides(args.set)
+    if args.tune and args.plan == "paper":
+        parser.error("--tune sweeps the mini plan's lrs; the paper plan takes its lrs from the recipe")
     tasks = args.tasks or (list(TASKS) if args.plan == "mini" else list(PAPER_TASKS))
     seeds = args.seeds or (SEEDS if args.plan == "mini" else PAPER_SEEDS)
 
