@@ -47,3 +47,21 @@ def test_two_processes_mask_alike_and_match_one_process(method, tmp_path, glue_d
     worst = max((a[k] - b[k]).abs().max().item() / (a[k].abs().max().item() + 1e-12) for k in a if a[k].numel())
     assert worst < 1e-3, worst
     assert two["final_ranks"] == one["final_ranks"]
+
+
+def test_a_last_batch_smaller_than_the_process_count_is_dropped_not_a_nan(tmp_path, glue_dir, tiny_deberta_no_dropout):
+    # 33 examples in batches of 16: the epoch's last batch holds 1 example, which 2 processes cannot
+    # share; one process would get none, its loss would be NaN and the run would stop as "diverged"
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cli = args(glue_dir, tiny_deberta_no_dropout, out, "adalora")
+    cli[cli.index("--max-steps") + 1] = "5"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              "-m", "bayes_adalora.cli", *cli, "--max-train-samples", "33", "--eval-steps", "5"]
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "results.json").read_text())
+    history = json.loads((out / "history.json").read_text())
+    losses = history["loss"]
+    assert len(losses) == 5 and all(loss == loss for loss in losses)  # 5 steps, no NaN: 2 full batches an epoch
+    assert result["processes"] == 2

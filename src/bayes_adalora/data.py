@@ -357,12 +357,15 @@ class _PadBatch:
 
 
 def make_loader(encoded: Iterable[dict], tokenizer, batch_size: int, shuffle: bool,
-                seed: int) -> DataLoader:
+                seed: int, min_last: int = 1) -> DataLoader:
     """Batches of `encoded`, padded per batch; with `shuffle`, the order is fixed by `seed`.
 
     Each pass over the loader draws a new order from the same seeded generator, so runs with
-    the same seed see the same sequence of epochs.
+    the same seed see the same sequence of epochs. A last batch of fewer than `min_last`
+    examples is dropped (a global batch shared by N processes needs at least N).
     """
+    encoded = list(encoded)
     generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(list(encoded), batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      collate_fn=_PadBatch(tokenizer))
+    drop_last = 0 < len(encoded) % batch_size < min_last
+    return DataLoader(encoded, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                      collate_fn=_PadBatch(tokenizer), drop_last=drop_last)

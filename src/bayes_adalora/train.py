@@ -381,7 +381,8 @@ def train(config: TrainConfig) -> dict:
     set_seed(config.seed)
     model_name = config.model or default_model_path()
     tokenizer, model, fresh = load_model(model_name, spec, config.trust_remote_code)
-    train_loader = make_loader(encode(data.train, tokenizer, config.max_length), tokenizer, config.batch_size, True, config.seed)
+    train_loader = make_loader(encode(data.train, tokenizer, config.max_length), tokenizer, config.batch_size, True,
+                               config.seed, min_last=procs.world)  # an empty shard's loss would be NaN
     dev_loaders = {
         split: make_loader(encode(ds, tokenizer, config.max_length), tokenizer, config.eval_batch_size, False, config.seed)
         for split, ds in data.dev.items()
