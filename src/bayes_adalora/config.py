@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from .errors import UserError
@@ -130,6 +131,24 @@ class TrainConfig:
             raise UserError(f"--epochs must be positive, got {self.epochs}")
         if self.target_r > self.init_r:
             raise UserError(f"--target-r {self.target_r} is larger than --init-r {self.init_r}: the budget can only fall")
+        if self.target_r == self.init_r and self.uses_adalora:
+            raise UserError(f"--target-r equals --init-r ({self.init_r}): AdaLoRA has no rank to reallocate; "
+                            f"lower --target-r, or use --method lora for a fixed rank")
+        ranges = {  # name: (low, high, low included, high included)
+            "orth_reg": (0, math.inf, True, False), "lora_dropout": (0, 1, True, False),
+            "sensitivity_beta1": (0, 1, False, False), "sensitivity_beta2": (0, 1, False, False),
+            "ivon_beta1": (0, 1, True, False), "ivon_beta2": (0, 1, True, False),
+            "ivon_hess_init": (0, math.inf, False, False), "ivon_clip_radius": (0, math.inf, False, False),
+            "ivon_weight_decay": (0, math.inf, True, False), "weight_decay": (0, math.inf, True, False),
+        }
+        for name, (low, high, low_in, high_in) in ranges.items():
+            value = getattr(self, name)
+            if not ((value >= low if low_in else value > low) and (value <= high if high_in else value < high)):
+                interval = f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+                raise UserError(f"--{name.replace('_', '-')} must lie in {interval}, got {value:g}")
+        if self.divergence_factor != 0 and not self.divergence_factor >= 1:
+            raise UserError(f"--divergence-factor must be 0 (off) or at least 1, got {self.divergence_factor:g}: "
+                            f"a smaller factor stops any run at its first step")
         positive = ("batch_size", "eval_batch_size", "max_length", "init_r", "target_r", "lora_r", "train_mc_samples")
         for name in positive:
             if getattr(self, name) <= 0:
