@@ -459,3 +459,27 @@ def test_sensitivity_allocator_logs_its_smoothed_scores_and_masks_as_peft():
     entry = allocator.correlation_log[0]
     assert entry["sensitivity"] == pytest.approx(expected["sensitivity"], abs=1e-9)
     assert entry["snr"] == pytest.approx(expected["snr"], abs=1e-9)
+
+
+@pytest.mark.parametrize("labels", [("entailment", "not_entailment"), ("0", "1")])
+def test_an_rte_file_with_names_or_class_indices_is_read_as_training_reads_it(labels, tmp_path):
+    # training's --validation-file takes class indices (the hub's export); evaluate --data-file must too
+    from bayes_adalora.run_io import read_eval_file
+    from bayes_adalora.tasks import get_task
+
+    path = tmp_path / "rte.tsv"
+    path.write_text("sentence1\tsentence2\tlabel\n"
+                    f"A man sleeps.\tA man is awake.\t{labels[1]}\nIt rains.\tIt is wet.\t{labels[0]}\n")
+    split = read_eval_file(get_task("rte"), path)
+    assert split.data.labels == [1, 0] and split.data.texts[1] == ("It rains.", "It is wet.")
+
+
+def test_an_rte_file_with_a_label_of_neither_kind_names_the_glue_labels(tmp_path):
+    from bayes_adalora.errors import UserError
+    from bayes_adalora.run_io import read_eval_file
+    from bayes_adalora.tasks import get_task
+
+    path = tmp_path / "rte.tsv"
+    path.write_text("sentence1\tsentence2\tlabel\nA man sleeps.\tA man is awake.\tmaybe\n")
+    with pytest.raises(UserError, match="maybe.*entailment"):
+        read_eval_file(get_task("rte"), path)

@@ -204,7 +204,13 @@ def read_eval_file(spec: TaskSpec, path: Path, text_columns=None, label_column=N
         rows = _read_rows(path, "\t", csv.QUOTE_NONE)
         header = rows[0][1] if rows else []
         if _is_glue_layout(spec, header, labeled=True):
-            data = read_glue_tsv(spec, path)
+            try:
+                data = read_glue_tsv(spec, path)
+            except UserError as glue_error:  # e.g. RTE with 0/1 labels, as the hub exports it:
+                try:  # read it as training reads --validation-file, which takes class indices
+                    data = read_user_file(spec, path, text_columns, label_column)
+                except UserError:
+                    raise glue_error from None
             return EvalSplit(data, [str(i) for i in range(len(data))])
         has_label = (label_column or spec.tsv_label_column) in header or "label" in header
         if not has_label and ("index" in header or "id" in header):
