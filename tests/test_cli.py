@@ -471,6 +471,8 @@ def test_installed_command_prints_one_line_and_no_traceback(tmp_path, glue_dir, 
 def test_existing_run_is_refused_and_kept_unless_overwrite(capfd, trained, tmp_path, glue_dir, tiny_deberta):
     out = tmp_path / "run"
     shutil.copytree(trained("bayes-adalora"), out)
+    (out / "sigma.png").write_bytes(b"an old run's figure")  # as `bayes-adalora plot` would have left
+    assert (out / "correlations.json").exists()
     before = folder_snapshot(out)
 
     capfd.readouterr()
@@ -482,7 +484,8 @@ def test_existing_run_is_refused_and_kept_unless_overwrite(capfd, trained, tmp_p
     assert main(train_argv(glue_dir, tiny_deberta, out, "--method", "lora", "--overwrite")) == 0
     results = read_json(out / "results.json")
     assert results["method"] == "lora" and results["criterion"] is None
-    assert not (out / "posterior.safetensors").exists()  # the old run is replaced, not merged into
+    for stale in ("posterior.safetensors", "correlations.json", "sigma.png"):  # the old run is replaced, not merged into
+        assert not (out / stale).exists(), stale
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no partial folder left behind
 
 

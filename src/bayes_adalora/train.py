@@ -27,7 +27,8 @@ from .schedules import constant_warmup, default_adalora_phases, linear_warmup_de
 from .tasks import TaskSpec, get_task
 
 RUN_MARKERS = ("results.json", "config.json")
-RUN_FILES = ("adapter", "model", "posterior.safetensors", "history.json")
+RUN_FILES = ("adapter", "model", "posterior.safetensors", "history.json", "correlations.json",
+             "ranks.png", "training.png", "sigma.png", "correlations.png")  # --overwrite replaces them all
 
 
 # ---------------------------------------------------------------- set-up
