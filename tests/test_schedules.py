@@ -30,6 +30,8 @@ def test_constant_warmup():
     assert constant_warmup(0, 4) == 0.0
     assert constant_warmup(2, 4) == 0.5
     assert constant_warmup(400, 4) == 1.0
+    # no warm-up: the full lr from the first update, as linear_warmup_decay gives (it used to be 0 there)
+    assert constant_warmup(0, 0) == 1.0 == linear_warmup_decay(0, 0, 10)
 
 
 @pytest.mark.parametrize("total", [20, 300, 6700])

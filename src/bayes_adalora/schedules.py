@@ -25,8 +25,11 @@ def two_phase(step: int, warmup_steps: int, const_until: int, first: float, seco
 
 
 def constant_warmup(step: int, warmup_steps: int) -> float:
-    """LR multiplier: 0 -> 1 linearly over `warmup_steps`, then 1."""
-    return min(1.0, step / max(1, warmup_steps))
+    """LR multiplier: 0 -> 1 linearly over `warmup_steps`, then 1 (from the first step if there is
+    no warm-up)."""
+    if step >= warmup_steps:
+        return 1.0
+    return step / warmup_steps
 
 
 def default_adalora_phases(total_steps: int) -> tuple[int, int, int]:
