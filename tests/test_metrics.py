@@ -89,3 +89,9 @@ def test_predictions_from_logits_regression_squeezes():
     predictions = predictions_from_logits(get_task("stsb"), logits)
     assert predictions.shape == (2,)
     assert predictions.tolist() == [1.5, 4.25]
+
+
+def test_one_regression_example_gives_nan_not_an_error():
+    # a 1-row STS-B dev file (or --max-eval-samples 1): scipy refuses correlations of fewer than 2
+    result = compute_metrics(get_task("stsb"), [2.5], [3.0])
+    assert math.isnan(result["pearson"]) and math.isnan(result["spearmanr"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -12,11 +13,11 @@ from .tasks import TaskSpec
 
 
 def _pearson(predictions: np.ndarray, labels: np.ndarray) -> float:
-    return stats.pearsonr(predictions, labels)[0]
+    return stats.pearsonr(predictions, labels)[0] if len(labels) > 1 else math.nan  # scipy raises on 1
 
 
 def _spearman(predictions: np.ndarray, labels: np.ndarray) -> float:
-    return stats.spearmanr(predictions, labels)[0]
+    return stats.spearmanr(predictions, labels)[0] if len(labels) > 1 else math.nan
 
 
 def _f1_positive(predictions: np.ndarray, labels: np.ndarray) -> float:
@@ -37,7 +38,7 @@ def compute_metrics(spec: TaskSpec, predictions, labels) -> dict[str, float]:
     """The task's metrics (`spec.metrics`, in that order) of `predictions` against `labels`.
 
     Predictions are class indices, or floats for regression. A correlation of constant
-    predictions is undefined and comes back as NaN.
+    predictions, or of a single example, is undefined and comes back as NaN.
     """
     predictions, labels = np.asarray(predictions), np.asarray(labels)
     if predictions.shape != labels.shape or predictions.ndim != 1 or len(labels) == 0:
