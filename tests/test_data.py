@@ -186,7 +186,9 @@ def test_user_json_and_jsonl(tmp_path):
     rows = [{"sentence": "good", "label": 1}, {"sentence": "bad", "label": "0"}]
     as_json = write(tmp_path, "dev.json", json.dumps(rows))
     as_jsonl = write(tmp_path, "dev.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n\n")
-    for path in (as_json, as_jsonl):
+    # datasets' Dataset.to_json writes JSON Lines into a .json file by default
+    lines_in_json = write(tmp_path, "lines.json", "\n".join(json.dumps(r) for r in rows) + "\n")
+    for path in (as_json, as_jsonl, lines_in_json):
         data = read_user_file(get_task("sst2"), path)
         assert (data.texts, data.labels) == ([("good",), ("bad",)], [1, 0])
 

@@ -182,10 +182,13 @@ def _table_records(path: Path, delimiter: str, quoting: int,
 
 
 def _json_records(path: Path) -> list[tuple[str, dict]]:
-    """(where, object) for a .json file holding one list of objects."""
+    """(where, object) for a .json file holding one list of objects, or one object per line (JSON
+    Lines, what `datasets`' `Dataset.to_json` writes by default)."""
     try:
         items = json.loads(_read_text(path))
     except json.JSONDecodeError as err:
+        if err.msg == "Extra data" and _read_text(path).lstrip().startswith("{"):
+            return _jsonl_records(path)
         raise UserError(f"{path}, line {err.lineno}: the JSON is malformed ({err.msg})") from None
     if not isinstance(items, list):
         raise UserError(f"{path} must hold a JSON list of objects, one per example")
