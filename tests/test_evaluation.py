@@ -483,3 +483,16 @@ def test_an_rte_file_with_a_label_of_neither_kind_names_the_glue_labels(tmp_path
     path.write_text("sentence1\tsentence2\tlabel\nA man sleeps.\tA man is awake.\tmaybe\n")
     with pytest.raises(UserError, match="maybe.*entailment"):
         read_eval_file(get_task("rte"), path)
+
+
+@pytest.mark.parametrize("stem", ["dev_mismatched", "dev_matched", "my_dev"])
+def test_an_mnli_data_file_keeps_its_split_name(stem, tmp_path):
+    # metrics are named by split (accuracy_mismatched); a mismatched file was filed as "matched"
+    from bayes_adalora.run_io import SavedRun, load_eval_data
+
+    path = tmp_path / f"{stem}.tsv"
+    path.write_text("index\tsentence1\tsentence2\tgold_label\n0\tA man sleeps.\tA man is awake.\tcontradiction\n")
+    run = SavedRun(tmp_path, {"task": "mnli"}, {})
+    splits = load_eval_data(run, None, str(path), None, None)
+    assert list(splits) == [stem if stem.startswith("dev_") else "dev_matched"]
+    assert splits[list(splits)[0]].data.labels == [2]

@@ -229,7 +229,9 @@ def load_eval_data(run: SavedRun, data_dir: str | None, data_file: str | None, s
     if data_file:
         if split:
             raise UserError("--split picks a file of a --data-dir folder; with --data-file the file is the split")
-        splits = {spec.dev_splits[0]: read_eval_file(spec, Path(data_file), config.text_columns, config.label_column)}
+        # MNLI's dev_mismatched.tsv keeps its own name, so its metrics are not filed as "matched"
+        name = Path(data_file).stem if Path(data_file).stem in spec.dev_splits else spec.dev_splits[0]
+        splits = {name: read_eval_file(spec, Path(data_file), config.text_columns, config.label_column)}
     elif data_dir:
         folder = Path(data_dir)
         if not folder.is_dir():
