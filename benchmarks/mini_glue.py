@@ -166,11 +166,11 @@ def _add_wall(work: Path, phase: str, since: float) -> float:
     return now
 
 
-def best_lrs(work: Path) -> dict[str, float]:
+def best_lrs(tune_dir: Path) -> dict[str, float]:
     """Per family, the lr of the sweep with the best mean main metric over TUNE_TASKS (an lr that
     diverged on any of them is out)."""
     chosen = {}
-    for family, means in tuning_scores(work).items():
+    for family, means in tuning_scores(tune_dir).items():
         ok = {lr: v for lr, v in means.items() if v is not None}
         chosen[family] = max(ok, key=ok.get) if ok else DEFAULT_LR[family]
     return chosen
@@ -206,14 +206,14 @@ def _mean(entry: dict) -> float:
     return entry["mean"] if entry["mean"] is not None else float("-inf")
 
 
-def tuning_scores(work: Path) -> dict[str, dict[float, float]]:
+def tuning_scores(tune_dir: Path) -> dict[str, dict[float, float]]:
     """Per family and lr, the mean main metric of the finished sweep cells over TUNE_TASKS."""
     chosen = {}
     for family, grid in LR_GRID.items():
         cell = {"ivon": "bayes-adalora", "adalora": "adalora", "lora": "lora"}[family]
         means = {}
         for lr in grid:
-            got = [cell_score(work / "tune" / task / f"{cell}-lr{lr:g}") for task in TUNE_TASKS]
+            got = [cell_score(tune_dir / task / f"{cell}-lr{lr:g}") for task in TUNE_TASKS]
             if all(got):
                 vals = [score for _, score in got]
                 means[lr] = None if None in vals else statistics.fmean(vals)
@@ -221,7 +221,7 @@ def tuning_scores(work: Path) -> dict[str, dict[float, float]]:
     return chosen
 
 
-def report(work: Path, out: Path, lrs: dict, plan: str, seeds, tasks, overrides: dict) -> None:
+def report(work: Path, out: Path, lrs: dict, plan: str, seeds, tasks, overrides: dict, tune_dir: Path) -> None:
     table: dict = {}
     for task in tasks:
         for cell, _, _ in CELLS:
@@ -249,7 +249,7 @@ def report(work: Path, out: Path, lrs: dict, plan: str, seeds, tasks, overrides:
         "learning_rates": lrs, "overrides": overrides,
         "settings": MINI if plan == "mini" else "paper recipe",
         "wall_seconds": json.loads(p.read_text()) if (p := work / "wall-seconds.json").exists() else {},
-        "tuning": tuning_scores(work) if plan == "mini" else {},
+        "tuning": tuning_scores(tune_dir) if plan == "mini" else {},
     }
     out.mkdir(parents=True, exist_ok=True)
     name = "mini-glue" if plan == "mini" else "paper-glue"
@@ -306,35 +306,40 @@ def main(argv=None) -> int:
     parser.add_argument("--plan", choices=("mini", "paper"), default="mini")
     parser.add_argument("--tasks", nargs="+", default=None)
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
+    parser.add_argument("--cells", nargs="+", choices=[c[0] for c in CELLS], help="train only these cells (default: all)")
+    parser.add_argument("--tune-dir", type=Path, help="where the lr sweep's cells live (default: WORK/tune); "
+                        "point it at another grid's to reuse its learning rates")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override a TrainConfig field in every cell, e.g. model=PATH max_steps=20")
     args = parser.parse_args(argv)
     overrides = parse_overrides(args.set)
+    tune_dir = args.tune_dir or args.work / "tune"
+    cells = args.cells or [c[0] for c in CELLS]
     if args.tune and args.plan == "paper":
         parser.error("--tune sweeps the mini plan's lrs; the paper plan takes its lrs from the recipe")
     tasks = args.tasks or (list(TASKS) if args.plan == "mini" else list(PAPER_TASKS))
     seeds = args.seeds or (SEEDS if args.plan == "mini" else PAPER_SEEDS)
 
     tune_jobs = [
-        cell_given(task, cell, 0, lr, args.glue_dir, args.work / "tune" / task / f"{cell}-lr{lr:g}", "mini", overrides)
+        cell_given(task, cell, 0, lr, args.glue_dir, tune_dir / task / f"{cell}-lr{lr:g}", "mini", overrides)
         for family, grid in LR_GRID.items() for lr in grid for task in TUNE_TASKS
         for cell in [{"ivon": "bayes-adalora", "adalora": "adalora", "lora": "lora"}[family]]
     ]
     if args.tune:
         run_cells(tune_jobs, args.workers, args.work, "tune")
-        print("chosen:", best_lrs(args.work))
+        print("chosen:", best_lrs(tune_dir))
         return 0
     if args.plan == "mini" and not args.report:
         run_cells(tune_jobs, args.workers, args.work, "tune")
-    lrs = best_lrs(args.work) if args.plan == "mini" else "paper recipe"
+    lrs = best_lrs(tune_dir) if args.plan == "mini" else "paper recipe"
     if not args.report:
         jobs = [
             cell_given(task, cell, seed, None if args.plan == "paper" else lrs[FAMILY[method]], args.glue_dir,
                        args.work / task / f"{cell}-seed{seed}", args.plan, overrides)
-            for task in tasks for seed in seeds for cell, method, _ in CELLS
+            for task in tasks for seed in seeds for cell, method, _ in CELLS if cell in cells
         ]
         run_cells(jobs, args.workers, args.work, "grid")
-    report(args.work, args.out, lrs, args.plan, seeds, tasks, overrides)
+    report(args.work, args.out, lrs, args.plan, seeds, tasks, overrides, tune_dir)
     return 0
 
 

@@ -50,6 +50,19 @@ def test_grid_runs_every_cell_resumes_and_writes_the_table(plan, tmp_path, glue_
     assert mini_glue.main(args) == 0  # resumable: nothing left to train
     assert f"{len(mini_glue.CELLS)} cells done, 0 to run" in capsys.readouterr().out
 
+    if plan == "mini":  # a variant grid: two cells, another IVON setting, the first grid's sweep reused
+        variant = ["--tasks", "sst2", "--seeds", "0", "--glue-dir", str(glue_dir), "--workers", "1",
+                   "--work", str(tmp_path / "variant"), "--out", str(tmp_path / "variant-out"),
+                   "--cells", "bayes-inv_sigma", "lora", "--tune-dir", str(tmp_path / "work" / "tune"),
+                   "--set", f"model={tiny_deberta}", *TINY, "ivon_beta2=0.99"]
+        assert mini_glue.main(variant) == 0
+        out = capsys.readouterr().out
+        assert "3 cells done, 0 to run" in out and "0 cells done, 2 to run" in out
+        variant = json.loads((tmp_path / "variant-out" / "mini-glue.json").read_text())
+        assert set(variant["results"]["sst2"]) == {"bayes-inv_sigma", "lora"}
+        assert variant["learning_rates"] == table["learning_rates"]
+        assert json.loads((tmp_path / "variant" / "sst2" / "bayes-inv_sigma-seed0" / "config.json").read_text())["ivon_beta2"] == 0.99
+
 
 def test_a_diverged_cell_is_recorded_and_the_grid_goes_on(tmp_path, glue_dir, tiny_deberta, capsys, monkeypatch):
     # an lr of 1e6 (the --set override beats the sweep's) blows every run's loss up within a few steps
