@@ -118,24 +118,18 @@ def run_cell(given: dict) -> dict:
         return {"diverged": str(error)}
 
 
-def cell_done(out: Path) -> bool:
-    return (out / "results.json").exists() or (out / DIVERGED).exists()
-
-
-def cell_score(out: Path) -> tuple[str, float | None] | None:
-    """(main metric, best dev score) of a finished cell, the score None if it diverged; None if not run."""
+def cell_score(out: Path) -> tuple[bool, float | None]:
+    """(finished, best dev score of the main metric); a cell that diverged finished with None."""
     if (out / "results.json").exists():
         r = json.loads((out / "results.json").read_text())
-        return r["main_metric"], r["metrics"]["best"][r["main_metric"]]
-    if (out / DIVERGED).exists():
-        return "", None
-    return None
+        return True, r["metrics"]["best"][r["main_metric"]]
+    return (out / DIVERGED).exists(), None
 
 
 def run_cells(jobs: list[dict], workers: int, work: Path, phase: str) -> None:
     """Train the cells not done yet; the wall time spent is added to <work>/wall-seconds.json
     under `phase` as each cell ends, so an interrupted grid still counts what it ran."""
-    todo = [g for g in jobs if not cell_done(Path(g["output_dir"]))]
+    todo = [g for g in jobs if not cell_score(Path(g["output_dir"]))[0]]
     print(f"{len(jobs) - len(todo)} cells done, {len(todo)} to run", flush=True)
     if not todo:
         return
@@ -214,7 +208,7 @@ def tuning_scores(tune_dir: Path) -> dict[str, dict[float, float]]:
         means = {}
         for lr in grid:
             got = [cell_score(tune_dir / task / f"{cell}-lr{lr:g}") for task in TUNE_TASKS]
-            if all(got):
+            if all(finished for finished, _ in got):
                 vals = [score for _, score in got]
                 means[lr] = None if None in vals else statistics.fmean(vals)
         chosen[family] = means
@@ -227,11 +221,11 @@ def report(work: Path, out: Path, lrs: dict, plan: str, seeds, tasks, overrides:
         for cell, _, _ in CELLS:
             scores, diverged = [], 0
             for seed in seeds:
-                got = cell_score(work / task / f"{cell}-seed{seed}")
-                if got and got[1] is None:
+                finished, score = cell_score(work / task / f"{cell}-seed{seed}")
+                if finished and score is None:
                     diverged += 1
-                elif got:
-                    scores.append(got[1])
+                elif finished:
+                    scores.append(score)
             if scores or diverged:
                 table.setdefault(task, {})[cell] = {
                     "scores": scores, "diverged": diverged,

@@ -217,7 +217,7 @@ def run(args) -> dict:
             "allocation_max_s": max(m.times["allocation"]),
             "peak_memory_mb": peak.get(m.name),
         }
-    del methods
+    del methods  # free the four models before the memory processes start
     if device.type == "cpu" and args.memory_steps:
         for name, mem in cpu_memory(args.methods, args.memory_steps).items():
             rows[name].update(peak_rss_mb=mem["peak_rss_mb"], training_adds_rss_mb=mem["training_adds_mb"])
