@@ -1,7 +1,7 @@
 """The paper's table in miniature: packaged MiniLM on five GLUE tasks, every method, three seeds.
 
 Resumable: each cell is one `bayes_adalora.train` run in `<work>/<task>/<cell>-seed<k>/`; a cell
-whose results.json exists is skipped. One command runs the learning-rate sweep (if not done), then
+whose results.json (or diverged.json) exists is skipped. One command runs the learning-rate sweep (if not done), then
 the grid, then writes `benchmarks/results/mini-glue.md` (mean and std per cell, the official metric
 per task, the machine, the date and the wall time spent) and `mini-glue.json` beside it.
 
