@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -520,3 +521,49 @@ def test_help_prints_every_flag_and_exits_zero(command, capsys):
     assert out.startswith("usage: bayes-adalora")
     if command == ["train"]:
         assert "6% of the run" in out and "--ivon-beta2" in out and "[default: 0.99999]" in out
+
+
+# ----------------------------------------------------------------------------- lambda's initial value
+
+
+def test_lambda_init_paper_draws_every_lambda_from_n_0_002(tiny_deberta):
+    from peft import AdaLoraConfig, get_peft_model
+    from peft.tuners.adalora import AdaLoraLayer
+    from transformers import AutoModelForSequenceClassification
+
+    from bayes_adalora.train import PAPER_LAMBDA_STD, init_lambdas_normal
+
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_deberta, num_labels=2)
+    model = get_peft_model(base, AdaLoraConfig(init_r=INIT_R, target_r=TARGET_R, total_step=10,
+                                               target_modules=list(DEBERTA_TARGETS)))
+    lambdas = [lam for m in model.modules() if isinstance(m, AdaLoraLayer) for lam in m.lora_E.values()]
+    assert all(bool((lam == 0).all()) for lam in lambdas)  # peft's own start: zero
+    torch.manual_seed(0)
+    init_lambdas_normal(model, PAPER_LAMBDA_STD)
+    values = torch.cat([lam.detach().flatten() for lam in lambdas])
+    assert bool((values != 0).all())
+    # n draws of N(0, 0.02^2): the sample std lies within 4 standard errors (sd of s ~ sigma / sqrt(2n))
+    n = values.numel()
+    assert abs(values.std().item() - 0.02) < 4 * 0.02 / math.sqrt(2 * n)
+    assert abs(values.mean().item()) < 4 * 0.02 / math.sqrt(n)
+
+
+@pytest.mark.parametrize("method", ["bayes-adalora", "adalora"])
+def test_lambda_init_paper_trains_and_its_adapter_reloads_in_plain_peft(method, trained, glue_dir, tiny_deberta):
+    run = trained(method, "--lambda-init", "paper")
+    default = trained(method)
+    assert read_json(run / "config.json")["lambda_init"] == "paper"
+    results = read_json(run / "results.json")
+    assert results["total_rank"] == TARGET_R * len(results["final_ranks"])
+    factors, _ = adapter_factors(run / "adapter" / "adapter_model.safetensors")
+    zero_factors, _ = adapter_factors(default / "adapter" / "adapter_model.safetensors")
+    assert any(not torch.equal(factors[m]["E"], zero_factors[m]["E"]) for m in factors)  # it changed the run
+    texts, labels = dev_examples(glue_dir, "sst2")
+    predictions = peft_reloaded_logits(tiny_deberta, run / "adapter", 2, texts).argmax(-1).numpy()
+    assert accuracy_score(labels, predictions) == results["metrics"]["final"]["accuracy"]
+
+
+def test_lambda_init_with_lora_is_refused(capfd, tmp_path, glue_dir, tiny_deberta):
+    assert main(train_argv(glue_dir, tiny_deberta, tmp_path / "r", "--method", "lora", "--lambda-init", "paper")) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--lambda-init" in err[0] and not (tmp_path / "r").exists()

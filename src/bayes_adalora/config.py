@@ -13,6 +13,7 @@ METHODS = ("bayes-adalora", "adalora-ivon", "adalora", "lora", "full")
 IVON_METHODS = ("bayes-adalora", "adalora-ivon")
 ADALORA_METHODS = ("bayes-adalora", "adalora-ivon", "adalora")
 LR_SCHEDULES = ("linear", "two-phase", "constant")
+LAMBDA_INITS = ("zero", "paper")
 
 # Learning rates when --lr is not given, per optimizer family (tuned on MiniLM / SST-2, see README).
 DEFAULT_LR = {"ivon": 3.0, "adalora": 2e-3, "lora": 1e-3, "full": 3e-5}
@@ -60,6 +61,8 @@ class TrainConfig:
     tinit: int | None = _f(None, "AdaLoRA steps at the initial budget (default: 10% of the run).")
     tfinal: int | None = _f(None, "AdaLoRA final steps at the fixed pattern (default: 30% of the run).")
     delta_t: int | None = _f(None, "AdaLoRA steps between maskings (default: ~60 maskings in the fall).")
+    lambda_init: str = _f("zero", "AdaLoRA's initial lambda: zero (peft >= 0.12) or paper (N(0, 0.02), as peft 0.11 "
+                               "in the paper's runs).", choices=LAMBDA_INITS)
     orth_reg: float = _f(0.1, "AdaLoRA orthogonality penalty weight.")
     sensitivity_beta1: float = _f(0.85, "AdaLoRA sensitivity EMA (adalora, adalora-ivon).")
     sensitivity_beta2: float = _f(0.85, "AdaLoRA uncertainty EMA (adalora, adalora-ivon).")
@@ -119,6 +122,10 @@ class TrainConfig:
             raise UserError(
                 f"--criterion {self.criterion} reads IVON's posterior and needs --method bayes-adalora, not {self.method}"
             )
+        if self.lambda_init not in LAMBDA_INITS:
+            raise UserError(f"unknown --lambda-init {self.lambda_init!r}: choose one of {', '.join(LAMBDA_INITS)}")
+        if "lambda_init" in explicit and self.lambda_init != "zero" and not self.uses_adalora:
+            raise UserError(f"--lambda-init sets AdaLoRA's lambda and needs an AdaLoRA method, not {self.method}")
         if self.mc_samples < 0:
             raise UserError(f"--mc-samples must be 0 (off) or positive, got {self.mc_samples}")
         for name in ("mc_samples", "log_correlations"):

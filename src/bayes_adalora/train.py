@@ -116,7 +116,24 @@ def build_trainable_model(model: nn.Module, config: TrainConfig, total_steps: in
             beta1=config.sensitivity_beta1, beta2=config.sensitivity_beta2, orth_reg_weight=config.orth_reg,
             total_step=total_steps, **common,
         )
-    return get_peft_model(model, peft_config)
+    model = get_peft_model(model, peft_config)
+    if config.method != "lora" and config.lambda_init == "paper":
+        init_lambdas_normal(model, PAPER_LAMBDA_STD)
+    return model
+
+
+PAPER_LAMBDA_STD = 0.02  # peft 0.11, which the paper ran, drew lambda (lora_E) from N(0, 0.02); peft >= 0.12 starts it at 0
+
+
+@torch.no_grad()
+def init_lambdas_normal(model: nn.Module, std: float) -> None:
+    """Every AdaLoRA lambda drawn from N(0, std^2) (the global torch RNG, so the seed decides it)."""
+    from peft.tuners.adalora import AdaLoraLayer
+
+    for module in model.modules():
+        if isinstance(module, AdaLoraLayer):
+            for lam in module.lora_E.values():
+                nn.init.normal_(lam, mean=0.0, std=std)
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig, ess: float, sync: bool = False):
