@@ -58,9 +58,9 @@ class TrainConfig:
     # adapters
     init_r: int = _f(6, "AdaLoRA initial rank per matrix.")
     target_r: int = _f(4, "AdaLoRA final average rank per matrix.")
-    tinit: int | None = _f(None, "AdaLoRA steps at the initial budget (default: 10% of the run).")
-    tfinal: int | None = _f(None, "AdaLoRA final steps at the fixed pattern (default: 30% of the run).")
-    delta_t: int | None = _f(None, "AdaLoRA steps between maskings (default: ~60 maskings in the fall).")
+    tinit: int | None = _f(None, "AdaLoRA steps at the initial budget (default: 15% of the run, as in the paper).")
+    tfinal: int | None = _f(None, "AdaLoRA final steps at the fixed pattern (default: 45% of the run, as in the paper).")
+    delta_t: int | None = _f(None, "AdaLoRA steps between maskings (default: ~200 maskings in the fall, every step in a short run).")
     lambda_init: str = _f("zero", "AdaLoRA's initial lambda: zero (peft >= 0.12) or paper (N(0, 0.02), as peft 0.11 "
                                "in the paper's runs).", choices=LAMBDA_INITS)
     orth_reg: float = _f(0.1, "AdaLoRA orthogonality penalty weight.")
