@@ -1,0 +1,24 @@
+"""Trivial baselines of a GLUE dev set: what a model that ignores its input scores."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from functools import cache
+
+from bayes_adalora.data import load_task_data
+from bayes_adalora.metrics import compute_metrics
+from bayes_adalora.tasks import get_task
+
+
+@cache
+def trivial_baseline(task: str, glue_dir: str, metric: str) -> float:
+    """The main metric of always predicting the dev set's majority class (classification), or of a
+    constant prediction (regression: its correlation is undefined and counts as 0)."""
+    spec = get_task(task)
+    labels = load_task_data(spec, data_dir=glue_dir).dev[spec.dev_splits[0]].labels
+    if spec.is_regression:
+        return 0.0
+    majority = Counter(labels).most_common(1)[0][0]
+    value = compute_metrics(spec, [majority] * len(labels), labels)[metric]
+    return 0.0 if math.isnan(value) else value

@@ -1,0 +1,105 @@
+"""Mini-GLUE v2's plumbing offline with the tiny model, and its statistics against scipy's paired t-test."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+from scipy import stats
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import mini_glue_v2 as grid
+
+TINY_FLAGS = "--tinit 1 --tfinal 2 --delta-t 1 --warmup-steps 1 --eval-batch-size 16"
+
+
+def write_cell(results: Path, task: str, cell: str, seed: int, best: float) -> None:
+    path = grid.cell_path(results, task, cell, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"seed": seed, "best": best, "commit": "abc"}))
+
+
+def test_paired_interval_is_scipys_paired_t_interval(tmp_path):
+    bayes, adalora = [0.81, 0.84, 0.80, 0.83], [0.80, 0.81, 0.805, 0.80]
+    for seed, (b, a) in enumerate(zip(bayes, adalora)):
+        write_cell(tmp_path, "sst2", "bayes-adalora", seed, b)
+        write_cell(tmp_path, "sst2", "adalora", seed, a)
+    got = grid.paired(tmp_path, "sst2", "bayes-adalora", "adalora", range(4))
+    ci = stats.ttest_rel(bayes, adalora).confidence_interval(0.95)
+    assert got["n"] == 4
+    assert got["low"] == pytest.approx(ci.low, abs=1e-12) and got["high"] == pytest.approx(ci.high, abs=1e-12)
+    assert got["significant"] == (ci.low > 0 or ci.high < 0)
+
+
+def test_more_seeds_only_where_the_difference_is_within_one_and_a_half_standard_errors(tmp_path):
+    # differences 0.01, 0.03, -0.01: mean 0.01, sd 0.02, se 0.0115 -> 0.87 se: run seeds 3-4
+    for seed, (b, a) in enumerate([(0.81, 0.80), (0.83, 0.80), (0.79, 0.80)]):
+        write_cell(tmp_path, "mrpc", "bayes-adalora", seed, b)
+        write_cell(tmp_path, "mrpc", "adalora", seed, a)
+    assert grid.needs_more_seeds(tmp_path, "mrpc")
+    # differences 0.02, 0.03, 0.025: mean 0.025, se 0.0029 -> 8.7 se: three seeds decide
+    for seed, (b, a) in enumerate([(0.82, 0.80), (0.83, 0.80), (0.825, 0.80)]):
+        write_cell(tmp_path, "rte", "bayes-adalora", seed, b)
+        write_cell(tmp_path, "rte", "adalora", seed, a)
+    assert not grid.needs_more_seeds(tmp_path, "rte")
+
+
+def test_heldout_split_partitions_the_training_file_and_keeps_the_header(tmp_path, glue_dir):
+    root = grid.heldout_dir(tmp_path, glue_dir, "sst2")
+    original = (glue_dir / "SST-2" / "train.tsv").read_text().splitlines()
+    train = (root / "SST-2" / "train.tsv").read_text().splitlines()
+    dev = (root / "SST-2" / "dev.tsv").read_text().splitlines()
+    assert train[0] == dev[0] == original[0]
+    assert sorted(train[1:] + dev[1:]) == sorted(original[1:])  # every row once, in one part or the other
+    assert len(dev) - 1 == (len(original) - 1) // 10
+
+
+def test_learned_needs_the_margin_over_the_baseline_or_the_floor():
+    assert grid.learned("mrpc", 0.8123 + 0.05, 0.8122) and not grid.learned("mrpc", 0.85, 0.8122)
+    assert not grid.learned("cola", 0.14, 0.0) and grid.learned("cola", 0.15, 0.0)
+    assert not grid.learned("stsb", 0.69, 0.0) and not grid.learned("rte", None, 0.527)
+
+
+def test_grid_tunes_runs_cells_resumes_and_reports(tmp_path, glue_dir, tiny_deberta, monkeypatch, capsys):
+    monkeypatch.setattr(grid, "TASKS", {"sst2": grid.TaskPlan(steps=6, max_length=32, eval_times=2)})
+    # two families, one rung each, two seeds: 8 subprocess runs in all
+    monkeypatch.setattr(grid, "LADDERS", {"ivon": (0.5,), "adalora": (1e-3,)})
+    monkeypatch.setattr(grid, "CORE", (grid.CELLS["adalora"], grid.CELLS["bayes-adalora"]))
+    monkeypatch.setattr(grid, "TUNE_TASKS", ("sst2",))
+    monkeypatch.setattr(grid, "ABLATION_TASKS", ("sst2",))
+    monkeypatch.setattr(grid, "ABLATION", (grid.CELLS["bayes-inv_sigma"],))
+    monkeypatch.setattr(grid, "CELLS", {c.name: c for c in (*grid.CORE, grid.CELLS["bayes-inv_sigma"])})
+    monkeypatch.setattr(grid, "SEEDS", (0, 1))
+    monkeypatch.setattr(grid, "EXTRA_SEEDS", ())
+    results, out = tmp_path / "results", tmp_path / "out"
+    argv = ["--glue-dir", str(glue_dir), "--results", str(results), "--out", str(out), "--work", str(tmp_path / "w"),
+            "--extra-args", f"--model {tiny_deberta} {TINY_FLAGS}"]
+    assert grid.main(argv) == 0
+    # 2 tuning cells, then 2 core cells x 2 seeds, then the ablation cell x 2 seeds
+    cells = sorted(p.relative_to(results).as_posix() for p in results.rglob("*.json"))
+    assert len(cells) == 2 + 4 + 2 and "cells/sst2/bayes-inv_sigma-seed1.json" in cells
+    record = json.loads(grid.cell_path(results, "sst2", "bayes-adalora", 1).read_text())
+    assert record["lr"] == 0.5 and record["seed"] == 1 and record["steps"] == 6 and record["commit"]
+    assert record["command"].startswith("bayes-adalora train --task sst2 --method bayes-adalora --seed 1 --lr 0.5")
+    assert f"--model {tiny_deberta}" in record["command"]
+    tune = json.loads(grid.tune_path(results, "sst2", "ivon", 0.5).read_text())
+    assert tune["seed"] == grid.TUNE_SEED and "/heldout" in tune["command"]
+
+    summary = json.loads((out / "mini-glue-v2.json").read_text())
+    task = summary["tasks"]["sst2"]
+    assert task["baseline"] == pytest.approx(0.5)  # the tiny dev set alternates its two labels
+    assert task["methods"]["bayes-adalora"]["n"] == 2 and task["seeds"] == [0, 1]
+    scores = [json.loads(grid.cell_path(results, "sst2", c, s).read_text())["best"]
+              for c in ("bayes-adalora", "adalora") for s in (0, 1)]
+    diff = task["paired"]["bayes-adalora"]
+    assert diff["mean"] == pytest.approx((scores[0] - scores[2] + scores[1] - scores[3]) / 2)
+    md = (out / "mini-glue-v2.md").read_text()
+    assert "| sst2 | accuracy | 0.5000 |" in md and summary["commits"][0] in md
+    assert (out / "mini-glue-v2.png").stat().st_size > 0
+
+    capsys.readouterr()
+    before = {p: p.stat().st_mtime_ns for p in results.rglob("*.json")}
+    assert grid.main(argv) == 0  # resumable: every cell is on disk, nothing is trained again
+    assert {p: p.stat().st_mtime_ns for p in results.rglob("*.json")} == before
+    assert not math.isnan(summary["tasks"]["sst2"]["methods"]["bayes-inv_sigma"]["mean"])
