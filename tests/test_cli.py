@@ -56,7 +56,7 @@ def read_json(path: Path) -> dict:
 
 def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}  # noqa: SIM118 (a safetensors file)
 
 
 def folder_snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
@@ -197,7 +197,7 @@ def posterior_means(posterior_file: Path) -> tuple[dict, dict]:
 def test_every_method_trains_and_writes_its_run(method, trained, tiny_deberta):
     run = trained(method)
     results = read_json(run / "results.json")
-    assert RESULT_KEYS <= set(results)
+    assert set(results) >= RESULT_KEYS
     assert results["task"] == "sst2" and results["method"] == method and results["seed"] == 0
     assert results["model"] == str(tiny_deberta)
     assert results["steps"] == STEPS
@@ -205,12 +205,10 @@ def test_every_method_trains_and_writes_its_run(method, trained, tiny_deberta):
 
     final, best = results["metrics"]["final"], results["metrics"]["best"]
     assert set(final) == {"accuracy", "ece", "nll", "brier", "aurc", "accuracy_at_coverage"}
-    assert 0.0 <= final["accuracy"] <= 1.0
     # accuracy on 32 dev rows is a multiple of 1/32
     assert final["accuracy"] * 32 == pytest.approx(round(final["accuracy"] * 32), abs=1e-9)
     assert 1 <= best["step"] <= STEPS and best["accuracy"] >= final["accuracy"]
     assert results["train_seconds"] > 0 and results["peak_memory_mb"] > 0
-    assert results["seconds_per_step"] == pytest.approx(results["train_seconds"] / STEPS)
 
     config = read_json(run / "config.json")
     assert config["method"] == method and config["task"] == "sst2" and config["seed"] == 0
@@ -261,10 +259,13 @@ def test_posterior_file_holds_ivon_sigma(method, trained):
 
 @pytest.mark.parametrize("criterion", CRITERIA[1:])  # snr_abs, the default, ran above
 def test_every_posterior_criterion_trains(criterion, trained):
-    results = read_json(trained("bayes-adalora", "--criterion", criterion) / "results.json")
+    run = trained("bayes-adalora", "--criterion", criterion)
+    results = read_json(run / "results.json")
     assert results["criterion"] == criterion
     assert results["total_rank"] == TARGET_R * len(results["final_ranks"])
-    assert 0.0 <= results["metrics"]["final"]["accuracy"] <= 1.0
+    # the saved adapter holds the ranks the run reports, whatever the criterion chose
+    factors, _ = adapter_factors(run / "adapter" / "adapter_model.safetensors")
+    assert {m: f["A"].shape[0] for m, f in factors.items()} == results["final_ranks"]
 
 
 def test_final_budget_is_met_when_posterior_scores_tie(trained):
@@ -484,7 +485,11 @@ def test_existing_run_is_refused_and_kept_unless_overwrite(capfd, trained, tmp_p
     assert main(train_argv(glue_dir, tiny_deberta, out, "--method", "lora", "--overwrite")) == 0
     results = read_json(out / "results.json")
     assert results["method"] == "lora" and results["criterion"] is None
-    for stale in ("posterior.safetensors", "correlations.json", "sigma.png"):  # the old run is replaced, not merged into
+    for stale in (
+        "posterior.safetensors",
+        "correlations.json",
+        "sigma.png",
+    ):  # the old run is replaced, not merged into
         assert not (out / stale).exists(), stale
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no partial folder left behind
 

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bayes_adalora.data import (TextDataset, encode, load_hub, load_task_data, make_loader,
-                                read_glue_tsv, read_user_file)
+from bayes_adalora.data import TextDataset, encode, load_hub, load_task_data, make_loader, read_glue_tsv, read_user_file
 from bayes_adalora.errors import UserError
 from bayes_adalora.tasks import get_task
 
@@ -157,7 +156,7 @@ def test_blank_trailing_lines_are_fine(tmp_path):
                          ids=["nul", "not-utf8"])
 def test_binary_file(tmp_path, raw):
     path = write(tmp_path, "dev.tsv", raw)
-    with pytest.raises(UserError, match="not a text file|not UTF-8"):
+    with pytest.raises(UserError, match=r"not a text file|not UTF-8"):
         read_glue_tsv(get_task("sst2"), path)
 
 

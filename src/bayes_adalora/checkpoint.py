@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import UserError
@@ -31,8 +32,23 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     root = Path(output_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / "state.pt").exists()]
+    found = [
+        (int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / "state.pt").exists()
+    ]
     return [p for _, p in sorted(found)]
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step of a checkpoint folder `step-NNNNNNN`."""
+    return int(_STEP_DIR.match(path.name).group(1))
+
+
+def drop_checkpoints_from(output_dir: Path, first_bad: int) -> list[Path]:
+    """Delete the checkpoints of step `first_bad` and later (a diverged run's); returns those left."""
+    for path in checkpoint_dirs(output_dir):
+        if checkpoint_step(path) >= first_bad:
+            shutil.rmtree(path, ignore_errors=True)
+    return checkpoint_dirs(output_dir)
 
 
 def rng_state() -> dict:
@@ -84,8 +100,6 @@ def load_allocator_state(tuner, state: dict) -> None:
 
 def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, tuner, extra: dict, keep: int) -> Path:
     """Write checkpoint `step` (write into a temporary folder, then rename) and keep the last `keep`."""
-    from safetensors.torch import save_file
-
     root = Path(output_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
@@ -113,8 +127,6 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, tu
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, tuner) -> dict:
     """Restore a checkpoint into the run's objects; returns the state (step, loader position, extras)."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not (path / "state.pt").exists() or not (path / "weights.safetensors").exists():
         raise UserError(f"{path} is not a complete checkpoint (weights.safetensors and state.pt are needed)")

@@ -69,7 +69,7 @@ def _read_text(path: Path) -> str:
     return text
 
 
-def _read_rows(path: Path, delimiter: str, quoting: int) -> list[tuple[int, list[str]]]:
+def read_rows(path: Path, delimiter: str, quoting: int) -> list[tuple[int, list[str]]]:
     """(1-based line number, fields) for every row, without trailing blank lines."""
     text = _read_text(path)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
@@ -84,7 +84,7 @@ def _read_rows(path: Path, delimiter: str, quoting: int) -> list[tuple[int, list
     return rows
 
 
-def _column_index(path: Path, header: list[str], column: str) -> int:
+def column_index(path: Path, header: list[str], column: str) -> int:
     if column not in header:
         raise UserError(
             f"{path}, line 1: the header has no column {column!r} (it has {', '.join(header)})")
@@ -142,13 +142,13 @@ def read_glue_tsv(spec: TaskSpec, path: str | Path) -> TextDataset:
     train row 2164), which csv's default quoting would merge across columns.
     """
     path = Path(path)
-    rows = _read_rows(path, "\t", csv.QUOTE_NONE)
+    rows = read_rows(path, "\t", csv.QUOTE_NONE)
     if spec.tsv_has_header:
         header = rows[0][1] if rows else []
         rows = rows[1:]
         width = spec.tsv_column_count or len(header)
-        text_index = [_column_index(path, header, c) for c in spec.tsv_text_columns]
-        label_index = _column_index(path, header, spec.tsv_label_column)
+        text_index = [column_index(path, header, c) for c in spec.tsv_text_columns]
+        label_index = column_index(path, header, spec.tsv_label_column)
     else:  # headerless (CoLA): the spec gives 0-based positions
         width = spec.tsv_column_count
         text_index = list(spec.tsv_text_columns)
@@ -169,10 +169,10 @@ def read_glue_tsv(spec: TaskSpec, path: str | Path) -> TextDataset:
 def _table_records(path: Path, delimiter: str, quoting: int,
                    columns: Sequence[str]) -> list[tuple[str, dict]]:
     """(where, row as a dict) for a CSV/TSV file whose first line names the columns."""
-    rows = _read_rows(path, delimiter, quoting)
+    rows = read_rows(path, delimiter, quoting)
     header = rows[0][1]
     for column in columns:
-        _column_index(path, header, column)
+        column_index(path, header, column)
     kind = "tab-separated" if delimiter == "\t" else "comma-separated"
     records = []
     for line, fields in rows[1:]:

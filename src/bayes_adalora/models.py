@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import torch
 from torch import nn
 
 from .errors import UserError
@@ -81,8 +82,6 @@ def newly_initialized_modules(missing_keys: set[str], model: nn.Module) -> set[s
 def load_model(name: str, spec: TaskSpec, trust_remote_code: bool):
     """(tokenizer, model for sequence classification, newly initialised module names)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    import torch
 
     # fp32 master weights whatever the checkpoint's dtype: IVON keeps one dtype for all its state,
     # and --bf16 autocasts the compute.
