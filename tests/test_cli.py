@@ -525,3 +525,24 @@ def test_help_prints_every_flag_and_exits_zero(command, capsys):
     assert out.startswith("usage: bayes-adalora")
     if command == ["train"]:
         assert "6% of the run" in out and "--ivon-beta2" in out and "[default: 0.99999]" in out
+
+
+def test_config_file_reruns_a_run_and_explicit_flags_win(trained, tmp_path):
+    """`train --config run/config.json` gives the same run again (every default was resolved in the file)."""
+    first = trained("bayes-adalora")
+    again = tmp_path / "again"
+    assert main(["train", "--config", str(first / "config.json"), "--output-dir", str(again)]) == 0
+    a, b = read_json(first / "results.json"), read_json(again / "results.json")
+    assert a["metrics"] == b["metrics"] and a["final_ranks"] == b["final_ranks"]
+    assert (first / "adapter" / "adapter_model.safetensors").read_bytes() == (
+        again / "adapter" / "adapter_model.safetensors").read_bytes()
+    other = tmp_path / "other"
+    assert main(["train", "--config", str(first / "config.json"), "--output-dir", str(other), "--seed", "1"]) == 0
+    assert read_json(other / "config.json")["seed"] == 1 and read_json(other / "config.json")["lr"] == 3.0
+
+
+def test_a_config_file_that_is_not_an_object_is_refused(capfd, tmp_path):
+    bad = tmp_path / "config.json"
+    bad.write_text("[1, 2]\n")
+    assert main(["train", "--config", str(bad), "--output-dir", str(tmp_path / "out")]) == 2
+    assert "must hold a JSON object" in capfd.readouterr().err and not (tmp_path / "out").exists()
