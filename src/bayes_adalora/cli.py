@@ -34,8 +34,15 @@ def flag_kwargs(field) -> dict:
     return kwargs
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (argparse prints the usage block first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="bayes-adalora",
         description="Bayesian adaptive low-rank fine-tuning: AdaLoRA ranks allocated from IVON's posterior.",
     )
@@ -85,7 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = vars(parser.parse_args(argv))
+    try:
+        args = vars(parser.parse_args(argv))
+    except SystemExit as done:  # --help (0), or a flag argparse refused (2): its line is printed
+        return done.code
     command = args.pop("command")
     quiet_libraries()
     try:
