@@ -20,7 +20,7 @@ from bayes_adalora.methods import METHODS
 @pytest.mark.parametrize("given, words", [
     (dict(divergence_factor=0.5), "--divergence-factor must be 0 (off) or at least 1, got 0.5"),
     (dict(mc_samples=-1), "--mc-samples must be 0 (off) or positive, got -1"),
-    (dict(lr=-1), "--lr must lie in (0, inf), got -1"),
+    (dict(lr=-1), "--lr must lie in (0, 1e+06], got -1"),
 ])
 def test_the_python_api_cannot_skip_a_check(given, words):
     with pytest.raises(UserError) as refused:

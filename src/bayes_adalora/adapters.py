@@ -18,7 +18,7 @@ import torch
 from peft import PeftModel, set_peft_model_state_dict
 from peft.tuners.adalora import AdaLoraLayer, AdaLoraModel
 from peft.tuners.lora import LoraLayer
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
@@ -114,8 +114,15 @@ def load_adapter_weights(model: nn.Module, adapter_dir: Path) -> None:
     peft saves an AdaLoRA adapter cut to its kept triplets (`rank_pattern`); they are put back at
     their places and the pruned ones are zeros, as lambda is in the trained model.
     """
-    state = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    pattern = json.loads((adapter_dir / "adapter_config.json").read_text()).get("rank_pattern") or {}
+    try:
+        state = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    except (SafetensorError, OSError):
+        raise damaged_file(adapter_dir / "adapter_model.safetensors") from None
+    try:
+        saved_config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+        pattern = saved_config.get("rank_pattern") or {}
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, OSError):
+        raise damaged_file(adapter_dir / "adapter_config.json") from None
     for name, keep in pattern.items():  # "<module>.lora_E": one flag per initial triplet
         kept = torch.tensor(keep, dtype=torch.bool).nonzero()[:, 0]
         prefix = f"{BASE_PREFIX}{name.rsplit('.', 1)[0]}"
@@ -157,5 +164,13 @@ def posterior_state_dict(optimizer, names: dict[nn.Parameter, str]) -> tuple[dic
 
 def read_posterior(path: Path, kind: str) -> dict[str, Tensor]:
     """posterior.safetensors' `<name>.<kind>` tensors (kind: mean, hess, sigma) by parameter name."""
-    with safe_open(str(path), framework="pt") as f:
-        return {k.removesuffix(f".{kind}"): f.get_tensor(k) for k in f.keys() if k.endswith(f".{kind}")}  # noqa: SIM118
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k.removesuffix(f".{kind}"): f.get_tensor(k) for k in f.keys() if k.endswith(f".{kind}")}  # noqa: SIM118
+    except (SafetensorError, OSError):
+        raise damaged_file(path) from None
+
+
+def damaged_file(path: Path) -> UserError:
+    """The refusal of a saved run's file that cannot be read."""
+    return UserError(f"{path} is damaged (it cannot be read): train the run again, or restore the file")

@@ -99,7 +99,7 @@ class TrainConfig:
     lr: float | None = _f(
         None,
         "Peak learning rate; default per optimizer: IVON 3.0, AdaLoRA 2e-3, LoRA 1e-3, full 3e-5.",
-        bounds=POSITIVE_REAL,
+        bounds=Bounds(low=0, high=1e6, low_open=True),  # above, AdamW's float32 step overflows (--lr 1e39 crashed)
     )
     lr_schedule: str = _f(
         "linear",
@@ -244,6 +244,8 @@ def check_field(f: dataclasses.Field, value) -> None:
     """One field's value against its metadata: one of its `choices`, or a number within its `bounds`
     (finite, and whole for an int field); None passes where the field allows it."""
     if value is None:
+        if type(None) not in typing.get_args(typing.get_type_hints(TrainConfig)[f.name]):
+            raise UserError(f"{flag(f.name)} needs a value, got none")
         return
     if "choices" in f.metadata and value not in f.metadata["choices"]:
         raise UserError(
@@ -260,7 +262,7 @@ def check_field(f: dataclasses.Field, value) -> None:
     if integer and value != int(value):
         raise UserError(f"{flag(f.name)} must be a whole number, got {value}")
     if not bounds.contains(value):
-        shown = f"{value:g}" if isinstance(value, float) else str(value)
+        shown = repr(value)
         why = f": {bounds.why}" if bounds.why else ""
         raise UserError(f"{flag(f.name)} must {bounds.phrase(integer)}, got {shown}{why}")
 

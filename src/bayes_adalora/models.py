@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from .errors import UserError
@@ -91,6 +92,6 @@ def load_model(name: str, spec: TaskSpec, trust_remote_code: bool):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
         model, info = AutoModelForSequenceClassification.from_pretrained(name, output_loading_info=True, **kwargs)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:
         raise UserError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from exc
     return tokenizer, model, newly_initialized_modules(set(info.get("missing_keys", ())), model)

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,10 +27,29 @@ RUN_FILES = ("adapter", "model", POSTERIOR_FILE, "history.json", "correlations.j
 # ----------------------------------------------------------------------------- writing
 
 
+def check_writable(path: Path) -> None:
+    """Refuse a folder that cannot be made or written to: under a file, read-only, or not permitted.
+
+    Tried by making (and removing) a temporary folder where the run's files will go: in `path` if it
+    exists, else in its nearest existing parent, and beside it, where the outputs are first written.
+    """
+    for target in (path, path.parent):
+        existing = next(p for p in (target, *target.parents) if p.exists() or p == p.parent)
+        if not existing.is_dir():
+            raise UserError(f"--output-dir {path} lies under {existing}, which is a file, not a folder")
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".bayes-adalora-probe-", dir=existing))
+        except OSError as err:
+            raise UserError(f"--output-dir {path} cannot be written: {existing} refuses new files "
+                            f"({err.strerror or err}); choose another folder") from None
+
+
 def check_output_dir(path: Path, overwrite: bool, resume: str | None = None) -> None:
-    """Refuse, before any work, an output folder that holds something a run must not replace."""
+    """Refuse, before any work, an output folder that cannot be written or holds something a run must
+    not replace."""
     if path.exists() and not path.is_dir():
         raise UserError(f"--output-dir {path} is a file, not a folder")
+    check_writable(path)
     if not path.is_dir():
         return
     holds_run = any((path / m).exists() for m in RUN_MARKERS)
@@ -62,11 +82,11 @@ def write_json(obj, path: Path) -> None:
 def write_outputs(out: Path, write) -> None:
     """Call `write(folder)` on a fresh sibling folder, then move each output into `out` (where
     checkpoints may already be): a failed run leaves no half-written output behind."""
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
         write(tmp)
         if not out.exists():
             tmp.rename(out)
@@ -79,6 +99,9 @@ def write_outputs(out: Path, write) -> None:
                 old.unlink()
         for item in tmp.iterdir():
             os.replace(item, out / item.name)
+    except OSError as err:  # e.g. a full disk: the run is lost, but no half-written folder stays
+        raise UserError(f"the run could not be written to {out} ({err.strerror or err}): "
+                        f"free space or choose another --output-dir, and train again") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -97,7 +120,10 @@ class SavedRun:
     @property
     def config(self) -> TrainConfig:
         names = {f.name for f in config_fields()}
-        return TrainConfig(**{k: v for k, v in self.resolved.items() if k in names})
+        try:
+            return TrainConfig(**{k: v for k, v in self.resolved.items() if k in names})
+        except UserError as err:
+            raise UserError(f"{self.folder / 'config.json'} does not hold a valid configuration: {err}") from None
 
     @property
     def spec(self) -> TaskSpec:
@@ -129,7 +155,16 @@ def read_run(folder: str | Path) -> SavedRun:
         if not path.is_file():
             raise UserError(f"{folder} is not a finished run: it has no {name}")
         try:
-            files[name] = json.loads(path.read_text())
+            files[name] = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
             raise UserError(f"{path}, line {err.lineno}: the JSON is malformed ({err.msg})") from None
-    return SavedRun(folder, files["config.json"], files["results.json"])
+        except UnicodeDecodeError:
+            raise UserError(f"{path} is not UTF-8 text: it is not a run's {name}") from None
+        if not isinstance(files[name], dict):
+            raise UserError(f"{path} holds a JSON {type(files[name]).__name__}, not the object a run's {name} is")
+    lacking = [k for k in ("task", "method", "model", "total_steps") if k not in files["config.json"]]
+    if lacking:
+        raise UserError(f"{folder / 'config.json'} is not a run's config.json: it has no {lacking[0]!r}")
+    run = SavedRun(folder, files["config.json"], files["results.json"])
+    run.config  # noqa: B018 - refused here, in one sentence, if config.json does not hold a valid configuration
+    return run

@@ -31,6 +31,7 @@ from .data import (
 )
 from .errors import UserError
 from .evaluation import mc_predictive, point_predictive, predictive_metrics
+from .methods import get_method
 from .models import load_model
 from .predict import predict, predict_sampled
 from .run_folder import SavedRun, read_run
@@ -55,12 +56,15 @@ def load_run_model(run: SavedRun, device: torch.device):
         tokenizer, base, fresh = load_model(run.resolved["model"], spec, config.trust_remote_code)
         model = build_trainable_model(base, config, run.resolved["total_steps"], fresh)
         load_adapter_weights(model, adapter)
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise UserError(f"the weights saved in {run.folder} are not finite (NaN or inf): the run diverged; "
+                        f"train it again with a lower --lr")
     return tokenizer, model.to(device).eval()
 
 
 def check_posterior(run: SavedRun) -> None:
     """Refuse MC sampling from a run that has no posterior to draw from."""
-    if run.method not in ("bayes-adalora", "adalora-ivon"):
+    if not get_method(run.method).uses_ivon:
         raise UserError(f"--mc-samples draws from IVON's posterior, and {run.folder} is a {run.method} run "
                         f"trained without one (use a bayes-adalora or adalora-ivon run)")
     if not (run.folder / POSTERIOR_FILE).is_file():

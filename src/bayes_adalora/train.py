@@ -114,6 +114,12 @@ def diverged(out: Path, step: int, reason: str, first_bad: int, procs: Processes
     return TrainingDiverged(f"training diverged at step {step}: {reason}; lower --lr{kept}")
 
 
+def finite_state(model: nn.Module, optimizer) -> bool:
+    """Whether every trained weight, and IVON's Hessian (the posterior) where there is one, is finite."""
+    weights = all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)
+    return weights and all(torch.isfinite(g["hess"]).all() for g in optimizer.param_groups if "hess" in g)
+
+
 def score(value: float) -> float:
     """For comparing evaluations: an undefined metric (NaN, e.g. Pearson of constant predictions) ranks last."""
     return -math.inf if math.isnan(value) else value
@@ -231,7 +237,7 @@ def train(config: TrainConfig, figures: Figures | None = None) -> dict:
                     done.best = {**done.final, "step": step}
             if config.save_steps and step % config.save_steps == 0 and step < plan.total_steps:
                 # every process checks (they hold the same weights), so all stop together
-                if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
+                if not finite_state(model, optimizer):
                     raise diverged(out, step, "the weights are no longer finite", first_bad=step, procs=procs)
                 # (at an epoch's last batch the sampler has yet to draw once more from the generator,
                 # so the next epoch's start is not known here: a resume replays this epoch's order)
@@ -251,6 +257,9 @@ def train(config: TrainConfig, figures: Figures | None = None) -> dict:
                 break
         done.batch_in_epoch = 0
     bar.close()
+    if not finite_state(model, optimizer):  # the last update is checked too, before anything is written
+        raise diverged(out, done.step, "the weights are not finite after the last update", first_bad=done.step,
+                       procs=procs)
 
     mc = {}
     if config.mc_samples:  # once, at the end: K passes over the dev data
