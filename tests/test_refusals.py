@@ -175,3 +175,22 @@ def test_evaluate_refuses_a_data_file_that_is_not_utf8(capfd, tmp_path, run_with
     data.write_bytes("sentence\tlabel\ncaf\u00e9 ok\t1\n".encode("latin-1"))
     line = refused(capfd, ["evaluate", str(run_with_checkpoint), "--data-file", str(data)])
     assert str(data) in line and "line 2" in line and "UTF-8" in line
+
+
+# ----------------------------------------------------------------------------- very short runs
+
+
+@pytest.mark.parametrize("method", ["bayes-adalora", "adalora-ivon", "adalora", "lora", "full"])
+def test_runs_of_1_to_5_steps_work_or_are_refused_with_the_minimum(method, capfd, tmp_path, glue_dir, tiny_deberta):
+    for steps in range(1, 6):
+        out = tmp_path / f"steps-{steps}"
+        args = argv(glue_dir, tiny_deberta, out, "--method", method, "--max-steps", str(steps), "--max-length", "16")
+        if steps == 1 and method in ("adalora", "adalora-ivon"):  # peft's sensitivity allocator
+            line = refused(capfd, args)
+            assert "train 2 steps or more" in line and not out.exists()
+            continue
+        assert main(args) == 0, capfd.readouterr().err
+        results = json.loads((out / "results.json").read_text())
+        assert results["steps"] == steps and len(json.loads((out / "history.json").read_text())["loss"]) == steps
+        if method in ("bayes-adalora", "adalora-ivon", "adalora"):  # the budget is met even so
+            assert results["total_rank"] == 4 * len(results["final_ranks"])

@@ -318,6 +318,13 @@ def adalora_phases(config: TrainConfig, total_steps: int) -> tuple[int, int, int
         raise UserError(
             f"--tinit {tinit} and --tfinal {tfinal} leave no steps for the budget to fall in a {total_steps}-step run"
         )
+    if total_steps - tfinal < 2 and config.method_spec.allocator == "sensitivity":
+        # peft masks for the last time at step total - tfinal without a sensitivity update there: at step 1
+        # it has none yet and fails (KeyError); the posterior allocator reads IVON's state instead
+        raise UserError(
+            f"--method {config.method} needs a step of sensitivity before its final mask, which falls at step "
+            f"{total_steps - tfinal} of {total_steps} (--tfinal {tfinal}): train 2 steps or more, or lower --tfinal"
+        )
     return tinit, tfinal, delta_t
 
 
