@@ -21,6 +21,7 @@ from .adapters import POSTERIOR_FILE, load_adapter_weights
 from .build import build_trainable_model, resolve_device
 from .data import (
     TextDataset,
+    check_header,
     column_index,
     encode,
     load_task_data,
@@ -101,7 +102,7 @@ def glue_test_text_columns(spec: TaskSpec) -> tuple[str, ...]:
 
 def read_glue_test_tsv(spec: TaskSpec, path: Path, rows: list) -> EvalSplit:
     """An unlabeled GLUE test file: an `index` (QQP: `id`) column and the task's text columns."""
-    header = rows[0][1]
+    header = check_header(path, rows[0][1])
     index_column = next((c for c in ("index", "id") if c in header), None)
     columns = glue_test_text_columns(spec)
     missing = [c for c in columns if c not in header]
@@ -136,7 +137,7 @@ def read_eval_file(spec: TaskSpec, path: Path, text_columns=None, label_column=N
     user's own .csv/.tsv/.json/.jsonl with labels, read as training reads --validation-file."""
     if path.suffix.lower() == ".tsv" and path.is_file():
         rows = read_rows(path, "\t", csv.QUOTE_NONE)
-        header = rows[0][1] if rows else []
+        header = check_header(path, rows[0][1]) if rows else []
         if is_glue_layout(spec, header, labeled=True):
             try:
                 data = read_glue_tsv(spec, path)

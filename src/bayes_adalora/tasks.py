@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .errors import UserError
@@ -26,6 +27,7 @@ class TaskSpec:
     labels: tuple[str, ...] | None
     metrics: tuple[str, ...]
     main_metric: str
+    label_range: tuple[float, float] = (-math.inf, math.inf)  # regression: the scores a label may take
     dev_splits: tuple[str, ...] = ("dev",)
     hub_dev_splits: tuple[str, ...] = ("validation",)
 
@@ -104,6 +106,7 @@ TASKS: dict[str, TaskSpec] = {
             labels=None,
             metrics=("pearson", "spearmanr"),
             main_metric="pearson",
+            label_range=(0.0, 5.0),
         ),
         TaskSpec(
             name="qqp",
