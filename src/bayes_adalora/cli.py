@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bayes-adalora: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("bayes-adalora: interrupted; nothing was written", file=sys.stderr)
+        print("bayes-adalora: interrupted: the run was not written (checkpoints saved by --save-steps are kept: "
+              "continue with --resume, or start again with --overwrite)", file=sys.stderr)
         return 130
     return 0
 
