@@ -194,3 +194,23 @@ def test_runs_of_1_to_5_steps_work_or_are_refused_with_the_minimum(method, capfd
         assert results["steps"] == steps and len(json.loads((out / "history.json").read_text())["loss"]) == steps
         if method in ("bayes-adalora", "adalora-ivon", "adalora"):  # the budget is met even so
             assert results["total_rank"] == 4 * len(results["final_ranks"])
+
+
+# ----------------------------------------------------------------------------- evaluate's and plot's flags
+
+
+@pytest.mark.parametrize("flags, words", [
+    (("--mc-samples", "-1"), "--mc-samples must be 0 (off) or positive"),
+    (("--max-eval-samples", "0"), "--max-eval-samples must be positive"),
+    (("--seed", "-1"), "--seed must lie in [0, 4294967295]"),
+    (("--mc-samples", "nan"), "invalid int value"),
+    (("--device", "tpu"), "--device 'tpu' is not a device"),
+])
+def test_evaluate_refuses_bad_flags_like_train(flags, words, capfd, run_with_checkpoint):
+    assert words in refused(capfd, ["evaluate", str(run_with_checkpoint), *flags])
+
+
+def test_plot_refuses_an_output_folder_under_a_file(capfd, tmp_path, run_with_checkpoint):
+    (tmp_path / "afile").write_text("x")
+    line = refused(capfd, ["plot", str(run_with_checkpoint), "--output-dir", str(tmp_path / "afile" / "figures")])
+    assert "is a file" in line and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

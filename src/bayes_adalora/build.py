@@ -8,7 +8,7 @@ import torch
 from peft import AdaLoraConfig, LoraConfig, TaskType, get_peft_model
 from torch import nn
 
-from .config import TrainConfig, adalora_phases
+from .config import DEVICE, TrainConfig, adalora_phases
 from .errors import UserError
 from .models import plan_adapter_modules, target_module_suffixes
 from .schedules import constant_warmup, linear_warmup_decay, two_phase
@@ -16,6 +16,8 @@ from .steps import make_step
 
 
 def resolve_device(name: str) -> torch.device:
+    if not DEVICE.match(name):
+        raise UserError(f"--device {name!r} is not a device: choose cpu, cuda, cuda:N or auto")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)

@@ -21,7 +21,7 @@ from matplotlib.patches import Patch
 
 from .adapters import FACTORS, parameter_module
 from .errors import UserError
-from .run_folder import SavedRun, read_run
+from .run_folder import SavedRun, check_writable, read_run
 
 _LAYER = re.compile(r"^(?P<stack>.*?)\.?(?:layer|layers|h|block|blocks)\.(?P<index>\d+)\.(?P<module>.+)$")
 _FACTOR_COLORS = {"P": "#4C72B0", "λ": "#DD8452", "Q": "#55A868", "head": "#8C8C8C"}
@@ -279,6 +279,8 @@ def plot_run(folder: str | Path, output_dir: str | Path | None = None) -> list[P
     out = Path(output_dir) if output_dir else run.folder
     if out.exists() and not out.is_dir():
         raise UserError(f"--output-dir {out} is a file, not a folder")
+    if output_dir:
+        check_writable(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, plot in PLOTS.items():

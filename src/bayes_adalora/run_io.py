@@ -19,6 +19,7 @@ import torch
 
 from .adapters import POSTERIOR_FILE, load_adapter_weights
 from .build import build_trainable_model, resolve_device
+from .config import check_field, config_fields
 from .data import (
     TextDataset,
     check_header,
@@ -263,10 +264,10 @@ def evaluate_run(run_dir: str | Path, data_dir: str | None = None, data_file: st
     K, the posterior predictive over K draws seeded by `seed` (default: the run's seed), as the
     run's own --mc-samples did.
     """
-    if mc_samples < 0:
-        raise UserError(f"--mc-samples must be 0 (off) or positive, got {mc_samples}")
-    if max_eval_samples is not None and max_eval_samples <= 0:
-        raise UserError(f"--max-eval-samples must be positive, got {max_eval_samples}")
+    fields = {f.name: f for f in config_fields()}  # the same ranges as train's flags of the same names
+    for name, value in (("mc_samples", mc_samples), ("max_eval_samples", max_eval_samples), ("seed", seed)):
+        if value is not None:
+            check_field(fields[name], value)
     run = read_run(run_dir)
     spec, config = run.spec, run.config
     if mc_samples:
