@@ -89,7 +89,7 @@ def test_a_diverged_cell_is_recorded_and_the_grid_goes_on(tmp_path, glue_dir, ti
 
     table = json.loads((tmp_path / "out" / "mini-glue.json").read_text())
     assert table["tuning"] == {"ivon": {"0.5": None}, "adalora": {"0.001": None}, "lora": {"0.001": None}}
-    assert table["learning_rates"] == mini_glue.DEFAULT_LR  # no lr of the sweep survived
+    assert table["learning_rates"] == mini_glue.FALLBACK_LR  # no lr of the sweep survived
     cell = table["results"]["sst2"]["adalora"]
     assert (cell["scores"], cell["diverged"], cell["mean"], cell["metric"]) == ([], 1, None, "accuracy")
     md = (tmp_path / "out" / "mini-glue.md").read_text()
