@@ -33,11 +33,12 @@ from pathlib import Path
 
 import torch
 
-from bayes_adalora.allocator import install_posterior_allocator
+from bayes_adalora.allocator import install_allocator
+from bayes_adalora.build import build_trainable_model, make_optimizer, make_training_step
 from bayes_adalora.config import TrainConfig
-from bayes_adalora.train import build_trainable_model, make_optimizer
+from bayes_adalora.methods import METHODS as REGISTRY
 
-METHODS = ("lora", "adalora", "adalora-ivon", "bayes-adalora")
+METHODS = tuple(name for name, m in REGISTRY.items() if m.adapter is not None)  # lora, adalora, ...
 HERE = Path(__file__).resolve().parent
 
 
@@ -104,47 +105,37 @@ class Method:
         self.model = build_trainable_model(base_model(setting), self.config, total_steps, set()).to(device)
         self.model.train()
         self.optimizer = make_optimizer(self.model, self.config, ess=67349.0)
-        self.tuner = self.model.base_model if self.config.uses_adalora else None
-        if name == "bayes-adalora":
-            install_posterior_allocator(self.model, self.optimizer, "snr_abs")
+        self.training_step = make_training_step(self.optimizer, self.config)
+        allocator = install_allocator(self.model, name, self.optimizer, "snr_abs")
+        self.tuner = self.model.base_model if allocator is not None else None
         self.times: dict[str, list[float]] = {"step": [], "forward_backward": [], "optimizer": [], "allocation": []}
 
     def step(self, batch, step: int, autocast, sync) -> None:
+        """One training step, timed in phases: before `forward_backward` starts (IVON: drawing the
+        sample), forward + backward, then the rest of the step (IVON: restoring mu, the update)."""
         t = [time.perf_counter()]
 
         def mark():
             sync()
             t.append(time.perf_counter())
 
-        if self.config.uses_ivon:
-            self.optimizer.zero_grad(set_to_none=True)
-            ctx = self.optimizer.sampled_params(train=True)
-            ctx.__enter__()
-            mark()  # sampling
-            with autocast:
-                loss = self.model(**batch).loss
-            loss.backward()
-            mark()  # forward + backward
-            ctx.__exit__(None, None, None)
-            self.optimizer.step()
-            mark()  # restore + update
-            opt = (t[1] - t[0]) + (t[3] - t[2])
-            fb = t[2] - t[1]
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
+        def forward_backward():
+            mark()  # the sample is drawn (IVON), the gradients zeroed
             with autocast:
                 loss = self.model(**batch).loss
             loss.backward()
             mark()
-            self.optimizer.step()
-            mark()
-            fb, opt = t[1] - t[0], t[2] - t[1]
+            return loss
+
+        self.training_step.gradients(forward_backward)
+        self.training_step.update()
+        mark()  # restore + update
         if self.tuner is not None:
             self.tuner.update_and_allocate(step)
         mark()
         self.times["step"].append(t[-1] - t[0])
-        self.times["forward_backward"].append(fb)
-        self.times["optimizer"].append(opt)
+        self.times["forward_backward"].append(t[2] - t[1])
+        self.times["optimizer"].append((t[1] - t[0]) + (t[3] - t[2]))
         self.times["allocation"].append(t[-1] - t[-2] if self.tuner is not None else 0.0)
 
 
@@ -242,7 +233,8 @@ def table(result: dict) -> str:
         f"Setting {result['setting']} ({result['dtype']}), {result['machine']}, {result['date']}, "
         f"median of {result['steps']} interleaved steps after {result['warmup']} warm-up",
         "",
-        "| method | step (ms) | ratio to adalora | fwd+bwd (ms) | optimizer (ms) | allocation, mean (ms) | allocation share | peak MB |",
+        "| method | step (ms) | ratio to adalora | fwd+bwd (ms) | optimizer (ms) | allocation, mean (ms) "
+        "| allocation share | peak MB |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in result["methods"].items():
@@ -254,7 +246,8 @@ def table(result: dict) -> str:
             mem = "-"
         lines.append(
             f"| {name} | {1e3 * r['step_s']:.1f} | {r['ratio_to_adalora']:.3f} | {1e3 * r['forward_backward_s']:.1f} "
-            f"| {1e3 * r['optimizer_s']:.2f} | {1e3 * r['allocation_mean_s']:.3f} | {100 * r['allocation_share']:.2f}% | {mem} |"
+            f"| {1e3 * r['optimizer_s']:.2f} | {1e3 * r['allocation_mean_s']:.3f} "
+            f"| {100 * r['allocation_share']:.2f}% | {mem} |"
         )
     return "\n".join(lines)
 
@@ -277,9 +270,9 @@ def main(argv=None) -> int:
     if args.setting == "gpu" and not torch.cuda.is_available():
         print("speed.py: --setting gpu needs a CUDA device", file=sys.stderr)
         return 2
-    from bayes_adalora.cli import _quiet_libraries
+    from bayes_adalora.cli import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     if args.memory_of:
         print(json.dumps(memory_alone(args)))
         return 0

@@ -49,7 +49,11 @@ def kill_at_checkpoint(args, out, step):
     deadline = time.time() + 240
     try:
         while time.time() < deadline and child.poll() is None:
-            done = [int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*")] if (out / "checkpoints").is_dir() else []
+            done = (
+                [int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*")]
+                if (out / "checkpoints").is_dir()
+                else []
+            )
             if done and max(done) >= step:
                 break
             time.sleep(0.05)
