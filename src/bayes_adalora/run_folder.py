@@ -133,6 +133,12 @@ class SavedRun:
     def method(self) -> str:
         return self.resolved["method"]
 
+    def require(self, *keys: str) -> None:
+        """Refuse a config.json that lacks what the caller reads from it."""
+        lacking = [k for k in keys if k not in self.resolved]
+        if lacking:
+            raise UserError(f"{self.folder / 'config.json'} is not a run's config.json: it has no {lacking[0]!r}")
+
     def json(self, name: str) -> dict | None:
         """One of the run's JSON files (history.json, correlations.json), None where the run has none."""
         path = self.folder / name
@@ -162,9 +168,7 @@ def read_run(folder: str | Path) -> SavedRun:
             raise UserError(f"{path} is not UTF-8 text: it is not a run's {name}") from None
         if not isinstance(files[name], dict):
             raise UserError(f"{path} holds a JSON {type(files[name]).__name__}, not the object a run's {name} is")
-    lacking = [k for k in ("task", "method", "model", "total_steps") if k not in files["config.json"]]
-    if lacking:
-        raise UserError(f"{folder / 'config.json'} is not a run's config.json: it has no {lacking[0]!r}")
     run = SavedRun(folder, files["config.json"], files["results.json"])
+    run.require("task", "method")
     run.config  # noqa: B018 - refused here, in one sentence, if config.json does not hold a valid configuration
     return run

@@ -44,6 +44,7 @@ from .tasks import TaskSpec
 
 def load_run_model(run: SavedRun, device: torch.device):
     """(tokenizer, model) of the run, in eval mode on `device`, holding the weights the run ended with."""
+    run.require("model", "total_steps")
     config, spec = run.config, run.spec
     if run.method == "full":
         if not (run.folder / "model").is_dir():
