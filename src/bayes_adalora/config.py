@@ -89,6 +89,8 @@ class TrainConfig:
     recipe: str | None = _f(None, "'paper' fills the paper's hyperparameters for the task; explicit flags win.", choices=("paper",))
     device: str = _f("auto", "cpu, cuda, cuda:N or auto.")
     bf16: bool = _f(False, "bf16 autocast for forward and backward.")
+    fast_path: bool = _f(True, "AdaLoRA methods: batched penalty, fused layer, in-place IVON (same numbers); "
+                               "--no-fast-path runs stock peft and ivon-opt.")  # issue 11
     progress: bool = _f(True, "Show a progress bar.")
 
     @property

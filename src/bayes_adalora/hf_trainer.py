@@ -25,6 +25,7 @@ from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, Trai
 
 from .allocator import PosteriorRankAllocator, install_posterior_allocator
 from .config import IVON_METHODS, TrainConfig
+from .fast_adalora import enable_fast_path
 from .models import load_model
 from .tasks import get_task
 from .train import build_trainable_model, fill_missing_grads, make_optimizer
@@ -193,6 +194,8 @@ class IVONTrainer(Trainer):
             allocator = tuner.rankallocator
             if not (isinstance(allocator, PosteriorRankAllocator) and allocator.optimizer is optimizer):
                 install_posterior_allocator(self.model, optimizer, self.train_config.criterion)
+        if self.train_config.fast_path:  # issue 11: the in-place IVON (the model's fast path too, if not yet)
+            enable_fast_path(self.model, optimizer)
         return self.optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -238,6 +241,8 @@ def make_trainer(model, train_dataset, eval_dataset, config: TrainConfig, traini
         fresh = set()
     n_examples = len(train_dataset) if hasattr(train_dataset, "__len__") else None
     model = build_trainable_model(model, config, trainer_max_steps(training_args, n_examples), fresh)
+    if config.fast_path:  # issue 11: batched penalty, fused layer, cached final masks
+        enable_fast_path(model)
     common = dict(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset)
     if config.uses_ivon:
         return IVONTrainer(**common, config=config, **trainer_kwargs)

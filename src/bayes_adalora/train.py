@@ -20,6 +20,7 @@ from .config import TrainConfig
 from .data import encode, load_task_data, make_loader
 from .distributed import Processes
 from .errors import TrainingDiverged, UserError
+from .fast_adalora import enable_fast_path
 from .evaluation import mc_predictive, point_predictive, predictive_metrics
 from .models import default_model_path, load_model, plan_adapter_modules, target_module_suffixes
 from .posterior import posterior_sigma, posterior_state_dict
@@ -403,6 +404,8 @@ def train(config: TrainConfig) -> dict:
         install_posterior_allocator(model, optimizer, config.criterion, config.logs_correlations)
     elif config.logs_correlations:
         install_correlation_logger(model, optimizer)
+    if config.fast_path:  # issue 11: peft's AdaLoRA and ivon-opt, fewer kernels, the same numbers
+        enable_fast_path(model, optimizer)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config.bf16 else nullcontext()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
