@@ -8,7 +8,8 @@ Where peft's AdaLoRA step goes beyond a LoRA step, and what replaces it here:
 - the adapted layer (`SVDLinear.forward`), which scales the whole (tokens, out) activation by
   `scaling / (ranknum + 1e-5)` twice and then adds it: `FastSVDLinear`, which folds that factor
   into lambda (r numbers) and fuses the add into the second matmul (`addmm`); peft's own forward
-  wherever that does not apply (merged or disabled adapters, several active adapters, dropout);
+  wherever that does not apply (merged or disabled adapters, several active adapters, dropout) and
+  without autograd (evaluation: its numbers stay exactly stock peft's);
 - the final phase (peft's `mask_using_rank_pattern`, every step of the last `tfinal` steps: a CPU
   tensor, a blocking copy, `bool`, `not` and `masked_fill` per lambda): `FinalMasks`, the masks
   cached on the device and applied with one `_foreach_mul_`;
@@ -141,12 +142,14 @@ class FastAdaLoraModel(AdaLoraModel):
 
 
 class FastSVDLinear(SVDLinear):
-    """peft's SVDLinear; with one active adapter and no dropout, the update is
-    `x (Q * lambda * s / (ranknum + 1e-5))^T P^T`, added to the base output inside one `addmm`."""
+    """peft's SVDLinear; in training (autograd on), with one active adapter and no dropout, the update
+    is `x (Q * lambda * s / (ranknum + 1e-5))^T P^T`, added to the base output inside one `addmm`."""
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         active = self.active_adapters
-        if self.disable_adapters or self.merged or len(active) != 1 or active[0] not in self.lora_A:
+        # without autograd (evaluation, prediction) peft's own forward: evaluated metrics, and the saved
+        # adapter read back by stock peft, are then exactly stock peft's, not equal to rounding only
+        if not torch.is_grad_enabled() or self.disable_adapters or self.merged or len(active) != 1 or active[0] not in self.lora_A:
             return super().forward(x, *args, **kwargs)
         name = active[0]
         if not isinstance(self.lora_dropout[name], nn.Identity):
