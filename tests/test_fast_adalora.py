@@ -169,3 +169,24 @@ def test_enable_fast_path_adopts_ivon_and_leaves_others(minilm_path):
     adamw = torch.optim.AdamW([p for p in stock.parameters() if p.requires_grad])
     assert type(enable_fast_path(stock, adamw)) is torch.optim.AdamW
     assert isinstance(fast.base_model.rankallocator, RankAllocator)
+
+
+def test_foreach_sensitivity_is_bitwise_peft_update_ipt(minilm_path):
+    stock, fast = stock_and_fast(minilm_path, orth_reg=0.0)
+    stock.train(), fast.train()
+    inputs = batch(minilm_path)
+    for step in (1, 2, 3):  # gradients made equal, so that only the EMAs' arithmetic is compared
+        _, grads = loss_and_grads(stock, inputs, seed=step)
+        for n, p in fast.named_parameters():
+            if n in grads:
+                p.grad = grads[n].clone()
+        stock.base_model.update_and_allocate(step)
+        fast.base_model.update_and_allocate(step)
+    allocator = fast.base_model.rankallocator
+    assert type(allocator).__name__ == "ForeachRankAllocator" and isinstance(allocator, RankAllocator)
+    reference = stock.base_model.rankallocator
+    for field in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+        ours, theirs = getattr(allocator, field), getattr(reference, field)
+        assert set(ours) == set(theirs) and len(ours) == 108
+        assert all(torch.equal(ours[n], theirs[n]) for n in theirs)
+    assert any(bool((allocator.exp_avg_unc[n] > 0).any()) for n in allocator.exp_avg_unc)

@@ -10,6 +10,8 @@ Where peft's AdaLoRA step goes beyond a LoRA step, and what replaces it here:
   into lambda (r numbers) and fuses the add into the second matmul (`addmm`); peft's own forward
   wherever that does not apply (merged or disabled adapters, several active adapters, dropout) and
   without autograd (evaluation: its numbers stay exactly stock peft's);
+- the sensitivity EMAs of `adalora` and `adalora-ivon` (peft's `update_ipt`, every step, ~8 ops per
+  matrix): `ForeachSensitivity`, the same operations as foreach ops over all matrices;
 - the final phase (peft's `mask_using_rank_pattern`, every step of the last `tfinal` steps: a CPU
   tensor, a blocking copy, `bool`, `not` and `masked_fill` per lambda): `FinalMasks`, the masks
   cached on the device and applied with one `_foreach_mul_`;
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import torch
 from peft.tuners.adalora import AdaLoraModel
-from peft.tuners.adalora.layer import AdaLoraLayer, SVDLinear
+from peft.tuners.adalora.layer import AdaLoraLayer, RankAllocator, SVDLinear
 from torch import Tensor, nn
 
 
@@ -84,6 +86,55 @@ class FinalMasks:
         torch._foreach_mul_(self.lambdas, self.masks)
 
 
+# ---------------------------------------------------------------- peft's sensitivity EMAs
+
+
+class ForeachSensitivity:
+    """peft's `RankAllocator.update_ipt` (`adalora`, `adalora-ivon`: every step) as a dozen foreach ops.
+
+    I = |theta * grad|; Ibar <- b1 Ibar + (1 - b1) I; Ubar <- b2 Ubar + (1 - b2) |I - Ibar|, the same
+    operations in the same order as peft, so the EMAs are bitwise peft's; kept in peft's dicts
+    (`ipt`, `exp_avg_ipt`, `exp_avg_unc`, keyed by parameter name), which checkpoints save.
+    """
+
+    @torch.no_grad()
+    def update_ipt(self, model):
+        from peft.tuners.adalora.layer import deepspeed_config
+
+        if deepspeed_config() is not None:  # peft gathers sharded gradients first
+            return super().update_ipt(model)
+        named = [(n, p) for n, p in model.named_parameters() if "lora_" in n and self.adapter_name in n]
+        for n, p in named:
+            if n not in self.ipt:
+                self.ipt[n], self.exp_avg_ipt[n], self.exp_avg_unc[n] = (torch.zeros_like(p) for _ in range(3))
+        names = [n for n, _ in named]
+        ipt = torch._foreach_mul([p for _, p in named], [p.grad for _, p in named])
+        torch._foreach_abs_(ipt)
+        avg = [self.exp_avg_ipt[n] for n in names]
+        unc = [self.exp_avg_unc[n] for n in names]
+        torch._foreach_mul_(avg, self.beta1)
+        torch._foreach_add_(avg, torch._foreach_mul(ipt, 1 - self.beta1))
+        spread = torch._foreach_sub(ipt, avg)
+        torch._foreach_abs_(spread)
+        torch._foreach_mul_(spread, 1 - self.beta2)
+        torch._foreach_mul_(unc, self.beta2)
+        torch._foreach_add_(unc, spread)
+        self.ipt.update(zip(names, ipt))
+
+
+_FOREACH_CLASSES: dict[type, type] = {}
+
+
+def use_foreach_sensitivity(allocator) -> None:
+    """Give an allocator that runs peft's own `update_ipt` the foreach one (same object, a subclass)."""
+    cls = type(allocator)
+    if cls.update_ipt is not RankAllocator.update_ipt:  # ours already, or one that accumulates nothing
+        return
+    if cls not in _FOREACH_CLASSES:
+        _FOREACH_CLASSES[cls] = type(f"Foreach{cls.__name__}", (ForeachSensitivity, cls), {})
+    allocator.__class__ = _FOREACH_CLASSES[cls]
+
+
 # ---------------------------------------------------------------- the tuner and the layer
 
 
@@ -129,6 +180,7 @@ class FastAdaLoraModel(AdaLoraModel):
     def update_and_allocate(self, global_step):
         config = self.peft_config[self.trainable_adapter_name]
         if global_step <= config.total_step - config.tfinal:
+            use_foreach_sensitivity(self.rankallocator)  # checked every step: an allocator may be installed later
             return super().update_and_allocate(global_step)
         adapter = self.trainable_adapter_name
         layers = self.__dict__.get("_fast_layers") or self._svd_layers()
