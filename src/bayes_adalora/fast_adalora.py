@@ -7,7 +7,7 @@ Where peft's AdaLoRA step goes beyond a LoRA step, and what replaces it here:
   by shape once, and skipped when the weight is 0;
 - the adapted layer (`SVDLinear.forward`), which scales the whole (tokens, out) activation by
   `scaling / (ranknum + 1e-5)` twice and then adds it: `FastSVDLinear`, which folds that factor
-  into lambda (r numbers) and fuses the add into the second matmul (`addmm`); peft's own forward
+  into lambda (r numbers) and adds the update inside the second matmul (`addmm_`); peft's own forward
   wherever that does not apply (merged or disabled adapters, several active adapters, dropout) and
   without autograd (evaluation: its numbers stay exactly stock peft's);
 - the sensitivity EMAs of `adalora` and `adalora-ivon` (peft's `update_ipt`, every step, ~8 ops per
@@ -195,7 +195,7 @@ class FastAdaLoraModel(AdaLoraModel):
 
 class FastSVDLinear(SVDLinear):
     """peft's SVDLinear; in training (autograd on), with one active adapter and no dropout, the update
-    is `x (Q * lambda * s / (ranknum + 1e-5))^T P^T`, added to the base output inside one `addmm`."""
+    is `x (Q * lambda * s / (ranknum + 1e-5))^T P^T`, added into the base output by one in-place `addmm_`."""
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         active = self.active_adapters
@@ -206,16 +206,17 @@ class FastSVDLinear(SVDLinear):
         name = active[0]
         if not isinstance(self.lora_dropout[name], nn.Identity):
             return super().forward(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
         lora_A, lora_B, lora_E = self.lora_A[name], self.lora_B[name], self.lora_E[name]
-        x = self._cast_input_dtype(x, lora_A.dtype)
+        rows = x.reshape(-1, x.shape[-1])  # (tokens, in): the base output is then a matrix addmm_ can add into
+        result = self.base_layer(rows, *args, **kwargs)
+        rows = self._cast_input_dtype(rows, lora_A.dtype)
         factor = self.scaling[name] / (self.ranknum[name] + 1e-5)  # on r numbers, not on the activation
-        low = nn.functional.linear(x, lora_A * (lora_E * factor))
-        if low.dtype != result.dtype:
+        low = nn.functional.linear(rows, lora_A * (lora_E * factor))
+        if low.dtype == result.dtype and result.dim() == 2:
+            result.addmm_(low, lora_B.t())  # result += low P^T inside the matmul: no pass over the activation
+        else:
             result += nn.functional.linear(low, lora_B)  # in place, as peft: result keeps its dtype
-            return result
-        fused = torch.addmm(result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1]), lora_B.t())
-        return fused.view(result.shape)
+        return result.view(*x.shape[:-1], result.shape[-1])
 
 
 # ---------------------------------------------------------------- switching it on
