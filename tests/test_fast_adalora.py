@@ -72,6 +72,25 @@ def test_loss_and_gradients_equal_stock_peft(minilm_path, orth_reg):
         assert abs(loss_and_grads(without, inputs)[0] - loss_fast) > 1e-3
 
 
+def test_bf16_autocast_is_no_further_from_fp32_than_stock_peft(minilm_path):
+    """Under bf16 autocast (in-place ops escape it: P is cast by hand) the loss and lambda's gradients
+    are at least as close to the fp32 values as stock peft's under the same autocast."""
+    stock, fast = stock_and_fast(minilm_path)
+    stock.train(), fast.train()
+    inputs = batch(minilm_path)
+    loss_fp32, grads_fp32 = loss_and_grads(stock, inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_stock, grads_stock = loss_and_grads(stock, inputs)
+        loss_fast, grads_fast = loss_and_grads(fast, inputs)
+    assert abs(loss_fast - loss_fp32) <= abs(loss_stock - loss_fp32) + 1e-3
+
+    def worst(grads):
+        return max(((grads[n] - grads_fp32[n]).norm() / grads_fp32[n].norm()).item() for n in grads if "lora_E" in n)
+
+    assert worst(grads_fast) <= worst(grads_stock) * 1.1
+    assert all(g.dtype == torch.float32 for g in grads_fast.values()) and set(grads_fast) == set(grads_stock)
+
+
 def test_penalty_is_peft_formula_by_hand():
     """mean over matrices of ||Q Q^T - I||_F and ||P^T P - I||_F, computed here matrix by matrix."""
     from bayes_adalora.fast_adalora import orthogonality_penalty

@@ -213,7 +213,9 @@ class FastSVDLinear(SVDLinear):
         factor = self.scaling[name] / (self.ranknum[name] + 1e-5)  # on r numbers, not on the activation
         low = nn.functional.linear(rows, lora_A * (lora_E * factor))
         if low.dtype == result.dtype and result.dim() == 2:
-            result.addmm_(low, lora_B.t())  # result += low P^T inside the matmul: no pass over the activation
+            # in-place ops escape autocast: P is cast to the dtype autocast gave `low` (bf16) by hand
+            weight = lora_B.t() if lora_B.dtype == low.dtype else lora_B.t().to(low.dtype)
+            result.addmm_(low, weight)  # result += low P^T inside the matmul: no pass over the activation
         else:
             result += nn.functional.linear(low, lora_B)  # in place, as peft: result keeps its dtype
         return result.view(*x.shape[:-1], result.shape[-1])
