@@ -20,8 +20,8 @@ from .config import TrainConfig
 from .data import encode, load_task_data, make_loader
 from .distributed import Processes
 from .errors import TrainingDiverged, UserError
-from .fast_adalora import enable_fast_path
 from .evaluation import mc_predictive, point_predictive, predictive_metrics
+from .fast_adalora import enable_fast_path
 from .models import default_model_path, load_model, plan_adapter_modules, target_module_suffixes
 from .posterior import posterior_sigma, posterior_state_dict
 from .schedules import constant_warmup, default_adalora_phases, linear_warmup_decay, two_phase
