@@ -110,14 +110,18 @@ def test_speed_interleaves_methods_and_measures_each_ones_memory_alone(tmp_path,
     monkeypatch.setattr(speed, "GLUE", SHARED_GLUE)
     monkeypatch.setenv("GLUE_DIR", str(SHARED_GLUE))  # the fresh memory processes read it too
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    args = ["--setting", "cpu", "--methods", "bayes-adalora", "--steps", "2", "--warmup", "1",
-            "--memory-steps", "2", "--out", str(tmp_path)]
+    args = ["--setting", "cpu", "--methods", "bayes-adalora", "lora", "--steps", "2", "--warmup", "1",
+            "--memory-steps", "2", "--threads", "1", "--out", str(tmp_path)]
     assert speed.main(args) == 0
-    result = json.loads((tmp_path / "speed-cpu-adalora-bayes-adalora.json").read_text())  # never speed-cpu.json
+    # never speed-cpu.json
+    result = json.loads((tmp_path / "speed-cpu-peft-adalora-bayes-adalora-lora.json").read_text())
     rows = result["methods"]
-    assert list(rows) == ["adalora", "bayes-adalora"] and rows["adalora"]["ratio_to_adalora"] == 1.0
-    assert result["memory_steps"] == 2
+    assert list(rows) == ["peft-adalora", "bayes-adalora", "lora"]
+    assert rows["peft-adalora"]["ratio_to_peft_adalora"] == 1.0
+    assert result["memory_steps"] == 2 and result["machine"].endswith("1 threads")
+    assert set(result["load_average_1min"]) == {"before", "after_timing"}
     for row in rows.values():
         assert 0 < row["forward_backward_s"] < row["step_s"] and row["optimizer_s"] > 0
         # MiniLM's fp32 weights alone are about 90 MB; training adds activations and optimizer state
         assert row["peak_rss_mb"] > 300 and 0 < row["training_adds_rss_mb"] < row["peak_rss_mb"]
+    assert rows["lora"]["ratio_to_lora"] == 1.0 and rows["bayes-adalora"]["ratio_to_lora"] > 0

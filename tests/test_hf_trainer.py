@@ -15,6 +15,7 @@ from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, Trai
 from bayes_adalora.allocator import PosteriorRankAllocator
 from bayes_adalora.build import build_trainable_model
 from bayes_adalora.config import TrainConfig
+from bayes_adalora.fast_adalora import FastAdaLoraModel
 from bayes_adalora.hf_trainer import IVONTrainer, RankAllocationCallback, make_trainer, trainer_max_steps
 from bayes_adalora.models import load_model
 from bayes_adalora.tasks import get_task
@@ -88,19 +89,24 @@ def test_ivon_trainer_steps_ivon_allocates_every_step_and_saves_the_final_patter
 
     allocations, grads_at_allocation, sampled = [], [], []
     allocate, sample = AdaLoraModel.update_and_allocate, ivon.IVON.sampled_params
+    allocate_fast = FastAdaLoraModel.update_and_allocate  # the default fast path's tuner (calls peft's before tfinal)
 
-    def spy_allocate(self, global_step):
+    def spy_allocate(self, global_step, original=allocate):
+        if type(self) is FastAdaLoraModel and original is allocate:
+            return original(self, global_step)  # counted by the fast tuner's own spy
         allocations.append(global_step)
         grads_at_allocation.append(
             all(p.grad is not None for n, p in self.named_parameters() if "lora_" in n and p.requires_grad)
         )
-        return allocate(self, global_step)
+        return original(self, global_step)
 
     def spy_sample(self, train=False):
         sampled.append(train)
         return sample(self, train=train)
 
     monkeypatch.setattr(AdaLoraModel, "update_and_allocate", spy_allocate)
+    monkeypatch.setattr(FastAdaLoraModel, "update_and_allocate",
+                        lambda self, step: spy_allocate(self, step, original=allocate_fast))
     monkeypatch.setattr(ivon.IVON, "sampled_params", spy_sample)
 
     train_set = read_sst2(glue_dir, "train", tokenizer)

@@ -95,8 +95,8 @@ def minilm_like_run(folder: Path) -> Path:
     ranks = {n: int(rng.integers(0, 7)) for n in names}
     results = {"task": "sst2", "method": "bayes-adalora", "final_ranks": ranks, "total_rank": sum(ranks.values()),
                "main_metric": "accuracy", "metrics": {"final": {}, "best": {}}}
-    config = {"task": "sst2", "method": "bayes-adalora", "init_r": 6, "model": "x"}
     steps = 300
+    config = {"task": "sst2", "method": "bayes-adalora", "init_r": 6, "model": "x", "total_steps": steps}
     history = {"loss": list(0.7 * np.exp(-np.arange(steps) / 100) + 0.05 * rng.random(steps)),
                "lr": [1.0] * steps, "budget": [int(222 - 74 * min(1, s / 200)) for s in range(steps)],
                "eval": [{"step": s, "accuracy": 0.5 + s / 1000} for s in range(30, 301, 30)]}

@@ -1,5 +1,11 @@
 """The run's parts wired from a config: the adapter model (peft), the optimizer, the step, the
-learning-rate schedule and the device. Everything that branches on the method reads its registry entry."""
+learning-rate schedule and the device. Everything that branches on the method reads its registry entry.
+
+The fast path of the AdaLoRA methods (`fast_adalora`, `ivon_inplace`; `TrainConfig.fast_path`, on by
+default) is switched on here and only here: `build_trainable_model` gives the model fast_adalora's
+tuner and layers, `make_optimizer` makes IVON an `InplaceIVON`, and `use_fast_path` does both for a
+model or optimizer built elsewhere (the Trainer integration's). A model built to read a saved adapter
+back (`build_adapter_model`, the `evaluate` command) keeps stock peft's classes."""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from torch import nn
 from .adapters import PAPER_LAMBDA_STD, init_lambdas_normal
 from .config import DEVICE, TrainConfig, adalora_phases
 from .errors import UserError
+from .fast_adalora import enable_fast_model, enable_fast_optimizer
 from .models import plan_adapter_modules, target_module_suffixes
 from .schedules import constant_warmup, linear_warmup_decay, two_phase
 from .steps import make_step
@@ -27,8 +34,29 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def fast_path_applies(config: TrainConfig) -> bool:
+    """The fast path is asked for (`--fast-path`, the default) and the method has AdaLoRA's adapter."""
+    return config.fast_path and config.uses_adalora
+
+
+def use_fast_path(model: nn.Module, config: TrainConfig, optimizer=None):
+    """Where the config asks for it, switch a built model and its optimizer to the fast path (a no-op
+    for those already on it, and for other methods); returns the optimizer."""
+    if fast_path_applies(config):
+        enable_fast_model(model)
+        enable_fast_optimizer(optimizer)
+    return optimizer
+
+
 def build_trainable_model(model: nn.Module, config: TrainConfig, total_steps: int, fresh: set[str]) -> nn.Module:
-    """Wrap `model` with the method's adapter (peft), or leave it whole for full fine-tuning."""
+    """The model to train: `build_adapter_model`, on the fast path where the config asks for it."""
+    model = build_adapter_model(model, config, total_steps, fresh)
+    use_fast_path(model, config)
+    return model
+
+
+def build_adapter_model(model: nn.Module, config: TrainConfig, total_steps: int, fresh: set[str]) -> nn.Module:
+    """Wrap `model` with the method's adapter (stock peft), or leave it whole for full fine-tuning."""
     adapter = config.method_spec.adapter
     if adapter is None:
         model.requires_grad_(True)
@@ -55,15 +83,17 @@ def build_trainable_model(model: nn.Module, config: TrainConfig, total_steps: in
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig, ess: float, sync: bool = False):
-    """IVON or AdamW over the trainable parameters, at `config.lr` (else the method's default)."""
+    """IVON or AdamW over the trainable parameters, at `config.lr` (else the method's default); on the
+    fast path IVON is an `InplaceIVON` (ivon-opt's numbers, in place)."""
     params = [p for p in model.parameters() if p.requires_grad]
     lr = config.resolved_lr()
     if config.uses_ivon:
-        return ivon.IVON(
+        optimizer = ivon.IVON(
             params, lr=lr, ess=ess, hess_init=config.ivon_hess_init, beta1=config.ivon_beta1,
             beta2=config.ivon_beta2, weight_decay=config.ivon_weight_decay, mc_samples=config.train_mc_samples,
             clip_radius=config.ivon_clip_radius, sync=sync,
         )
+        return enable_fast_optimizer(optimizer) if fast_path_applies(config) else optimizer
     return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
 
 

@@ -182,6 +182,8 @@ class TrainConfig:
     )
     device: str = _f("auto", "cpu, cuda, cuda:N or auto.")
     bf16: bool = _f(False, "bf16 autocast for forward and backward.")
+    fast_path: bool = _f(True, "AdaLoRA methods: batched penalty, fused layer, in-place IVON (same numbers); "
+                               "--no-fast-path runs stock peft and ivon-opt.")  # issue 11
     progress: bool = _f(True, "Show a progress bar.")
 
     def __post_init__(self) -> None:

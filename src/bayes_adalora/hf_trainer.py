@@ -24,7 +24,7 @@ from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, Trai
 
 from .adapters import adalora_tuner
 from .allocator import PosteriorRankAllocator, install_allocator
-from .build import build_trainable_model, make_optimizer
+from .build import build_trainable_model, make_optimizer, use_fast_path
 from .config import TrainConfig
 from .methods import IVON_METHODS
 from .models import load_model
@@ -175,7 +175,8 @@ class IVONTrainer(Trainer):
             raise ValueError("the training set has no length: set TrainConfig.ivon_ess") from exc
 
     def create_optimizer(self, model=None):
-        """IVON over the trainable parameters (unless one was passed in); for bayes-adalora, the posterior allocator."""
+        """IVON over the trainable parameters (unless one was passed in); for bayes-adalora, the posterior
+        allocator; the fast path where the config asks for it (`build.use_fast_path`)."""
         if self.optimizer is None:
             settings = dataclasses.replace(self.train_config, lr=self.args.learning_rate)
             self.optimizer = make_optimizer(model if model is not None else self.model, settings, self.ivon_ess())
@@ -185,6 +186,7 @@ class IVONTrainer(Trainer):
             allocator = tuner.rankallocator
             if not (isinstance(allocator, PosteriorRankAllocator) and allocator.optimizer is optimizer):
                 install_allocator(self.model, self.train_config.method, optimizer, self.train_config.criterion)
+        use_fast_path(self.model, self.train_config, optimizer)  # a model or an IVON passed in: fast path too
         return self.optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None):

@@ -1,8 +1,9 @@
 """A saved run folder read back: its files, its model rebuilt exactly as trained, and `evaluate`.
 
-The model is rebuilt the way training built it (`build.build_trainable_model`, AdaLoRA at its
-initial rank) and the saved adapter is loaded into it, pruned triplets coming back as zeros: the
-same shapes as in training, so the same kernels and bitwise the same logits. Evaluation then runs
+The model is rebuilt the way training built it, with stock peft's classes (`build.build_adapter_model`,
+AdaLoRA at its initial rank; training's fast path predicts through peft's own forward too) and the saved
+adapter is loaded into it, pruned triplets coming back as zeros: the same shapes as in training, so the
+same kernels and bitwise the same logits. Evaluation then runs
 through `predict.predict` / `predict.predict_sampled`, the functions training used.
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .adapters import POSTERIOR_FILE, load_adapter_weights
-from .build import build_trainable_model, resolve_device
+from .build import build_adapter_model, resolve_device
 from .config import check_field, config_fields
 from .data import (
     TextDataset,
@@ -57,7 +58,7 @@ def load_run_model(run: SavedRun, device: torch.device):
                 f"{run.folder} holds no adapter (adapter/adapter_config.json and adapter_model.safetensors)"
             )
         tokenizer, base, fresh = load_model(run.resolved["model"], spec, config.trust_remote_code)
-        model = build_trainable_model(base, config, run.resolved["total_steps"], fresh)
+        model = build_adapter_model(base, config, run.resolved["total_steps"], fresh)
         load_adapter_weights(model, adapter)
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise UserError(f"the weights saved in {run.folder} are not finite (NaN or inf): the run diverged; "
