@@ -53,12 +53,12 @@ def run_one(name: str, settings: dict, glue_dir: str, work: Path) -> dict:
     import torch
 
     torch.set_num_threads(int(os.environ.get("DIAGNOSE_THREADS", "1")))
-    from bayes_adalora.cli import _quiet_libraries
+    from bayes_adalora.cli import quiet_libraries
     from bayes_adalora.config import make_config
     from bayes_adalora.errors import TrainingDiverged
     from bayes_adalora.train import train
 
-    _quiet_libraries()
+    quiet_libraries()
     given = {**BASE, **settings, "data_dir": glue_dir, "output_dir": str(work / name)}
     steps = settings.get("max_steps")
     if "eval_steps" not in settings and steps:

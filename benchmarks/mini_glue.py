@@ -33,6 +33,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from datetime import date
 from pathlib import Path
 
+from bayes_adalora.methods import METHODS
+
 HERE = Path(__file__).resolve().parent
 
 # (cell name, method, criterion)
@@ -45,7 +47,7 @@ CELLS = (
     ("bayes-mean_abs", "bayes-adalora", "mean_abs"),
     ("bayes-inv_sigma", "bayes-adalora", "inv_sigma"),
 )
-FAMILY = {"lora": "lora", "adalora": "adalora", "adalora-ivon": "ivon", "bayes-adalora": "ivon"}
+FAMILY = {method: METHODS[method].family for _, method, _ in CELLS}  # the lr ladder each method climbs
 TASKS = {  # task: (steps, max_length); same for every method. Pair tasks cost 2-4x a step.
     "sst2": (160, 64),
     "cola": (120, 64),
@@ -53,12 +55,19 @@ TASKS = {  # task: (steps, max_length); same for every method. Pair tasks cost 2
     "stsb": (120, 128),
     "rte": (80, 128),
 }
-MINI = {"batch_size": 16, "eval_batch_size": 16, "bf16": True, "plots": False}  # every mini cell; evaluations: half-way and at the end
+MINI = {
+    "batch_size": 16,
+    "eval_batch_size": 16,
+    "bf16": True,
+    "plots": False,
+}  # every mini cell; evaluations: half-way and at the end
 SEEDS = (0, 1, 2)
 # Each ladder holds the lr a 240-step, batch-32 sweep chose (IVON 6, AdaLoRA 4e-3, LoRA 1e-3;
 # the first two at the top of their ladders then) and one doubling above it.
 LR_GRID = {"ivon": (3.0, 6.0, 12.0), "adalora": (2e-3, 4e-3, 8e-3), "lora": (1e-3, 2e-3, 4e-3)}
-DEFAULT_LR = {"ivon": 6.0, "adalora": 4e-3, "lora": 2e-3}
+# The grid's lr where no tuning sweep has finished: each ladder's middle rung, chosen for these short
+# batch-16 runs; on purpose not the package's defaults (`methods.METHODS[...].default_lr`, for 3-epoch runs).
+FALLBACK_LR = {"ivon": 6.0, "adalora": 4e-3, "lora": 2e-3}
 DIVERGED = "diverged.json"
 TUNE_TASKS = ("sst2", "mrpc")  # CoLA gave every method an MCC near 0 in short runs: no signal
 
@@ -102,12 +111,12 @@ def run_cell(given: dict) -> dict:
     import torch
 
     torch.set_num_threads(int(os.environ.get("MINI_GLUE_THREADS", "1")))
-    from bayes_adalora.cli import _quiet_libraries
+    from bayes_adalora.cli import quiet_libraries
     from bayes_adalora.config import make_config
     from bayes_adalora.errors import TrainingDiverged
     from bayes_adalora.train import train
 
-    _quiet_libraries()
+    quiet_libraries()
     config, _ = make_config(given)
     try:
         return train(config)
@@ -147,7 +156,9 @@ def run_cells(jobs: list[dict], workers: int, work: Path, phase: str) -> None:
                 outcome = result["diverged"]
             else:
                 outcome = f"best {result['main_metric']} {result['metrics']['best'][result['main_metric']]:.4f}"
-            print(f"[{time.time() - start:7.0f}s] {given['task']} {Path(given['output_dir']).name}: {outcome}", flush=True)
+            print(
+                f"[{time.time() - start:7.0f}s] {given['task']} {Path(given['output_dir']).name}: {outcome}", flush=True
+            )
 
 
 def _add_wall(work: Path, phase: str, since: float) -> float:
@@ -166,7 +177,7 @@ def best_lrs(tune_dir: Path) -> dict[str, float]:
     chosen = {}
     for family, means in tuning_scores(tune_dir).items():
         ok = {lr: v for lr, v in means.items() if v is not None}
-        chosen[family] = max(ok, key=ok.get) if ok else DEFAULT_LR[family]
+        chosen[family] = max(ok, key=ok.get) if ok else FALLBACK_LR[family]
     return chosen
 
 
@@ -182,7 +193,12 @@ def summary(table: dict) -> list[str]:
     crits = ("bayes-adalora", "bayes-snr", "bayes-mean_abs", "bayes-inv_sigma")
     full = [t for t in table if set(crits) <= set(table[t])]
     if full:
-        names = {"bayes-adalora": "snr_abs", "bayes-snr": "snr", "bayes-mean_abs": "mean_abs", "bayes-inv_sigma": "inv_sigma"}
+        names = {
+            "bayes-adalora": "snr_abs",
+            "bayes-snr": "snr",
+            "bayes-mean_abs": "mean_abs",
+            "bayes-inv_sigma": "inv_sigma",
+        }
         from scipy.stats import rankdata
 
         per_task = [rankdata([-_mean(table[t][c]) for c in crits], method="average") for t in full]
@@ -249,7 +265,8 @@ def report(work: Path, out: Path, lrs: dict, plan: str, seeds, tasks, overrides:
     name = "mini-glue" if plan == "mini" else "paper-glue"
     (out / f"{name}.json").write_text(json.dumps({**meta, "results": table}, indent=2) + "\n")
     lines = [
-        f"# {'Mini-GLUE' if plan == 'mini' else 'Paper-scale GLUE'}: best dev score, mean ± std over seeds {list(seeds)}",
+        f"# {'Mini-GLUE' if plan == 'mini' else 'Paper-scale GLUE'}: "
+        f"best dev score, mean ± std over seeds {list(seeds)}",
         "",
         f"Machine: {meta['machine']}. Date: {meta['date']}. Learning rates: {lrs}.",
         f"Steps and max length per task: {meta['steps_and_max_length']}. Overrides: {overrides or 'none'}.",
@@ -268,8 +285,11 @@ def report(work: Path, out: Path, lrs: dict, plan: str, seeds, tasks, overrides:
     if meta["tuning"]:
         lines += ["", f"Tuning (seed 0, mean over {', '.join(TUNE_TASKS)} of the main metric; "
                       f"IVON's lr chosen with bayes-adalora):", ""]
-        lines += [f"- {family}: " + ", ".join(f"lr {lr:g} → {'diverged' if v is None else f'{v:.4f}'}" for lr, v in scores.items())
-                  for family, scores in meta["tuning"].items()]
+        lines += [
+            f"- {family}: "
+            + ", ".join(f"lr {lr:g} → {'diverged' if v is None else f'{v:.4f}'}" for lr, v in scores.items())
+            for family, scores in meta["tuning"].items()
+        ]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -291,7 +311,9 @@ def _machine() -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--glue-dir", default=os.environ.get("GLUE_DIR"), help="GLUE TSV folder (default $GLUE_DIR; none: the hub)")
+    parser.add_argument(
+        "--glue-dir", default=os.environ.get("GLUE_DIR"), help="GLUE TSV folder (default $GLUE_DIR; none: the hub)"
+    )
     parser.add_argument("--work", type=Path, default=Path("runs/mini-glue"), help="where cells are trained (resumable)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--workers", type=int, default=2, help="cells trained at once")
@@ -300,7 +322,9 @@ def main(argv=None) -> int:
     parser.add_argument("--plan", choices=("mini", "paper"), default="mini")
     parser.add_argument("--tasks", nargs="+", default=None)
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
-    parser.add_argument("--cells", nargs="+", choices=[c[0] for c in CELLS], help="train only these cells (default: all)")
+    parser.add_argument(
+        "--cells", nargs="+", choices=[c[0] for c in CELLS], help="train only these cells (default: all)"
+    )
     parser.add_argument("--tune-dir", type=Path, help="where the lr sweep's cells live (default: WORK/tune); "
                         "point it at another grid's to reuse its learning rates")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",

@@ -156,30 +156,36 @@ def train_args(task: str, cell: Cell, seed: int, lr: float, data_dir: Path, out:
     return args + extra
 
 
-def run_cell(args: list[str], record: dict, path: Path, threads: int) -> dict:
-    """Train one cell in a subprocess and write its JSON (a diverged run is a result too)."""
-    # the package of this checkout (the pinned worktree), whatever an editable install points at
+def run_train(args: list[str], threads: int) -> tuple[int, str]:
+    """`bayes-adalora <args>` in a subprocess on `threads` threads, with this checkout's package
+    (the pinned worktree's, whatever an editable install points at); (exit code, stderr)."""
     pythonpath = os.pathsep.join(p for p in (str(HERE.parent / "src"), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONPATH": pythonpath}
-    command = [sys.executable, "-m", "bayes_adalora.cli", *args]
+    proc = subprocess.run([sys.executable, "-m", "bayes_adalora.cli", *args], env=env, capture_output=True,
+                          text=True, check=False)
+    return proc.returncode, proc.stderr
+
+
+def run_cell(args: list[str], record: dict, path: Path, threads: int) -> dict:
+    """Train one cell and write its JSON (a diverged run is a result too)."""
     start = time.time()
-    proc = subprocess.run(command, env=env, capture_output=True, text=True)
+    code, stderr = run_train(args, threads)
     out = Path(args[args.index("--output-dir") + 1])
     record = {**record, "command": shlex.join(["bayes-adalora", *args]), "commit": git_commit(),
               "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "wall_seconds": round(time.time() - start, 1)}
-    if proc.returncode == 0:
+    if code == 0:
         results = json.loads((out / "results.json").read_text())
         metric = results["main_metric"]
         record.update(metric=metric, best=results["metrics"]["best"][metric],
                       best_step=results["metrics"]["best"]["step"], final=results["metrics"]["final"][metric],
                       steps=results["steps"], train_seconds=round(results["train_seconds"], 1),
                       total_rank=results["total_rank"])
-    elif proc.returncode == 1 and "diverged" in proc.stderr:
-        record.update(diverged=proc.stderr.strip().splitlines()[-1])
+    elif code == 1 and "diverged" in stderr:
+        record.update(diverged=stderr.strip().splitlines()[-1])
     else:
-        raise RuntimeError(f"cell {path.name} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+        raise RuntimeError(f"cell {path.name} failed (exit {code}): {stderr.strip()[-2000:]}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".partial")
     tmp.write_text(json.dumps(record, indent=1) + "\n")

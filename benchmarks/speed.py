@@ -1,12 +1,16 @@
-"""Training-step speed of lora, adalora (peft, AdamW, sensitivity), adalora-ivon and bayes-adalora.
+"""Training-step speed of stock peft AdaLoRA + AdamW, our adalora, adalora-ivon, bayes-adalora, and lora.
 
+`peft-adalora` is what a user picks instead: peft's AdaLoRA with AdamW, stock (`fast_path=False`:
+peft's layers and penalty). `adalora`, `adalora-ivon` and `bayes-adalora` run our fast path
+(`TrainConfig.fast_path`, wired by the package's `build.py`: fused layer, batched penalty, cached final
+masks, in-place IVON). Every method steps through the package's step interface (`steps.py`).
 All methods live in one process and take turns step by step on the same batches, so machine
 drift cancels. Each step is split into: forward+backward, optimizer (AdamW step; IVON's
 sampling, restore and update), and rank allocation (peft's `update_and_allocate`, which for
 `adalora` also updates the sensitivity EMAs at every step). Medians over steps; allocation is
 also given as its mean share of the step, since it only does real work at masking steps.
 
-    python benchmarks/speed.py --setting cpu            # packaged MiniLM, batch 32, SST-2 sentences
+    python benchmarks/speed.py --setting cpu --threads 1   # packaged MiniLM, batch 32, SST-2 sentences
     python benchmarks/speed.py --setting gpu --dtype bf16   # DeBERTaV3-base-shaped, batch 32, len 128
 
 Peak memory: on the GPU, torch's peak allocation during each method's steps. On the CPU the
@@ -14,7 +18,8 @@ methods share one process, so each one also runs `--memory-steps` steps alone in
 process (Linux): its peak resident set size during those steps is reported, and how much of it
 training adds to the built model (activations, gradients, optimizer state).
 
-Writes benchmarks/results/speed-<setting>[-<dtype>].json and prints a Markdown table.
+Ratios are to `peft-adalora` and to `lora`. Writes benchmarks/results/speed-<setting>[-<dtype>].json
+and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -33,11 +38,14 @@ from pathlib import Path
 
 import torch
 
-from bayes_adalora.allocator import install_posterior_allocator
+from bayes_adalora.allocator import install_allocator
+from bayes_adalora.build import build_trainable_model, make_optimizer, make_training_step
 from bayes_adalora.config import TrainConfig
-from bayes_adalora.train import build_trainable_model, make_optimizer
+from bayes_adalora.methods import METHODS as REGISTRY
 
-METHODS = ("lora", "adalora", "adalora-ivon", "bayes-adalora")
+STOCK = "peft-adalora"  # peft's AdaLoRA + AdamW, no fast path: the baseline
+# the baseline, then every adapter method of the registry (bayes-adalora, adalora-ivon, adalora, lora)
+METHODS = (STOCK, *(name for name, m in REGISTRY.items() if m.adapter is not None))
 HERE = Path(__file__).resolve().parent
 
 
@@ -98,53 +106,43 @@ class Method:
         self.name = name
         init_r, target_r = (6, 4) if setting == "cpu" else (3, 2)  # the paper's rank-2 budget on the GPU
         self.config = TrainConfig(
-            method=name, init_r=init_r, target_r=target_r, lora_r=target_r,
-            tinit=total_steps // 10, tfinal=total_steps // 5, delta_t=10,
+            method="adalora" if name == STOCK else name, init_r=init_r, target_r=target_r, lora_r=target_r,
+            tinit=total_steps // 10, tfinal=total_steps // 5, delta_t=10, fast_path=name != STOCK,
         )
         self.model = build_trainable_model(base_model(setting), self.config, total_steps, set()).to(device)
         self.model.train()
         self.optimizer = make_optimizer(self.model, self.config, ess=67349.0)
-        self.tuner = self.model.base_model if self.config.uses_adalora else None
-        if name == "bayes-adalora":
-            install_posterior_allocator(self.model, self.optimizer, "snr_abs")
+        self.training_step = make_training_step(self.optimizer, self.config)
+        allocator = install_allocator(self.model, self.config.method, self.optimizer, "snr_abs")
+        self.tuner = self.model.base_model if allocator is not None else None
         self.times: dict[str, list[float]] = {"step": [], "forward_backward": [], "optimizer": [], "allocation": []}
 
     def step(self, batch, step: int, autocast, sync) -> None:
+        """One training step, timed in phases: before `forward_backward` starts (IVON: drawing the
+        sample), forward + backward, then the rest of the step (IVON: restoring mu, the update)."""
         t = [time.perf_counter()]
 
         def mark():
             sync()
             t.append(time.perf_counter())
 
-        if self.config.uses_ivon:
-            self.optimizer.zero_grad(set_to_none=True)
-            ctx = self.optimizer.sampled_params(train=True)
-            ctx.__enter__()
-            mark()  # sampling
-            with autocast:
-                loss = self.model(**batch).loss
-            loss.backward()
-            mark()  # forward + backward
-            ctx.__exit__(None, None, None)
-            self.optimizer.step()
-            mark()  # restore + update
-            opt = (t[1] - t[0]) + (t[3] - t[2])
-            fb = t[2] - t[1]
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
+        def forward_backward():
+            mark()  # the sample is drawn (IVON), the gradients zeroed
             with autocast:
                 loss = self.model(**batch).loss
             loss.backward()
             mark()
-            self.optimizer.step()
-            mark()
-            fb, opt = t[1] - t[0], t[2] - t[1]
+            return loss
+
+        self.training_step.gradients(forward_backward)
+        self.training_step.update()
+        mark()  # restore + update
         if self.tuner is not None:
             self.tuner.update_and_allocate(step)
         mark()
         self.times["step"].append(t[-1] - t[0])
-        self.times["forward_backward"].append(fb)
-        self.times["optimizer"].append(opt)
+        self.times["forward_backward"].append(t[2] - t[1])
+        self.times["optimizer"].append((t[1] - t[0]) + (t[3] - t[2]))
         self.times["allocation"].append(t[-1] - t[-2] if self.tuner is not None else 0.0)
 
 
@@ -176,7 +174,8 @@ def cpu_memory(methods, steps: int) -> dict:
     """Each method alone in a fresh process (`memory_alone`); RSS cannot be split inside one."""
     out = {}
     for name in methods:
-        cmd = [sys.executable, __file__, "--setting", "cpu", "--memory-of", name, "--steps", str(steps)]
+        cmd = [sys.executable, __file__, "--setting", "cpu", "--memory-of", name, "--steps", str(steps),
+               "--threads", str(torch.get_num_threads())]
         done = subprocess.run(cmd, capture_output=True, text=True, check=True)
         out[name] = json.loads(done.stdout.strip().splitlines()[-1])
     return out
@@ -193,6 +192,7 @@ def run(args) -> dict:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
     sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
     peak = {}
+    load_before = os.getloadavg()
     for i in range(total):
         batch = {k: v.to(device) for k, v in batches[i % len(batches)].items()}
         for m in methods:
@@ -205,6 +205,7 @@ def run(args) -> dict:
             for m in methods:
                 for v in m.times.values():
                     v.clear()
+    load_after = os.getloadavg()  # other processes on the machine during the timed steps
     rows = {}
     for m in methods:
         med = {k: statistics.median(v) for k, v in m.times.items()}
@@ -221,13 +222,14 @@ def run(args) -> dict:
     if device.type == "cpu" and args.memory_steps:
         for name, mem in cpu_memory(args.methods, args.memory_steps).items():
             rows[name].update(peak_rss_mb=mem["peak_rss_mb"], training_adds_rss_mb=mem["training_adds_mb"])
-    ref = rows["adalora"]["step_s"]
     for r in rows.values():
-        r["ratio_to_adalora"] = r["step_s"] / ref
+        r["ratio_to_peft_adalora"] = r["step_s"] / rows[STOCK]["step_s"]
+        r["ratio_to_lora"] = r["step_s"] / rows["lora"]["step_s"] if "lora" in rows else None
     return {
         "setting": args.setting, "dtype": args.dtype, "steps": args.steps, "warmup": args.warmup,
         "date": date.today().isoformat(), "machine": machine(device), "torch": torch.__version__,
-        "memory_steps": args.memory_steps if device.type == "cpu" else None, "methods": rows,
+        "memory_steps": args.memory_steps if device.type == "cpu" else None,
+        "load_average_1min": {"before": load_before[0], "after_timing": load_after[0]}, "methods": rows,
     }
 
 
@@ -240,10 +242,12 @@ def machine(device) -> str:
 def table(result: dict) -> str:
     lines = [
         f"Setting {result['setting']} ({result['dtype']}), {result['machine']}, {result['date']}, "
-        f"median of {result['steps']} interleaved steps after {result['warmup']} warm-up",
+        f"median of {result['steps']} interleaved steps after {result['warmup']} warm-up; 1-min load average "
+        f"{result['load_average_1min']['before']:.2f} before, {result['load_average_1min']['after_timing']:.2f} after",
         "",
-        "| method | step (ms) | ratio to adalora | fwd+bwd (ms) | optimizer (ms) | allocation, mean (ms) | allocation share | peak MB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | step (ms) | ratio to peft-adalora | ratio to lora | fwd+bwd (ms) | optimizer (ms) "
+        "| allocation, mean (ms) | allocation share | peak MB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in result["methods"].items():
         if r.get("peak_memory_mb"):
@@ -253,8 +257,10 @@ def table(result: dict) -> str:
         else:
             mem = "-"
         lines.append(
-            f"| {name} | {1e3 * r['step_s']:.1f} | {r['ratio_to_adalora']:.3f} | {1e3 * r['forward_backward_s']:.1f} "
-            f"| {1e3 * r['optimizer_s']:.2f} | {1e3 * r['allocation_mean_s']:.3f} | {100 * r['allocation_share']:.2f}% | {mem} |"
+            f"| {name} | {1e3 * r['step_s']:.1f} | {r['ratio_to_peft_adalora']:.3f} "
+            f"| {'-' if r['ratio_to_lora'] is None else format(r['ratio_to_lora'], '.3f')} "
+            f"| {1e3 * r['forward_backward_s']:.1f} | {1e3 * r['optimizer_s']:.2f} "
+            f"| {1e3 * r['allocation_mean_s']:.3f} | {100 * r['allocation_share']:.2f}% | {mem} |"
         )
     return "\n".join(lines)
 
@@ -266,20 +272,23 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=60, help="timed steps per method")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps per method first")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
-                        help="which methods (adalora is always one: the ratios are to it)")
+                        help=f"which methods ({STOCK} is always one: the ratios are to it, and to lora)")
     parser.add_argument("--memory-steps", type=int, default=10,
                         help="CPU: steps of each method alone in a fresh process for its peak RSS (0: skip)")
     parser.add_argument("--memory-of", choices=METHODS, help=argparse.SUPPRESS)  # the fresh process's job
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
-    if "adalora" not in args.methods:
-        args.methods.insert(0, "adalora")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if STOCK not in args.methods:
+        args.methods.insert(0, STOCK)
     if args.setting == "gpu" and not torch.cuda.is_available():
         print("speed.py: --setting gpu needs a CUDA device", file=sys.stderr)
         return 2
-    from bayes_adalora.cli import _quiet_libraries
+    from bayes_adalora.cli import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     if args.memory_of:
         print(json.dumps(memory_alone(args)))
         return 0

@@ -43,7 +43,8 @@ def write_glue_task(root: Path, task: str, n_train: int = 64, n_dev: int = 32) -
         for split, n, seed in (("train", n_train, 0), ("dev", n_dev, 1)):
             rows = sentiment_rows(n, seed)
             lines = [header] + [
-                f"{i}\tmain\tx\t2012\t{i:04d}\tnone\tnone\t{s}\t{s}\t{4.0 * y + 0.5:.3f}" for i, (s, y) in enumerate(rows)
+                f"{i}\tmain\tx\t2012\t{i:04d}\tnone\tnone\t{s}\t{s}\t{4.0 * y + 0.5:.3f}"
+                for i, (s, y) in enumerate(rows)
             ]
             (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n")
     else:

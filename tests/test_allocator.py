@@ -137,13 +137,17 @@ def test_tied_scores_keep_exactly_the_budget():
 def test_flat_triplet_scores_equal_the_per_matrix_formula(criterion):
     """The allocator's one-pass scores equal S_k = s(lambda_k) + mean_i s(P_ik) + mean_j s(Q_kj)
     computed matrix by matrix from the pure functions."""
-    from bayes_adalora.importance import triplet_scores
+    from helpers import triplet_scores
 
     model = adalora_net()
     optimizer = ivon_with_random_hessian(model)
     allocator = install_posterior_allocator(model, optimizer, criterion)
     # sigma by hand from IVON's flat Hessian: parameters lie in it one after another, in order
-    flat, ess, wd = optimizer.param_groups[0]["hess"], optimizer.param_groups[0]["ess"], optimizer.param_groups[0]["weight_decay"]
+    flat, ess, wd = (
+        optimizer.param_groups[0]["hess"],
+        optimizer.param_groups[0]["ess"],
+        optimizer.param_groups[0]["weight_decay"],
+    )
     sigmas, offset = {}, 0
     for p in optimizer.param_groups[0]["params"]:
         sigmas[p] = (1.0 / torch.sqrt(ess * (flat[offset : offset + p.numel()] + wd))).view_as(p)
@@ -152,4 +156,6 @@ def test_flat_triplet_scores_equal_the_per_matrix_formula(criterion):
     for layer in (model.base_model.model.first, model.base_model.model.second, model.base_model.model.third):
         P, E, Q = layer.lora_B["default"], layer.lora_E["default"], layer.lora_A["default"]
         expected.append(triplet_scores(*(posterior_score(criterion, p.detach(), sigmas[p]) for p in (P, E, Q))))
-    torch.testing.assert_close(allocator.triplet_scores(model.base_model.model), torch.cat(expected), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(
+        allocator.triplet_scores(model.base_model.model), torch.cat(expected), rtol=1e-6, atol=1e-7
+    )

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import mini_glue  # noqa: E402
+import mini_glue
 
 TINY = ["max_steps=8", "tinit=1", "tfinal=2", "delta_t=2", "max_length=32", "eval_steps=4", "warmup_steps=1"]
 
@@ -45,7 +45,11 @@ def test_grid_runs_every_cell_resumes_and_writes_the_table(plan, tmp_path, glue_
         assert one["ivon_weight_decay"] == 1e-8 and one["lr"] == 0.4
     md = (tmp_path / "out" / f"{name}.md").read_text()
     assert "| bayes-adalora |" in md and "sst2 (accuracy)" in md
-    assert "at or above adalora on" in md and "mean rank over tasks" in md and "mean_abs minus snr_abs, per task: sst2 " in md
+    assert (
+        "at or above adalora on" in md
+        and "mean rank over tasks" in md
+        and "mean_abs minus snr_abs, per task: sst2 " in md
+    )
 
     assert mini_glue.main(args) == 0  # resumable: nothing left to train
     assert f"{len(mini_glue.CELLS)} cells done, 0 to run" in capsys.readouterr().out
@@ -61,7 +65,12 @@ def test_grid_runs_every_cell_resumes_and_writes_the_table(plan, tmp_path, glue_
         variant = json.loads((tmp_path / "variant-out" / "mini-glue.json").read_text())
         assert set(variant["results"]["sst2"]) == {"bayes-inv_sigma", "lora"}
         assert variant["learning_rates"] == table["learning_rates"]
-        assert json.loads((tmp_path / "variant" / "sst2" / "bayes-inv_sigma-seed0" / "config.json").read_text())["ivon_beta2"] == 0.99
+        assert (
+            json.loads((tmp_path / "variant" / "sst2" / "bayes-inv_sigma-seed0" / "config.json").read_text())[
+                "ivon_beta2"
+            ]
+            == 0.99
+        )
 
 
 def test_a_diverged_cell_is_recorded_and_the_grid_goes_on(tmp_path, glue_dir, tiny_deberta, capsys, monkeypatch):
@@ -80,7 +89,7 @@ def test_a_diverged_cell_is_recorded_and_the_grid_goes_on(tmp_path, glue_dir, ti
 
     table = json.loads((tmp_path / "out" / "mini-glue.json").read_text())
     assert table["tuning"] == {"ivon": {"0.5": None}, "adalora": {"0.001": None}, "lora": {"0.001": None}}
-    assert table["learning_rates"] == mini_glue.DEFAULT_LR  # no lr of the sweep survived
+    assert table["learning_rates"] == mini_glue.FALLBACK_LR  # no lr of the sweep survived
     cell = table["results"]["sst2"]["adalora"]
     assert (cell["scores"], cell["diverged"], cell["mean"], cell["metric"]) == ([], 1, None, "accuracy")
     md = (tmp_path / "out" / "mini-glue.md").read_text()
@@ -101,15 +110,18 @@ def test_speed_interleaves_methods_and_measures_each_ones_memory_alone(tmp_path,
     monkeypatch.setattr(speed, "GLUE", SHARED_GLUE)
     monkeypatch.setenv("GLUE_DIR", str(SHARED_GLUE))  # the fresh memory processes read it too
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    args = ["--setting", "cpu", "--methods", "bayes-adalora", "--steps", "2", "--warmup", "1",
-            "--memory-steps", "2", "--out", str(tmp_path)]
+    args = ["--setting", "cpu", "--methods", "bayes-adalora", "lora", "--steps", "2", "--warmup", "1",
+            "--memory-steps", "2", "--threads", "1", "--out", str(tmp_path)]
     assert speed.main(args) == 0
-    result = json.loads((tmp_path / "speed-cpu-adalora-bayes-adalora.json").read_text())  # never speed-cpu.json
+    # never speed-cpu.json
+    result = json.loads((tmp_path / "speed-cpu-peft-adalora-bayes-adalora-lora.json").read_text())
     rows = result["methods"]
-    assert list(rows) == ["adalora", "bayes-adalora"] and rows["adalora"]["ratio_to_adalora"] == 1.0
-    assert result["memory_steps"] == 2
+    assert list(rows) == ["peft-adalora", "bayes-adalora", "lora"]
+    assert rows["peft-adalora"]["ratio_to_peft_adalora"] == 1.0
+    assert result["memory_steps"] == 2 and result["machine"].endswith("1 threads")
+    assert set(result["load_average_1min"]) == {"before", "after_timing"}
     for row in rows.values():
         assert 0 < row["forward_backward_s"] < row["step_s"] and row["optimizer_s"] > 0
         # MiniLM's fp32 weights alone are about 90 MB; training adds activations and optimizer state
         assert row["peak_rss_mb"] > 300 and 0 < row["training_adds_rss_mb"] < row["peak_rss_mb"]
-    assert rows["bayes-adalora"]["ratio_to_adalora"] == rows["bayes-adalora"]["step_s"] / rows["adalora"]["step_s"]
+    assert rows["lora"]["ratio_to_lora"] == 1.0 and rows["bayes-adalora"]["ratio_to_lora"] > 0

@@ -25,6 +25,7 @@ from scipy import stats
 from sklearn.metrics import accuracy_score
 
 from bayes_adalora.cli import main
+from bayes_adalora.config import config_fields
 
 METHODS = ("full", "lora", "adalora", "adalora-ivon", "bayes-adalora")
 ADAPTER_METHODS = ("lora", "adalora", "adalora-ivon", "bayes-adalora")
@@ -57,7 +58,7 @@ def read_json(path: Path) -> dict:
 
 def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}  # noqa: SIM118 (a safetensors file)
 
 
 def folder_snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
@@ -198,7 +199,7 @@ def posterior_means(posterior_file: Path) -> tuple[dict, dict]:
 def test_every_method_trains_and_writes_its_run(method, trained, tiny_deberta):
     run = trained(method)
     results = read_json(run / "results.json")
-    assert RESULT_KEYS <= set(results)
+    assert set(results) >= RESULT_KEYS
     assert results["task"] == "sst2" and results["method"] == method and results["seed"] == 0
     assert results["model"] == str(tiny_deberta)
     assert results["steps"] == STEPS
@@ -206,12 +207,10 @@ def test_every_method_trains_and_writes_its_run(method, trained, tiny_deberta):
 
     final, best = results["metrics"]["final"], results["metrics"]["best"]
     assert set(final) == {"accuracy", "ece", "nll", "brier", "aurc", "accuracy_at_coverage"}
-    assert 0.0 <= final["accuracy"] <= 1.0
     # accuracy on 32 dev rows is a multiple of 1/32
     assert final["accuracy"] * 32 == pytest.approx(round(final["accuracy"] * 32), abs=1e-9)
     assert 1 <= best["step"] <= STEPS and best["accuracy"] >= final["accuracy"]
     assert results["train_seconds"] > 0 and results["peak_memory_mb"] > 0
-    assert results["seconds_per_step"] == pytest.approx(results["train_seconds"] / STEPS)
 
     config = read_json(run / "config.json")
     assert config["method"] == method and config["task"] == "sst2" and config["seed"] == 0
@@ -262,10 +261,13 @@ def test_posterior_file_holds_ivon_sigma(method, trained):
 
 @pytest.mark.parametrize("criterion", CRITERIA[1:])  # snr_abs, the default, ran above
 def test_every_posterior_criterion_trains(criterion, trained):
-    results = read_json(trained("bayes-adalora", "--criterion", criterion) / "results.json")
+    run = trained("bayes-adalora", "--criterion", criterion)
+    results = read_json(run / "results.json")
     assert results["criterion"] == criterion
     assert results["total_rank"] == TARGET_R * len(results["final_ranks"])
-    assert 0.0 <= results["metrics"]["final"]["accuracy"] <= 1.0
+    # the saved adapter holds the ranks the run reports, whatever the criterion chose
+    factors, _ = adapter_factors(run / "adapter" / "adapter_model.safetensors")
+    assert {m: f["A"].shape[0] for m, f in factors.items()} == results["final_ranks"]
 
 
 def test_final_budget_is_met_when_posterior_scores_tie(trained):
@@ -445,6 +447,31 @@ def test_bad_flags_are_refused_with_one_line(case, capfd, tmp_path, glue_dir, ti
     assert_refused(capfd, argv, tmp_path / "out", *words)
 
 
+NUMBER_FIELDS = [f for f in config_fields() if "bounds" in f.metadata]
+
+
+def refused_values(f) -> list[str]:
+    """What a number flag must refuse, generated from its field's bounds: NaN, inf, and 0, a negative
+    value and one above its top where those are outside."""
+    bounds = f.metadata["bounds"]
+    values = ["nan", "inf"] + [str(v) for v in (0, -1) if not bounds.contains(v)]
+    if math.isfinite(bounds.high):
+        values.append(str(int(bounds.high) + 1))
+    return values
+
+
+@pytest.mark.parametrize("f", NUMBER_FIELDS, ids=lambda f: f.name)
+def test_every_number_flag_refuses_nan_inf_and_out_of_range_values_in_one_line(f, capfd, tmp_path, glue_dir,
+                                                                               tiny_deberta):
+    flag = "--" + f.name.replace("_", "-")
+    for value in refused_values(f):
+        argv = train_argv(glue_dir, tiny_deberta, tmp_path / "out", flag, value)
+        if f.name == "max_steps":  # the last --max-steps wins in argparse; keep only the bad one
+            del argv[argv.index("--max-steps") : argv.index("--max-steps") + 2]
+        line = assert_refused(capfd, argv, tmp_path / "out", flag)
+        assert value in line, line
+
+
 def test_missing_data_folder_is_refused(capfd, tmp_path, tiny_deberta):
     missing = tmp_path / "no-such-folder"
     out = tmp_path / "out"
@@ -485,7 +512,11 @@ def test_existing_run_is_refused_and_kept_unless_overwrite(capfd, trained, tmp_p
     assert main(train_argv(glue_dir, tiny_deberta, out, "--method", "lora", "--overwrite")) == 0
     results = read_json(out / "results.json")
     assert results["method"] == "lora" and results["criterion"] is None
-    for stale in ("posterior.safetensors", "correlations.json", "sigma.png"):  # the old run is replaced, not merged into
+    for stale in (
+        "posterior.safetensors",
+        "correlations.json",
+        "sigma.png",
+    ):  # the old run is replaced, not merged into
         assert not (out / stale).exists(), stale
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no partial folder left behind
 
@@ -514,13 +545,32 @@ def test_empty_existing_folder_takes_the_run(tmp_path, glue_dir, tiny_deberta):
 @pytest.mark.parametrize("command", [[], ["train"], ["evaluate"], ["plot"]])
 def test_help_prints_every_flag_and_exits_zero(command, capsys):
     # argparse %-formats help texts: a bare "%" in one (e.g. "6% of the run") used to crash --help
-    with pytest.raises(SystemExit) as stop:
-        main([*command, "--help"])
-    assert stop.value.code == 0
+    assert main([*command, "--help"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: bayes-adalora")
     if command == ["train"]:
         assert "6% of the run" in out and "--ivon-beta2" in out and "[default: 0.99999]" in out
+
+
+def test_config_file_reruns_a_run_and_explicit_flags_win(trained, tmp_path):
+    """`train --config run/config.json` gives the same run again (every default was resolved in the file)."""
+    first = trained("bayes-adalora")
+    again = tmp_path / "again"
+    assert main(["train", "--config", str(first / "config.json"), "--output-dir", str(again)]) == 0
+    a, b = read_json(first / "results.json"), read_json(again / "results.json")
+    assert a["metrics"] == b["metrics"] and a["final_ranks"] == b["final_ranks"]
+    assert (first / "adapter" / "adapter_model.safetensors").read_bytes() == (
+        again / "adapter" / "adapter_model.safetensors").read_bytes()
+    other = tmp_path / "other"
+    assert main(["train", "--config", str(first / "config.json"), "--output-dir", str(other), "--seed", "1"]) == 0
+    assert read_json(other / "config.json")["seed"] == 1 and read_json(other / "config.json")["lr"] == 3.0
+
+
+def test_a_config_file_that_is_not_an_object_is_refused(capfd, tmp_path):
+    bad = tmp_path / "config.json"
+    bad.write_text("[1, 2]\n")
+    assert main(["train", "--config", str(bad), "--output-dir", str(tmp_path / "out")]) == 2
+    assert "must hold a JSON object" in capfd.readouterr().err and not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------- lambda's initial value
@@ -531,7 +581,7 @@ def test_lambda_init_paper_draws_every_lambda_from_n_0_002(tiny_deberta):
     from peft.tuners.adalora import AdaLoraLayer
     from transformers import AutoModelForSequenceClassification
 
-    from bayes_adalora.train import PAPER_LAMBDA_STD, init_lambdas_normal
+    from bayes_adalora.adapters import PAPER_LAMBDA_STD, init_lambdas_normal
 
     base = AutoModelForSequenceClassification.from_pretrained(tiny_deberta, num_labels=2)
     model = get_peft_model(base, AdaLoraConfig(init_r=INIT_R, target_r=TARGET_R, total_step=10,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections import Counter
 from pathlib import Path
@@ -9,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bayes_adalora.data import (TextDataset, encode, load_hub, load_task_data, make_loader,
-                                read_glue_tsv, read_user_file)
+from bayes_adalora.data import TextDataset, encode, load_hub, load_task_data, make_loader, read_glue_tsv, read_user_file
 from bayes_adalora.errors import UserError
 from bayes_adalora.tasks import get_task
 
@@ -157,7 +157,7 @@ def test_blank_trailing_lines_are_fine(tmp_path):
                          ids=["nul", "not-utf8"])
 def test_binary_file(tmp_path, raw):
     path = write(tmp_path, "dev.tsv", raw)
-    with pytest.raises(UserError, match="not a text file|not UTF-8"):
+    with pytest.raises(UserError, match=r"not a text file|not UTF-8"):
         read_glue_tsv(get_task("sst2"), path)
 
 
@@ -345,3 +345,50 @@ def test_same_seed_same_order(tokenizer):
     assert first != order(8)
     # epoch 2 is a new permutation, not a repeat of epoch 1
     assert first[:5] != first[5:]
+
+
+# ----------------------------------------------------------------------------- encodings, headers, label ranges
+
+SST2_TEXT = "sentence\tlabel\ncaf\u00e9 au lait , tr\u00e8s bien\t1\nna\u00efve and dull\t0\n"
+
+
+@pytest.mark.parametrize("encode_as", [
+    lambda t: t.encode("utf-8"),
+    lambda t: codecs.BOM_UTF8 + t.encode("utf-8"),
+    lambda t: t.replace("\n", "\r\n").encode("utf-8"),
+    lambda t: t.replace("\n", "\r").encode("utf-8"),
+    lambda t: t.encode("utf-16"),  # with its BOM, little- or big-endian as the platform writes it
+    lambda t: codecs.BOM_UTF16_BE + t.encode("utf-16-be"),
+], ids=["utf8", "utf8-bom", "crlf", "cr", "utf16", "utf16-be"])
+def test_common_encodings_and_line_ends_read_alike(encode_as, tmp_path):
+    path = write(tmp_path, "dev.tsv", encode_as(SST2_TEXT))
+    data = read_glue_tsv(get_task("sst2"), path)
+    assert data.texts == [("caf\u00e9 au lait , tr\u00e8s bien",), ("na\u00efve and dull",)] and data.labels == [1, 0]
+
+
+def test_latin1_is_refused_with_the_file_and_line(tmp_path):
+    path = write(tmp_path, "dev.tsv", SST2_TEXT.encode("latin-1"))
+    with pytest.raises(UserError, match=r"dev.tsv, line 2: the file is not UTF-8 text; save it as UTF-8"):
+        read_glue_tsv(get_task("sst2"), path)
+
+
+@pytest.mark.parametrize("name, text", [
+    ("own.csv", "id,sentence,sentence,label\n1,first,second,1\n"),
+    ("dev.tsv", "sentence\tsentence\tlabel\nfirst\tsecond\t1\n"),
+])
+def test_a_header_naming_a_column_twice_is_refused(name, text, tmp_path):
+    path = write(tmp_path, name, text)
+    with pytest.raises(UserError, match=rf"{name}, line 1: the header names the column 'sentence' twice"):
+        if name.endswith(".csv"):
+            read_user_file(get_task("sst2"), path, ["sentence", "sentence"])
+        else:
+            read_glue_tsv(get_task("sst2"), path)
+
+
+@pytest.mark.parametrize("score", ["-0.5", "5.2"])
+def test_stsb_scores_outside_0_to_5_are_refused(score, tmp_path):
+    header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"
+    path = write(tmp_path, "dev.tsv", f"{header}\n0\tmain\tx\t2012\t0000\tnone\tnone\ta\tb\t4.0\n"
+                                      f"1\tmain\tx\t2012\t0001\tnone\tnone\tc\td\t{score}\n")
+    with pytest.raises(UserError, match=rf"dev.tsv, line 3: label '{score}' lies outside stsb's range \[0, 5\]"):
+        read_glue_tsv(get_task("stsb"), path)

@@ -13,11 +13,12 @@ from torch import nn
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
 
 from bayes_adalora.allocator import PosteriorRankAllocator
+from bayes_adalora.build import build_trainable_model
 from bayes_adalora.config import TrainConfig
+from bayes_adalora.fast_adalora import FastAdaLoraModel
 from bayes_adalora.hf_trainer import IVONTrainer, RankAllocationCallback, make_trainer, trainer_max_steps
 from bayes_adalora.models import load_model
 from bayes_adalora.tasks import get_task
-from bayes_adalora.train import build_trainable_model
 
 # The tiny DeBERTa of conftest has 2 layers, each with 6 adapted matrices: query_proj, key_proj,
 # value_proj, attention.output.dense, intermediate.dense, output.dense (the pooler is trained in full).
@@ -45,7 +46,9 @@ def trainer_args(tmp_path, **overrides):
 
 
 def adalora_ranks(model) -> dict[str, int]:
-    return {name: int((m.lora_E["default"] != 0).sum()) for name, m in model.named_modules() if isinstance(m, AdaLoraLayer)}
+    return {
+        name: int((m.lora_E["default"] != 0).sum()) for name, m in model.named_modules() if isinstance(m, AdaLoraLayer)
+    }
 
 
 def adalora_shapes(model) -> dict[str, int]:
@@ -86,17 +89,24 @@ def test_ivon_trainer_steps_ivon_allocates_every_step_and_saves_the_final_patter
 
     allocations, grads_at_allocation, sampled = [], [], []
     allocate, sample = AdaLoraModel.update_and_allocate, ivon.IVON.sampled_params
+    allocate_fast = FastAdaLoraModel.update_and_allocate  # the default fast path's tuner (calls peft's before tfinal)
 
-    def spy_allocate(self, global_step):
+    def spy_allocate(self, global_step, original=allocate):
+        if type(self) is FastAdaLoraModel and original is allocate:
+            return original(self, global_step)  # counted by the fast tuner's own spy
         allocations.append(global_step)
-        grads_at_allocation.append(all(p.grad is not None for n, p in self.named_parameters() if "lora_" in n and p.requires_grad))
-        return allocate(self, global_step)
+        grads_at_allocation.append(
+            all(p.grad is not None for n, p in self.named_parameters() if "lora_" in n and p.requires_grad)
+        )
+        return original(self, global_step)
 
     def spy_sample(self, train=False):
         sampled.append(train)
         return sample(self, train=train)
 
     monkeypatch.setattr(AdaLoraModel, "update_and_allocate", spy_allocate)
+    monkeypatch.setattr(FastAdaLoraModel, "update_and_allocate",
+                        lambda self, step: spy_allocate(self, step, original=allocate_fast))
     monkeypatch.setattr(ivon.IVON, "sampled_params", spy_sample)
 
     train_set = read_sst2(glue_dir, "train", tokenizer)
@@ -143,7 +153,9 @@ def test_gradient_accumulation_hands_ivon_the_batch_mean_gradient(tiny_deberta, 
     """One step over 8 examples as 2 micro-batches of 4: IVON's momentum, (1 - beta1) * its averaged
     gradient, must equal (1 - beta1) * the gradient of the mean loss over all 8 by one plain backward.
     A huge initial Hessian makes the posterior samples the mean weights (sigma ~ 1e-7)."""
-    config = TrainConfig(method="bayes-adalora", init_r=4, target_r=2, tinit=0, tfinal=0, delta_t=1, ivon_hess_init=1e16)
+    config = TrainConfig(
+        method="bayes-adalora", init_r=4, target_r=2, tinit=0, tfinal=0, delta_t=1, ivon_hess_init=1e16
+    )
     tokenizer, base, fresh = load_model(str(tiny_deberta), SST2, False)
     for module in base.modules():
         if isinstance(module, nn.Dropout):
@@ -153,8 +165,11 @@ def test_gradient_accumulation_hands_ivon_the_batch_mean_gradient(tiny_deberta, 
     reference = copy.deepcopy(model)
     train_set = read_sst2(glue_dir, "train", tokenizer, limit=8)
     trainer = IVONTrainer(
-        model=model, args=trainer_args(tmp_path, max_steps=1, per_device_train_batch_size=4, gradient_accumulation_steps=2),
-        train_dataset=train_set, data_collator=DataCollatorWithPadding(tokenizer), config=config,
+        model=model,
+        args=trainer_args(tmp_path, max_steps=1, per_device_train_batch_size=4, gradient_accumulation_steps=2),
+        train_dataset=train_set,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        config=config,
     )
     trainer.train()
 
@@ -217,9 +232,21 @@ def test_make_trainer_gives_ivon_methods_an_ivon_trainer(tiny_deberta, glue_dir,
     "overrides, n_examples, expected",
     [
         (dict(max_steps=7), 1000, 7),
-        (dict(per_device_train_batch_size=8, num_train_epochs=1.5, gradient_accumulation_steps=2), 65, 8),  # 9 batches, 5 steps/epoch
-        (dict(per_device_train_batch_size=8, num_train_epochs=1.5, gradient_accumulation_steps=2,
-              dataloader_drop_last=True), 65, 6),  # 8 batches, 4 steps/epoch
+        (
+            dict(per_device_train_batch_size=8, num_train_epochs=1.5, gradient_accumulation_steps=2),
+            65,
+            8,
+        ),  # 9 batches, 5 steps/epoch
+        (
+            dict(
+                per_device_train_batch_size=8,
+                num_train_epochs=1.5,
+                gradient_accumulation_steps=2,
+                dataloader_drop_last=True,
+            ),
+            65,
+            6,
+        ),  # 8 batches, 4 steps/epoch
         (dict(per_device_train_batch_size=8, num_train_epochs=3), 5, 3),  # one batch per epoch
     ],
 )
@@ -241,7 +268,9 @@ def test_callback_refuses_load_best_model_at_end_before_training(tiny_deberta, g
     config = TrainConfig(method="adalora", init_r=4, target_r=2, tinit=1, tfinal=1, delta_t=1)
     tokenizer, _, _ = load_model(str(tiny_deberta), SST2, False)
     train_set = read_sst2(glue_dir, "train", tokenizer, limit=16)
-    args = trainer_args(tmp_path, max_steps=4, eval_strategy="steps", save_strategy="steps", load_best_model_at_end=True)
+    args = trainer_args(
+        tmp_path, max_steps=4, eval_strategy="steps", save_strategy="steps", load_best_model_at_end=True
+    )
     trainer = make_trainer(str(tiny_deberta), train_set, train_set, config, args)
     monkeypatch.setattr(Trainer, "training_step", lambda *a, **k: pytest.fail("trained before refusing"))
     with pytest.raises(ValueError, match="load_best_model_at_end cannot work with AdaLoRA"):

@@ -1,5 +1,7 @@
 """Mini-GLUE v2's plumbing offline with the tiny model, and its statistics against scipy's paired t-test."""
 
+import contextlib
+import io
 import json
 import math
 import sys
@@ -10,6 +12,7 @@ from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import mini_glue_v2 as grid
+from bayes_adalora import cli
 
 TINY_FLAGS = "--tinit 1 --tfinal 2 --delta-t 1 --warmup-steps 1 --eval-batch-size 16"
 
@@ -61,9 +64,30 @@ def test_learned_needs_the_margin_over_the_baseline_or_the_floor():
     assert not grid.learned("stsb", 0.69, 0.0) and not grid.learned("rte", None, 0.527)
 
 
+def train_in_process(args: list[str], threads: int) -> tuple[int, str]:
+    """`run_train` without the subprocess (8 interpreters starting torch would cost a minute)."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = cli.main(args)
+    return code, err.getvalue()
+
+
+def test_a_cell_runs_in_a_subprocess_with_this_checkouts_package(tmp_path, glue_dir, tiny_deberta):
+    args = grid.train_args("sst2", grid.CELLS["bayes-adalora"], 0, 0.5, glue_dir, tmp_path / "run",
+                           ["--model", str(tiny_deberta), "--max-steps", "4", "--eval-steps", "2", *TINY_FLAGS.split()])
+    record = grid.run_cell(args, {"cell": "bayes-adalora"}, tmp_path / "cell.json", threads=1)
+    assert record["steps"] == 4 and json.loads((tmp_path / "cell.json").read_text()) == record
+    run_config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert run_config["criterion"] == "snr_abs" and run_config["lr"] == 0.5
+    bad = [*args, "--lr", "-1", "--output-dir", str(tmp_path / "bad")]
+    code, stderr = grid.run_train(bad, threads=1)  # bad input: one sentence, exit 2
+    assert code == 2 and "--lr" in stderr
+
+
 def test_grid_tunes_runs_cells_resumes_and_reports(tmp_path, glue_dir, tiny_deberta, monkeypatch, capsys):
+    monkeypatch.setattr(grid, "run_train", train_in_process)
     monkeypatch.setattr(grid, "TASKS", {"sst2": grid.TaskPlan(steps=6, max_length=32, eval_times=2)})
-    # two families, one rung each, two seeds: 8 subprocess runs in all
+    # two families, one rung each, two seeds: 8 runs in all
     monkeypatch.setattr(grid, "LADDERS", {"ivon": (0.5,), "adalora": (1e-3,)})
     monkeypatch.setattr(grid, "CORE", (grid.CELLS["adalora"], grid.CELLS["bayes-adalora"]))
     monkeypatch.setattr(grid, "TUNE_TASKS", ("sst2",))

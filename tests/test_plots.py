@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from bayes_adalora.cli import main
 from bayes_adalora.plots import PLOTS, moving_average, rank_grid, sigma_groups, split_layer_module
-from bayes_adalora.run_io import read_run
+from bayes_adalora.run_folder import read_run
 
 ALL_PNGS = ["correlations.png", "ranks.png", "sigma.png", "training.png"]
 
@@ -95,15 +95,20 @@ def minilm_like_run(folder: Path) -> Path:
     ranks = {n: int(rng.integers(0, 7)) for n in names}
     results = {"task": "sst2", "method": "bayes-adalora", "final_ranks": ranks, "total_rank": sum(ranks.values()),
                "main_metric": "accuracy", "metrics": {"final": {}, "best": {}}}
-    config = {"task": "sst2", "method": "bayes-adalora", "init_r": 6, "model": "x"}
     steps = 300
+    config = {"task": "sst2", "method": "bayes-adalora", "init_r": 6, "model": "x", "total_steps": steps}
     history = {"loss": list(0.7 * np.exp(-np.arange(steps) / 100) + 0.05 * rng.random(steps)),
                "lr": [1.0] * steps, "budget": [int(222 - 74 * min(1, s / 200)) for s in range(steps)],
                "eval": [{"step": s, "accuracy": 0.5 + s / 1000} for s in range(30, 301, 30)]}
     block = {"snr_abs": 0.5, "snr": 0.7, "mean_abs": 0.7, "inv_sigma": -0.1, "e_abs": 0.6}
-    correlations = {"sensitivity": "instantaneous |mu * grad|", "triplets": 222,
-                    "steps": [{"step": s, "budget": 200, "sensitivity": block, "snr": {"mean_abs": 1.0, "inv_sigma": 0.02}}
-                              for s in range(30, 211, 3)]}
+    correlations = {
+        "sensitivity": "instantaneous |mu * grad|",
+        "triplets": 222,
+        "steps": [
+            {"step": s, "budget": 200, "sensitivity": block, "snr": {"mean_abs": 1.0, "inv_sigma": 0.02}}
+            for s in range(30, 211, 3)
+        ],
+    }
     sigma = {f"base_model.model.{n}.{f}.default": torch.rand(6, 8) * 10 ** rng.uniform(-3, -1)
              for n in names for f in ("lora_A", "lora_B", "lora_E")}
     sigma["base_model.model.classifier.modules_to_save.default.weight"] = torch.rand(2, 384) * 0.05
@@ -165,12 +170,13 @@ def test_training_writes_every_figure_and_the_correlation_trajectory(bayes_run):
     # AdaLoRA masks at multiples of deltaT inside (tinit, total - tfinal), and once more at total - tfinal
     masks = [s for s in range(tinit + 1, total - tfinal) if s % delta_t == 0] + [total - tfinal]
     assert [e["step"] for e in log["steps"]] == masks
-    assert log["triplets"] == config["init_r"] * len(json.loads((bayes_run / "results.json").read_text())["final_ranks"])
+    assert log["triplets"] == config["init_r"] * len(
+        json.loads((bayes_run / "results.json").read_text())["final_ranks"]
+    )
     for entry in log["steps"]:
         assert set(entry["sensitivity"]) == {"snr_abs", "snr", "mean_abs", "inv_sigma", "e_abs"}
         assert set(entry["snr"]) == {"mean_abs", "inv_sigma"}
-        values = [*entry["sensitivity"].values(), *entry["snr"].values()]
-        assert all(v is None or -1.0 <= v <= 1.0 for v in values)
+        # (the values themselves are checked against an independent computation in test_evaluation.py)
     assert "correlations" not in json.loads((bayes_run / "history.json").read_text())
 
 

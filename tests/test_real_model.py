@@ -28,7 +28,9 @@ def test_minilm_adapter_reloads_in_plain_peft_with_the_same_dev_accuracy(tmp_pat
     base = AutoModelForSequenceClassification.from_pretrained(results["model"], num_labels=2)
     model = PeftModel.from_pretrained(base, out / "adapter").eval()
     tokenizer = AutoTokenizer.from_pretrained(minilm_path)
-    rows = [line.rstrip("\n").split("\t") for line in (SHARED_GLUE / "SST-2" / "dev.tsv").read_text().splitlines()[1:201]]
+    rows = [
+        line.rstrip("\n").split("\t") for line in (SHARED_GLUE / "SST-2" / "dev.tsv").read_text().splitlines()[1:201]
+    ]
     with torch.no_grad():
         batch = tokenizer([r[0] for r in rows], truncation=True, max_length=64, padding=True, return_tensors="pt")
         predictions = model(**batch).logits.argmax(-1).numpy()

@@ -67,7 +67,12 @@ def test_other_rows_of_the_table():
     lora = paper("mrpc", "lora")
     assert (lora.lr, lora.lora_r) == (2e-4, 2)
     rte = paper("rte", "adalora-ivon")
-    assert (rte.lr_schedule, rte.two_phase_first, rte.two_phase_second, rte.two_phase_const) == ("two-phase", 2.0, 0.5, 400)
+    assert (rte.lr_schedule, rte.two_phase_first, rte.two_phase_second, rte.two_phase_const) == (
+        "two-phase",
+        2.0,
+        0.5,
+        400,
+    )
     assert (rte.orth_reg, rte.delta_t, rte.max_length, rte.epochs) == (0.3, 1, 320, 50)
     assert paper("rte", "adalora").lr == 1.2e-3
     stsb = paper("stsb", "adalora")

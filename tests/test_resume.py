@@ -49,7 +49,11 @@ def kill_at_checkpoint(args, out, step):
     deadline = time.time() + 240
     try:
         while time.time() < deadline and child.poll() is None:
-            done = [int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*")] if (out / "checkpoints").is_dir() else []
+            done = (
+                [int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*")]
+                if (out / "checkpoints").is_dir()
+                else []
+            )
             if done and max(done) >= step:
                 break
             time.sleep(0.05)
@@ -72,8 +76,10 @@ def test_killed_and_resumed_runs_equal_the_uninterrupted_run(method, tmp_path, g
         args = run_args(glue_dir, tiny_deberta, out, "--method", method, "--save-steps", "1")
         kill_at_checkpoint(args, out, kill)
         latest = max(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*"))
-        assert latest < STEPS and len(list((out / "checkpoints").glob("step-*"))) <= 2  # keeps the last 2
+        # a kill between writing the newest checkpoint and removing the oldest leaves 3 for a moment
+        assert latest < STEPS and len(list((out / "checkpoints").glob("step-*"))) <= 3
         assert main([*args, "--resume"]) == 0
+        assert len(list((out / "checkpoints").glob("step-*"))) <= 2  # keeps the last 2
         assert_same_run(reference, out)
 
 

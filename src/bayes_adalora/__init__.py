@@ -1,17 +1,32 @@
 """bayes-adalora: AdaLoRA fine-tuning whose rank allocation reads IVON's posterior."""
 
-from .config import TrainConfig, make_config
+from .config import RunPlan, TrainConfig, make_config
 from .errors import UserError
 from .importance import POSTERIOR_CRITERIA, posterior_score
+from .methods import METHODS, Method
 from .tasks import TASKS, get_task
 
 __version__ = "0.1.0"
 
-__all__ = ["TrainConfig", "make_config", "UserError", "POSTERIOR_CRITERIA", "posterior_score", "TASKS", "get_task", "train"]
+__all__ = [
+    "METHODS",
+    "POSTERIOR_CRITERIA",
+    "TASKS",
+    "Method",
+    "RunPlan",
+    "TrainConfig",
+    "UserError",
+    "get_task",
+    "make_config",
+    "posterior_score",
+    "run",
+]
 
 
-def train(config: TrainConfig) -> dict:
-    """Run a fine-tuning job (see `bayes_adalora.train.train`)."""
-    from .train import train as _train
+def run(config: TrainConfig) -> dict:
+    """Run a fine-tuning job as the CLI does (`bayes_adalora.train.train`, with the figures of `plots`)."""
+    # deferred: `import bayes_adalora` stays light (no torch, transformers or peft)
+    from .plots import plot_run
+    from .train import train
 
-    return _train(config)
+    return train(config, figures=plot_run)

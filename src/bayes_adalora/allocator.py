@@ -5,25 +5,32 @@ elementwise score `s` (read from IVON's posterior at allocation steps, instead o
 updated at every step) and the masking, which keeps exactly the budget where scores tie. The
 triplet score is peft's: S_k = s(lambda_k) + mean_i s(P_ik) + mean_j s(Q_kj).
 
+In pure parts: `triplet_layout` (where each P, lambda, Q entry sits in IVON's flat state),
+`triplet_sum` (scores to triplet scores), `triplets_to_keep` (the stable choice of the budget) and
+`apply_mask` / `rank_pattern`; the peft subclasses below are the glue.
+
 Pruned triplets and IVON's noise: a masked lambda_k is set to exactly 0 in the posterior mean
 (what evaluation and the saved adapter use), but as in the paper its posterior sigma is kept, so
 sampled training passes still perturb it and the gradient may regrow it until the next mask.
 After `total_step - tfinal`, peft re-applies the final pattern after every step.
 
-Correlation log (`log_correlations`): at each masking, before the mask, the triplet scores of
-AdaLoRA's sensitivity and of every posterior criterion are computed on that one state and their
-Spearman correlations appended to `correlation_log`. Nothing is computed between maskings.
+Correlation log: at each masking, before the mask, the triplet scores of AdaLoRA's sensitivity and
+of every posterior criterion are computed on that one state and their Spearman correlations
+appended to the `CorrelationLog` given at construction. Nothing is computed between maskings.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-from peft.tuners.adalora.layer import AdaLoraLayer, RankAllocator
+from peft.tuners.adalora.layer import RankAllocator
+from torch import Tensor
 
+from .adapters import FACTORS, SVDLayer, svd_layers
 from .evaluation import importance_correlations
 from .importance import POSTERIOR_CRITERIA, posterior_score
+from .methods import get_method
 from .posterior import posterior_sigma_from_hessian
 
 # What "sensitivity" means in the correlation log of each allocator.
@@ -32,110 +39,154 @@ SMOOTHED_SENSITIVITY = "AdaLoRA's smoothed exp_avg_ipt * exp_avg_unc of |theta *
 
 
 @dataclass
-class _FlatLayout:
-    key: tuple  # identities of the lambda parameters the layout was built for
-    params: list  # P, lambda, Q of each layer in turn
-    index: torch.Tensor  # position of each entry in IVON's concatenated flat state
-    segment: torch.Tensor  # global triplet index of each entry
-    weight: torch.Tensor  # 1 for lambda, 1/out for P, 1/in for Q (means as sums)
-    names: list  # (module name, peft's lora_E parameter name, rank) per layer
+class CorrelationLog:
+    """The observer of maskings: one entry per masking ({"step", "budget", correlations})."""
+
+    entries: list = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- pure parts
+
+
+@dataclass(frozen=True)
+class TripletLayout:
+    """Where every P, lambda, Q entry sits in IVON's flat state and which triplet it scores."""
+
+    layers: list[SVDLayer]
+    index: Tensor  # position of each entry in IVON's concatenated flat state
+    segment: Tensor  # global triplet index of each entry
+    weight: Tensor  # 1 for lambda, 1/out for P, 1/in for Q (means as sums)
     n_triplets: int
 
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        """P, lambda, Q of each layer in turn: the order of every flat vector here."""
+        return [p for layer in self.layers for p in (layer.P, layer.lam, layer.Q)]
 
-class _PosteriorTriplets:
-    """Triplet scores from IVON's flat state in one pass, and the correlation log; mixed into peft's RankAllocator."""
 
-    optimizer = None
-    criterion: str | None = None
-    correlation_log: list | None = None  # a list to append to, or None: no logging
+def flat_offsets(optimizer) -> dict[torch.nn.Parameter, int]:
+    """Where each parameter starts in IVON's flat state (its groups' parameters concatenated)."""
+    offsets, offset = {}, 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p is not None:  # IVON's flat state skips them too
+                offsets[p] = offset
+                offset += p.numel()
+    return offsets
+
+
+def triplet_layout(layers: list[SVDLayer], offsets: dict) -> TripletLayout:
+    """The layout of `layers` in a flat state at `offsets`: masking then costs a fixed handful of
+    tensor ops, whatever the layer count."""
+    index, segment, weight, first = [], [], [], 0
+    for layer in layers:
+        P, E, Q, r = layer.P, layer.lam, layer.Q, layer.r
+        if any(p not in offsets for p in (P, E, Q)):
+            raise RuntimeError(f"the IVON optimizer does not hold the adapter parameters of {layer.name}")
+        # P is (out, r) row-major, Q is (r, in): entry -> its triplet k, weighted for a mean
+        for p, k, w in ((P, torch.arange(r).repeat(P.shape[0]), 1.0 / P.shape[0]),
+                        (E, torch.arange(r), 1.0),
+                        (Q, torch.arange(r).repeat_interleave(Q.shape[1]), 1.0 / Q.shape[1])):
+            index.append(torch.arange(offsets[p], offsets[p] + p.numel()))
+            segment.append(first + k)
+            weight.append(torch.full((p.numel(),), w))
+        first += r
+    device = layers[0].lam.device
+    return TripletLayout(layers, torch.cat(index).to(device), torch.cat(segment).to(device),
+                         torch.cat(weight).to(device), first)
+
+
+def posterior_state(layout: TripletLayout, optimizer) -> tuple[Tensor, Tensor]:
+    """(mu, sigma) of every P, lambda, Q entry, flat in layout order."""
+    sigma = torch.cat([
+        posterior_sigma_from_hessian(g["hess"], g["ess"], g["weight_decay"]) for g in optimizer.param_groups
+    ])[layout.index]
+    return torch.cat([p.detach().reshape(-1) for p in layout.params]), sigma
+
+
+def triplet_sum(layout: TripletLayout, score: Tensor) -> Tensor:
+    """S_k = s(lambda_k) + mean_i s(P_ik) + mean_j s(Q_kj), as one weighted segment sum."""
+    return torch.zeros(layout.n_triplets, dtype=score.dtype, device=score.device).index_add_(
+        0, layout.segment, score * layout.weight
+    )
+
+
+def triplets_to_keep(scores: Tensor, n_masked: int) -> Tensor:
+    """True for every triplet but the `n_masked` lowest-scoring; ties broken by order (a stable sort)."""
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if n_masked > 0:
+        keep[torch.sort(scores, stable=True).indices[:n_masked]] = False
+    return keep
+
+
+def apply_mask(layout: TripletLayout, keep: Tensor) -> None:
+    """lambda_k := 0 for every triplet not kept."""
+    lambdas = [layer.lam for layer in layout.layers]
+    sizes = [layer.r for layer in layout.layers]
+    torch._foreach_mul_(lambdas, [k.view(-1, 1).to(lam.dtype) for k, lam in zip(keep.split(sizes), lambdas)])
+
+
+def rank_pattern(layout: TripletLayout, keep: Tensor) -> dict[str, list[bool]]:
+    """peft's rank pattern: per layer's rank key, one flag per triplet."""
+    flags, pattern, offset = keep.tolist(), {}, 0
+    for layer in layout.layers:
+        pattern[layer.rank_key] = flags[offset : offset + layer.r]
+        offset += layer.r
+    return pattern
+
+
+# ----------------------------------------------------------------------------- peft glue
+
+
+class TripletScoring:
+    """Triplet scores from IVON's flat state, and the correlation log; mixed into peft's RankAllocator."""
+
     sensitivity_kind = INSTANT_SENSITIVITY
-    _layout: _FlatLayout | None = None
-    _step: int | None = None
+
+    def __init__(self, model, peft_config, adapter_name: str, optimizer, correlation_log: CorrelationLog | None):
+        super().__init__(model, peft_config, adapter_name)
+        self.optimizer = optimizer
+        self.correlation_log = correlation_log  # None: no logging
+        self.layout: TripletLayout | None = None
+        self.step: int | None = None
 
     def update_and_allocate(self, model, global_step, force_mask=False):
-        self._step = global_step  # for the correlation log; peft does not pass the step to mask_to_budget
+        self.step = global_step  # for the correlation log; peft does not pass the step to mask_to_budget
         return super().update_and_allocate(model, global_step, force_mask)
 
-    def svd_layers(self, model) -> list[tuple[str, AdaLoraLayer]]:
-        """(module name, layer) of every AdaLoRA layer training this adapter, in the model's order."""
-        return [(n, m) for n, m in model.named_modules() if isinstance(m, AdaLoraLayer) and self.adapter_name in m.lora_E]
+    def layout_of(self, model) -> TripletLayout:
+        """The layout of `model`'s layers, built once (again only if the layers change)."""
+        layers = svd_layers(model, self.adapter_name)
+        if self.layout is None or [id(x.lam) for x in self.layout.layers] != [id(x.lam) for x in layers]:
+            self.layout = triplet_layout(layers, flat_offsets(self.optimizer))
+        return self.layout
 
-    def _flat_layout(self, model) -> _FlatLayout:
-        """Where every P, lambda, Q entry sits in IVON's flat state and which triplet it scores,
-        built once: masking then costs a fixed handful of tensor ops, whatever the layer count."""
-        layers = self.svd_layers(model)
-        key = tuple(id(m.lora_E[self.adapter_name]) for _, m in layers)
-        if self._layout is not None and self._layout.key == key:
-            return self._layout
-        offsets, offset = {}, 0
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                if p is not None:  # IVON's flat state skips them too
-                    offsets[p] = offset
-                    offset += p.numel()
-        params, index, segment, weight, names, first = [], [], [], [], [], 0
-        for name, m in layers:
-            P, E, Q = m.lora_B[self.adapter_name], m.lora_E[self.adapter_name], m.lora_A[self.adapter_name]
-            r = E.shape[0]
-            if any(p not in offsets for p in (P, E, Q)):
-                raise RuntimeError(f"the IVON optimizer does not hold the adapter parameters of {name}")
-            # P is (out, r) row-major, Q is (r, in): entry -> its triplet k, weighted for a mean
-            for p, k, w in ((P, torch.arange(r).repeat(P.shape[0]), 1.0 / P.shape[0]),
-                            (E, torch.arange(r), 1.0),
-                            (Q, torch.arange(r).repeat_interleave(Q.shape[1]), 1.0 / Q.shape[1])):
-                params.append(p)
-                index.append(torch.arange(offsets[p], offsets[p] + p.numel()))
-                segment.append(first + k)
-                weight.append(torch.full((p.numel(),), w))
-            names.append((name, f"{name}.lora_E.{self.adapter_name}", r))
-            first += r
-        device = params[0].device
-        self._layout = _FlatLayout(
-            key, params, torch.cat(index).to(device), torch.cat(segment).to(device),
-            torch.cat(weight).to(device), names, first,
-        )
-        return self._layout
+    def triplet_scores(self, model, criterion: str | None = None) -> Tensor:
+        """S_k under `criterion` (default: the allocator's) of every triplet, in `svd_layers` order."""
+        layout = self.layout_of(model)
+        mu, sigma = posterior_state(layout, self.optimizer)
+        return triplet_sum(layout, posterior_score(criterion or self.criterion, mu, sigma))
 
-    def _posterior_state(self, layout: _FlatLayout) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mu, sigma) of every P, lambda, Q entry, flat in layout order."""
-        sigma = torch.cat([
-            posterior_sigma_from_hessian(g["hess"], g["ess"], g["weight_decay"]) for g in self.optimizer.param_groups
-        ])[layout.index]
-        return torch.cat([p.detach().reshape(-1) for p in layout.params]), sigma
-
-    def _triplet_sum(self, layout: _FlatLayout, score: torch.Tensor) -> torch.Tensor:
-        """S_k = s(lambda_k) + mean_i s(P_ik) + mean_j s(Q_kj), as one weighted segment sum."""
-        return torch.zeros(layout.n_triplets, dtype=score.dtype, device=score.device).index_add_(
-            0, layout.segment, score * layout.weight
-        )
-
-    def triplet_scores(self, model, criterion: str | None = None) -> torch.Tensor:
-        """S_k under `criterion` (default: the allocator's) of every triplet, concatenated in `svd_layers` order."""
-        layout = self._flat_layout(model)
-        mu, sigma = self._posterior_state(layout)
-        return self._triplet_sum(layout, posterior_score(criterion or self.criterion, mu, sigma))
-
-    def sensitivity_scores(self, model) -> torch.Tensor:
+    def sensitivity_scores(self, model) -> Tensor:
         """Elementwise sensitivity, flat in layout order (here: |mu * grad|, 0 where no gradient is held)."""
-        layout = self._flat_layout(model)
         return torch.cat([
             (p.detach() * p.grad).abs().reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=p.device)
-            for p in layout.params
+            for p in self.layout_of(model).params
         ])
 
     @torch.no_grad()
     def log_correlations(self, model, budget: int) -> None:
         """Append Spearman correlations of the triplet scores of sensitivity and of each posterior criterion."""
-        layout = self._flat_layout(model)
-        mu, sigma = self._posterior_state(layout)
-        posterior = {c: self._triplet_sum(layout, posterior_score(c, mu, sigma)).cpu().numpy() for c in POSTERIOR_CRITERIA}
-        sensitivity = self._triplet_sum(layout, self.sensitivity_scores(model).float()).cpu().numpy()
-        self.correlation_log.append(
-            {"step": self._step, "budget": int(budget), **importance_correlations(sensitivity, posterior)}
+        layout = self.layout_of(model)
+        mu, sigma = posterior_state(layout, self.optimizer)
+        posterior = {c: triplet_sum(layout, posterior_score(c, mu, sigma)).cpu().numpy() for c in POSTERIOR_CRITERIA}
+        sensitivity = triplet_sum(layout, self.sensitivity_scores(model).float()).cpu().numpy()
+        self.correlation_log.entries.append(
+            {"step": self.step, "budget": int(budget), **importance_correlations(sensitivity, posterior)}
         )
 
 
-class PosteriorRankAllocator(_PosteriorTriplets, RankAllocator):
+class PosteriorRankAllocator(TripletScoring, RankAllocator):
     """peft's RankAllocator with `s` = a posterior criterion of IVON's state (`importance.posterior_score`).
 
     Budget schedule, `update_and_allocate` and the final pattern are peft's. Masking keeps exactly
@@ -145,13 +196,14 @@ class PosteriorRankAllocator(_PosteriorTriplets, RankAllocator):
     Without ties this is peft's masking exactly (tested against it).
     """
 
-    def __init__(self, model, peft_config, adapter_name: str, optimizer, criterion: str):
+    def __init__(self, model, peft_config, adapter_name: str, optimizer, criterion: str,
+                 correlation_log: CorrelationLog | None = None):
         if criterion not in POSTERIOR_CRITERIA:
-            raise ValueError(f"unknown posterior criterion {criterion!r}: choose one of {', '.join(POSTERIOR_CRITERIA)}")
-        super().__init__(model, peft_config, adapter_name)
-        self.optimizer = optimizer
+            raise ValueError(
+                f"unknown posterior criterion {criterion!r}: choose one of {', '.join(POSTERIOR_CRITERIA)}"
+            )
+        super().__init__(model, peft_config, adapter_name, optimizer, correlation_log)
         self.criterion = criterion
-        self._layout = None
 
     def update_ipt(self, model) -> None:
         """Nothing to accumulate: the posterior is IVON's own state, read only when masking."""
@@ -161,38 +213,25 @@ class PosteriorRankAllocator(_PosteriorTriplets, RankAllocator):
         """Mask the `init_bgt - budget` lowest-scoring triplets; returns peft's rank pattern."""
         if self.correlation_log is not None:
             self.log_correlations(model, budget)
-        scores = self.triplet_scores(model)
-        layout = self._layout
-        keep = torch.ones_like(scores, dtype=torch.bool)
-        n_masked = self.init_bgt - budget
-        if n_masked > 0:
-            keep[torch.sort(scores, stable=True).indices[:n_masked]] = False
-        sizes = [r for _, _, r in layout.names]
-        lambdas = [layout.params[3 * i + 1] for i in range(len(sizes))]
-        torch._foreach_mul_(lambdas, [k.view(-1, 1).to(lam.dtype) for k, lam in zip(keep.split(sizes), lambdas)])
-        flags, rank_pattern, offset = keep.tolist(), {}, 0
-        for _, param_name, r in layout.names:
-            rank_pattern[param_name] = flags[offset : offset + r]
-            offset += r
-        return rank_pattern
+        keep = triplets_to_keep(self.triplet_scores(model), self.init_bgt - budget)
+        apply_mask(self.layout, keep)
+        return rank_pattern(self.layout, keep)
 
 
-class SensitivityRankAllocator(_PosteriorTriplets, RankAllocator):
+class SensitivityRankAllocator(TripletScoring, RankAllocator):
     """peft's own RankAllocator (adalora-ivon: sensitivity from IVON's gradients), unchanged, that
     logs at each masking how its smoothed sensitivity ranks triplets against the posterior criteria."""
 
     sensitivity_kind = SMOOTHED_SENSITIVITY
+    criterion = None
 
-    def __init__(self, model, peft_config, adapter_name: str, optimizer):
-        super().__init__(model, peft_config, adapter_name)
-        self.optimizer = optimizer
-        self._layout = None
-
-    def sensitivity_scores(self, model) -> torch.Tensor:
+    def sensitivity_scores(self, model) -> Tensor:
         """AdaLoRA's score exp_avg_ipt * exp_avg_unc, flat in layout order."""
-        layout = self._flat_layout(model)
-        keys = [f"{module}.{factor}.{self.adapter_name}"
-                for module, _, _ in layout.names for factor in ("lora_B", "lora_E", "lora_A")]  # P, lambda, Q
+        keys = [
+            layer.param_name(factor)
+            for layer in self.layout_of(model).layers
+            for factor in FACTORS  # P, lambda, Q
+        ]
         return torch.cat([(self.exp_avg_ipt[k] * self.exp_avg_unc[k]).reshape(-1) for k in keys])
 
     @torch.no_grad()
@@ -202,22 +241,26 @@ class SensitivityRankAllocator(_PosteriorTriplets, RankAllocator):
         return super().mask_to_budget(model, budget)
 
 
+def install_allocator(peft_model, method: str, optimizer, criterion: str,
+                      correlation_log: CorrelationLog | None = None) -> RankAllocator | None:
+    """Give a peft AdaLoRA model the method's allocator (`methods.Method.allocator`): the posterior
+    one reading `optimizer` (IVON), or peft's sensitivity one, replaced by the logging one where a
+    `correlation_log` is given. Returns the allocator, None for a method without AdaLoRA."""
+    kind = get_method(method).allocator
+    if kind is None:
+        return None
+    tuner = peft_model.base_model
+    adapter = tuner.trainable_adapter_name
+    if kind == "posterior":
+        tuner.rankallocator = PosteriorRankAllocator(tuner.model, tuner.peft_config[adapter], adapter, optimizer,
+                                                     criterion, correlation_log)
+    elif correlation_log is not None:
+        tuner.rankallocator = SensitivityRankAllocator(tuner.model, tuner.peft_config[adapter], adapter, optimizer,
+                                                       correlation_log)
+    return tuner.rankallocator
+
+
 def install_posterior_allocator(peft_model, optimizer, criterion: str,
-                                log_correlations: bool = False) -> PosteriorRankAllocator:
+                                correlation_log: CorrelationLog | None = None) -> PosteriorRankAllocator:
     """Replace the RankAllocator of a peft AdaLoRA model by a posterior one reading `optimizer` (IVON)."""
-    tuner = peft_model.base_model
-    adapter = tuner.trainable_adapter_name
-    allocator = PosteriorRankAllocator(tuner.model, tuner.peft_config[adapter], adapter, optimizer, criterion)
-    allocator.correlation_log = [] if log_correlations else None
-    tuner.rankallocator = allocator
-    return allocator
-
-
-def install_correlation_logger(peft_model, optimizer) -> SensitivityRankAllocator:
-    """Replace peft's RankAllocator by the same allocator that also logs score correlations (adalora-ivon)."""
-    tuner = peft_model.base_model
-    adapter = tuner.trainable_adapter_name
-    allocator = SensitivityRankAllocator(tuner.model, tuner.peft_config[adapter], adapter, optimizer)
-    allocator.correlation_log = []
-    tuner.rankallocator = allocator
-    return allocator
+    return install_allocator(peft_model, "bayes-adalora", optimizer, criterion, correlation_log)

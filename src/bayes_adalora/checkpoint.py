@@ -11,6 +11,7 @@ index within it, and the CPU RNG states of torch, Python and NumPy.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import shutil
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import UserError
@@ -31,8 +34,23 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     root = Path(output_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / "state.pt").exists()]
+    found = [
+        (int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / "state.pt").exists()
+    ]
     return [p for _, p in sorted(found)]
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step of a checkpoint folder `step-NNNNNNN`."""
+    return int(_STEP_DIR.match(path.name).group(1))
+
+
+def drop_checkpoints_from(output_dir: Path, first_bad: int) -> list[Path]:
+    """Delete the checkpoints of step `first_bad` and later (a diverged run's); returns those left."""
+    for path in checkpoint_dirs(output_dir):
+        if checkpoint_step(path) >= first_bad:
+            shutil.rmtree(path, ignore_errors=True)
+    return checkpoint_dirs(output_dir)
 
 
 def rng_state() -> dict:
@@ -84,8 +102,6 @@ def load_allocator_state(tuner, state: dict) -> None:
 
 def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, tuner, extra: dict, keep: int) -> Path:
     """Write checkpoint `step` (write into a temporary folder, then rename) and keep the last `keep`."""
-    from safetensors.torch import save_file
-
     root = Path(output_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
@@ -111,22 +127,47 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, tu
     return final
 
 
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(weights, state) of a checkpoint folder, refusing a damaged file in one sentence that names it."""
+
+    def damaged(name: str) -> UserError:
+        return UserError(f"the checkpoint {path} is damaged ({name} cannot be read): resume from an earlier one "
+                         f"with --resume PATH, or start again with --overwrite")
+
+    try:
+        weights = load_file(path / "weights.safetensors")
+    except (SafetensorError, OSError):
+        raise damaged("weights.safetensors") from None
+    try:
+        state = torch.load(path / "state.pt", weights_only=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError):
+        raise damaged("state.pt") from None
+    if not isinstance(state, dict) or not {"step", "optimizer", "scheduler", "rng"} <= set(state):
+        raise damaged("state.pt")
+    return weights, state
+
+
 def load_checkpoint(path: Path, model, optimizer, scheduler, tuner) -> dict:
     """Restore a checkpoint into the run's objects; returns the state (step, loader position, extras)."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not (path / "state.pt").exists() or not (path / "weights.safetensors").exists():
         raise UserError(f"{path} is not a complete checkpoint (weights.safetensors and state.pt are needed)")
-    weights = load_file(path / "weights.safetensors")
+    weights, state = read_checkpoint(path)
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
-    if missing:
-        raise UserError(f"checkpoint {path} does not match this run: it lacks {missing[0]}")
+    unknown = [n for n in weights if n not in params]
+    if missing or unknown:
+        raise UserError(f"the checkpoint {path} does not match this run: it {'lacks' if missing else 'has'} "
+                        f"{(missing or unknown)[0]}; resume with the settings it was trained with")
+    for name, tensor in weights.items():
+        if tensor.shape != params[name].shape:
+            raise UserError(
+                f"the checkpoint {path} was trained with other settings: {name} has shape {tuple(tensor.shape)} "
+                f"there and {tuple(params[name].shape)} here (a setting that shapes the adapter, such as --init-r, "
+                f"--lora-r, --target-modules or --model, differs): resume with the checkpoint's settings")
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor)
-    state = torch.load(path / "state.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     if state.get("ivon_current_step") is not None:
         optimizer.current_step = state["ivon_current_step"]

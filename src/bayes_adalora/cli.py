@@ -6,15 +6,16 @@ import argparse
 import json
 import sys
 import typing
+import warnings
+from pathlib import Path
 
-from .config import TrainConfig, config_fields, make_config
+from .config import config_fields, field_type, make_config
 from .errors import TrainingDiverged, UserError
 
 
-def _flag_kwargs(field) -> dict:
-    hint = typing.get_type_hints(TrainConfig)[field.name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-    base = args[0]
+def flag_kwargs(field) -> dict:
+    """argparse's keywords for a TrainConfig field: its type, help, choices and default shown."""
+    base = field_type(field)
     # argparse formats help with %, so a literal "6%" must be doubled
     kwargs = {"help": field.metadata["help"].replace("%", "%%"), "default": argparse.SUPPRESS}
     for key in ("choices", "nargs", "const"):
@@ -33,8 +34,15 @@ def _flag_kwargs(field) -> dict:
     return kwargs
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (argparse prints the usage block first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="bayes-adalora",
         description="Bayesian adaptive low-rank fine-tuning: AdaLoRA ranks allocated from IVON's posterior.",
     )
@@ -42,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="fine-tune a model on a GLUE task and save the run",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for field in config_fields():
-        train.add_argument("--" + field.name.replace("_", "-"), dest=field.name, **_flag_kwargs(field))
+        train.add_argument("--" + field.name.replace("_", "-"), dest=field.name, **flag_kwargs(field))
+    train.add_argument("--config", dest="config_file", metavar="FILE", default=argparse.SUPPRESS,
+                       help="Start from a run's config.json (its resolved settings); flags given here win.")
 
     evaluate = commands.add_parser(
         "evaluate", help="evaluate a saved run: point and posterior-predictive metrics, predictions",
@@ -55,13 +65,22 @@ def build_parser() -> argparse.ArgumentParser:
                                               "or .csv .tsv .json .jsonl as for --validation-file")
     evaluate.add_argument("--split", help="with --data-dir: the file <SPLIT>.tsv, e.g. test "
                                           "[default: the task's dev split(s)]")
-    evaluate.add_argument("--mc-samples", type=int, default=0, metavar="K",
-                          help="also the posterior predictive over K draws from IVON's posterior (IVON runs) [default: 0]")
+    evaluate.add_argument(
+        "--mc-samples",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also the posterior predictive over K draws from IVON's posterior (IVON runs) [default: 0]",
+    )
     evaluate.add_argument("--predictions", metavar="FILE",
                           help="write one row per example (CSV: index, prediction, probability or value, "
                                "predictive_std with MC); unlabeled GLUE test data: the GLUE submission TSV")
-    evaluate.add_argument("--max-eval-samples", type=int, metavar="N",
-                          help="only the first N examples of each split [default: the run's for its own data, else all]")
+    evaluate.add_argument(
+        "--max-eval-samples",
+        type=int,
+        metavar="N",
+        help="only the first N examples of each split [default: the run's for its own data, else all]",
+    )
     evaluate.add_argument("--seed", type=int, help="seed of the posterior draws [default: the run's seed]")
     evaluate.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto [default: auto]")
 
@@ -73,21 +92,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = vars(parser.parse_args(argv))
+    try:
+        args = vars(parser.parse_args(argv))
+    except SystemExit as done:  # --help (0), or a flag argparse refused (2): its line is printed
+        return done.code
     command = args.pop("command")
-    _quiet_libraries()
+    quiet_libraries()
     try:
         if command == "train":
+            # deferred: `bayes-adalora --help` should not wait for torch and transformers
+            from .plots import plot_run
             from .train import train
 
-            config, _ = make_config(args)
-            results = train(config)
-            print(_summary(results))
+            config, _ = make_config(args, base=read_config_file(args.pop("config_file", None)))
+            results = train(config, figures=plot_run)
+            print(summary(results))
         elif command == "evaluate":
+            from .run_folder import finite_or_none
             from .run_io import evaluate_run
-            from .train import _finite_or_none
 
-            print(json.dumps(_finite_or_none(evaluate_run(**args)), indent=2))
+            print(json.dumps(finite_or_none(evaluate_run(**args)), indent=2))
         elif command == "plot":
             from .plots import plot_run
 
@@ -100,19 +124,41 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bayes-adalora: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("bayes-adalora: interrupted; nothing was written", file=sys.stderr)
+        print("bayes-adalora: interrupted: the run was not written (checkpoints saved by --save-steps are kept: "
+              "continue with --resume, or start again with --overwrite)", file=sys.stderr)
         return 130
     return 0
 
 
-def _numbers(metrics: dict) -> str:
+def read_config_file(path: str | None) -> dict | None:
+    """The settings of a --config file: a run's config.json, or any JSON object of TrainConfig fields
+    (keys that are not fields, such as the plan's total_steps, are left out, and so are --resume and
+    --overwrite)."""
+    if path is None:
+        return None
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"--config {file}: no such file")
+    try:
+        values = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"--config {file} is not a JSON file ({err})") from None
+    if not isinstance(values, dict):
+        raise UserError(f"--config {file} must hold a JSON object of settings, not a {type(values).__name__}")
+    names = {f.name for f in config_fields()} - {"resume", "overwrite"}  # how to run, not what: give them anew
+    return {k: v for k, v in values.items() if k in names}
+
+
+def numbers(metrics: dict) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
 
 
-def _summary(results: dict) -> str:
-    final = _numbers(results["metrics"]["final"])
+def summary(results: dict) -> str:
+    final = numbers(results["metrics"]["final"])
     if "mc" in results["metrics"]:
-        final += f"; posterior predictive ({results['metrics']['mc']['samples']} draws) {_numbers(results['metrics']['mc'])}"
+        final += (
+            f"; posterior predictive ({results['metrics']['mc']['samples']} draws) {numbers(results['metrics']['mc'])}"
+        )
     best = results["metrics"]["best"]
     best_main = best.get(results["main_metric"])
     return (
@@ -122,9 +168,8 @@ def _summary(results: dict) -> str:
     )
 
 
-def _quiet_libraries() -> None:
-    import warnings
-
+def quiet_libraries() -> None:
+    """Silence library messages a user cannot act on (shared with the benchmarks)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

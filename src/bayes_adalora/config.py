@@ -1,22 +1,69 @@
-"""The run configuration: one dataclass whose fields carry their help text, serving the CLI and the API."""
+"""The run configuration: one dataclass whose fields carry their help text and their allowed values,
+serving the CLI and the API, valid by construction; and the run plan resolved from it once.
+
+A field's metadata says what it accepts: `choices`, or for a number its `bounds` (finite always; an
+integer where the field is an int). `TrainConfig.__post_init__` checks every field against it and the
+fields against each other, so a config that exists is valid, whether built by the CLI or in Python.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
+import typing
 from dataclasses import dataclass, field
 
 from .errors import UserError
 from .importance import DEFAULT_CRITERION, POSTERIOR_CRITERIA
+from .methods import METHOD_NAMES, get_method
+from .recipes import paper_recipe
+from .schedules import default_adalora_phases
+from .tasks import get_task
 
-METHODS = ("bayes-adalora", "adalora-ivon", "adalora", "lora", "full")
-IVON_METHODS = ("bayes-adalora", "adalora-ivon")
-ADALORA_METHODS = ("bayes-adalora", "adalora-ivon", "adalora")
 LR_SCHEDULES = ("linear", "two-phase", "constant")
 LAMBDA_INITS = ("zero", "paper")
+SEED_MAX = 2**32 - 1  # NumPy's seed range
+DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 
-# Learning rates when --lr is not given, per optimizer family (tuned on MiniLM / SST-2, see README).
-DEFAULT_LR = {"ivon": 3.0, "adalora": 2e-3, "lora": 1e-3, "full": 3e-5}
+
+@dataclass(frozen=True)
+class Bounds:
+    """The numbers a field accepts: an interval, plus one `off` value outside it (e.g. 0: off)."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    off: float | None = None
+    why: str = ""  # said after the refusal
+
+    def contains(self, value: float) -> bool:
+        if self.off is not None and value == self.off:
+            return True
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def phrase(self, integer: bool) -> str:
+        """What the value must do, e.g. "be positive", "lie in (0, 1)", "be 0 (off) or at least 1"."""
+        open_ended = self.high == math.inf and not self.low_open
+        if self.off is not None and open_ended:
+            core = "positive" if integer and self.low == 1 else f"at least {self.low:g}"
+            return f"be {self.off:g} (off) or {core}"
+        if integer and open_ended and self.low in (0, 1):
+            return "be positive" if self.low == 1 else "be 0 or more"
+        high = str(int(self.high)) if integer and self.high != math.inf else f"{self.high:g}"
+        right = ")" if self.high_open or self.high == math.inf else "]"
+        return f"lie in {'(' if self.low_open else '['}{self.low:g}, {high}{right}"
+
+
+POSITIVE = Bounds(low=1)  # for int fields: 1, 2, ...
+NON_NEGATIVE = Bounds(low=0)
+POSITIVE_REAL = Bounds(low=0, low_open=True)
+UNIT_OPEN = Bounds(low=0, high=1, low_open=True, high_open=True)
+UNIT_RIGHT_OPEN = Bounds(low=0, high=1, high_open=True)
 
 
 def _f(default, help: str, **kw):
@@ -27,8 +74,10 @@ def _f(default, help: str, **kw):
 class TrainConfig:
     # what to train
     task: str = _f("sst2", "GLUE task: cola sst2 mrpc stsb qqp mnli qnli rte wnli.")
-    method: str = _f("bayes-adalora", "Fine-tuning method.", choices=METHODS)
-    criterion: str = _f(DEFAULT_CRITERION, "Posterior importance criterion (bayes-adalora only).", choices=POSTERIOR_CRITERIA)
+    method: str = _f("bayes-adalora", "Fine-tuning method.", choices=METHOD_NAMES)
+    criterion: str = _f(
+        DEFAULT_CRITERION, "Posterior importance criterion (bayes-adalora only).", choices=POSTERIOR_CRITERIA
+    )
     model: str | None = _f(None, "HF model name or path; default: the packaged all-MiniLM-L6-v2 (offline).")
     target_modules: list[str] | None = _f(None, "Module-name suffixes to adapt; default: the architecture's preset.")
     trust_remote_code: bool = _f(False, "Allow model code from the hub (off unless asked for).")
@@ -38,160 +87,292 @@ class TrainConfig:
     validation_file: str | None = _f(None, "Your own validation data (same format as --train-file).")
     text_columns: list[str] | None = _f(None, "Text column(s) in --train-file (one or two).")
     label_column: str | None = _f(None, "Label column in --train-file (default: label).")
-    max_length: int = _f(128, "Truncate inputs to this many tokens (padding is per batch).")
-    max_train_samples: int | None = _f(None, "Use only the first N training examples.")
-    max_eval_samples: int | None = _f(None, "Use only the first N examples of each dev split.")
+    max_length: int = _f(128, "Truncate inputs to this many tokens (padding is per batch).", bounds=POSITIVE)
+    max_train_samples: int | None = _f(None, "Use only the first N training examples.", bounds=POSITIVE)
+    max_eval_samples: int | None = _f(None, "Use only the first N examples of each dev split.", bounds=POSITIVE)
     # schedule
-    batch_size: int = _f(32, "Training batch size.")
-    eval_batch_size: int = _f(128, "Evaluation batch size.")
-    max_steps: int | None = _f(None, "Number of optimizer steps (wins over --epochs).")
-    epochs: float = _f(3.0, "Number of passes over the training data, when --max-steps is not given.")
-    lr: float | None = _f(None, "Peak learning rate; default per optimizer: IVON 3.0, AdaLoRA 2e-3, LoRA 1e-3, full 3e-5.")
-    lr_schedule: str = _f("linear", "linear warm-up and decay, the paper's two-phase IVON schedule, or constant after warm-up.", choices=LR_SCHEDULES)
-    warmup_steps: int | None = _f(None, "Learning-rate warm-up steps (default: 6% of the run).")
-    two_phase_first: float = _f(2.0, "two-phase: multiplier reached after warm-up and held until --two-phase-const.")
-    two_phase_second: float = _f(0.4, "two-phase: multiplier that then falls linearly to 0.")
-    two_phase_const: int = _f(500, "two-phase: last step at the first multiplier.")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    eval_steps: int | None = _f(None, "Evaluate every N steps (default: 10 times per run) and at the end.")
-    seed: int = _f(0, "Random seed (same seed, same result on the CPU).")
+    batch_size: int = _f(32, "Training batch size.", bounds=POSITIVE)
+    eval_batch_size: int = _f(128, "Evaluation batch size.", bounds=POSITIVE)
+    max_steps: int | None = _f(None, "Number of optimizer steps (wins over --epochs).", bounds=POSITIVE)
+    epochs: float = _f(
+        3.0, "Number of passes over the training data, when --max-steps is not given.", bounds=POSITIVE_REAL
+    )
+    lr: float | None = _f(
+        None,
+        "Peak learning rate; default per optimizer: IVON 3.0, AdaLoRA 2e-3, LoRA 1e-3, full 3e-5.",
+        bounds=Bounds(low=0, high=1e6, low_open=True),  # above, AdamW's float32 step overflows (--lr 1e39 crashed)
+    )
+    lr_schedule: str = _f(
+        "linear",
+        "linear warm-up and decay, the paper's two-phase IVON schedule, or constant after warm-up.",
+        choices=LR_SCHEDULES,
+    )
+    warmup_steps: int | None = _f(None, "Learning-rate warm-up steps (default: 6% of the run).", bounds=NON_NEGATIVE)
+    two_phase_first: float = _f(2.0, "two-phase: multiplier reached after warm-up and held until --two-phase-const.",
+                                bounds=NON_NEGATIVE)
+    two_phase_second: float = _f(0.4, "two-phase: multiplier that then falls linearly to 0.", bounds=NON_NEGATIVE)
+    two_phase_const: int = _f(500, "two-phase: last step at the first multiplier.", bounds=NON_NEGATIVE)
+    weight_decay: float = _f(0.0, "AdamW weight decay.", bounds=NON_NEGATIVE)
+    eval_steps: int | None = _f(
+        None, "Evaluate every N steps (default: 10 times per run) and at the end.", bounds=POSITIVE
+    )
+    seed: int = _f(0, "Random seed (same seed, same result on the CPU).", bounds=Bounds(low=0, high=SEED_MAX))
     # adapters
-    init_r: int = _f(6, "AdaLoRA initial rank per matrix.")
-    target_r: int = _f(4, "AdaLoRA final average rank per matrix.")
-    tinit: int | None = _f(None, "AdaLoRA steps at the initial budget (default: 15% of the run, as in the paper).")
-    tfinal: int | None = _f(None, "AdaLoRA final steps at the fixed pattern (default: 45% of the run, as in the paper).")
-    delta_t: int | None = _f(None, "AdaLoRA steps between maskings (default: ~200 maskings in the fall, every step in a short run).")
+    init_r: int = _f(6, "AdaLoRA initial rank per matrix.", bounds=POSITIVE)
+    target_r: int = _f(4, "AdaLoRA final average rank per matrix.", bounds=POSITIVE)
+    tinit: int | None = _f(
+        None, "AdaLoRA steps at the initial budget (default: 15% of the run, as in the paper).", bounds=NON_NEGATIVE
+    )
+    tfinal: int | None = _f(
+        None, "AdaLoRA final steps at the fixed pattern (default: 45% of the run, as in the paper).",
+        bounds=NON_NEGATIVE,
+    )
+    delta_t: int | None = _f(
+        None, "AdaLoRA steps between maskings (default: ~200 maskings in the fall, every step in a short run).",
+        bounds=POSITIVE,
+    )
     lambda_init: str = _f("zero", "AdaLoRA's initial lambda: zero (peft >= 0.12) or paper (N(0, 0.02), as peft 0.11 "
-                               "in the paper's runs).", choices=LAMBDA_INITS)
-    orth_reg: float = _f(0.1, "AdaLoRA orthogonality penalty weight.")
-    sensitivity_beta1: float = _f(0.85, "AdaLoRA sensitivity EMA (adalora, adalora-ivon).")
-    sensitivity_beta2: float = _f(0.85, "AdaLoRA uncertainty EMA (adalora, adalora-ivon).")
-    lora_r: int = _f(4, "LoRA rank (method lora).")
-    lora_alpha: float = _f(32.0, "LoRA/AdaLoRA alpha (update scale).")
-    lora_dropout: float = _f(0.0, "Dropout on the adapter input.")
+                                  "in the paper's runs).", choices=LAMBDA_INITS)
+    orth_reg: float = _f(0.1, "AdaLoRA orthogonality penalty weight.", bounds=NON_NEGATIVE)
+    sensitivity_beta1: float = _f(0.85, "AdaLoRA sensitivity EMA (adalora, adalora-ivon).", bounds=UNIT_OPEN)
+    sensitivity_beta2: float = _f(0.85, "AdaLoRA uncertainty EMA (adalora, adalora-ivon).", bounds=UNIT_OPEN)
+    lora_r: int = _f(4, "LoRA rank (method lora).", bounds=POSITIVE)
+    lora_alpha: float = _f(32.0, "LoRA/AdaLoRA alpha (update scale).", bounds=POSITIVE_REAL)
+    lora_dropout: float = _f(0.0, "Dropout on the adapter input.", bounds=UNIT_RIGHT_OPEN)
     # IVON
-    ivon_ess: float | None = _f(None, "IVON effective sample size (default: the training-set size).")
-    ivon_hess_init: float = _f(1.0, "IVON initial Hessian.")
-    ivon_beta1: float = _f(0.9, "IVON momentum.")
-    ivon_beta2: float = _f(0.99999, "IVON Hessian EMA.")
-    ivon_weight_decay: float = _f(1e-8, "IVON weight decay (prior precision per example).")
-    ivon_clip_radius: float = _f(1e-3, "IVON elementwise update clip.")
-    train_mc_samples: int = _f(1, "IVON posterior samples per training step.")
-    mc_samples: int = _f(0, "Posterior predictive at the final evaluation: average over K draws from IVON's posterior (0: off).")
-    log_correlations: bool | None = _f(None, "Log Spearman correlations of sensitivity and posterior triplet scores at "
-                                             "each allocation step to correlations.json (default: on for IVON methods).")
+    ivon_ess: float | None = _f(
+        None, "IVON effective sample size (default: the training-set size).", bounds=POSITIVE_REAL
+    )
+    ivon_hess_init: float = _f(1.0, "IVON initial Hessian.", bounds=POSITIVE_REAL)
+    ivon_beta1: float = _f(0.9, "IVON momentum.", bounds=UNIT_RIGHT_OPEN)
+    ivon_beta2: float = _f(0.99999, "IVON Hessian EMA.", bounds=UNIT_RIGHT_OPEN)
+    ivon_weight_decay: float = _f(1e-8, "IVON weight decay (prior precision per example).", bounds=NON_NEGATIVE)
+    ivon_clip_radius: float = _f(1e-3, "IVON elementwise update clip.", bounds=POSITIVE_REAL)
+    train_mc_samples: int = _f(1, "IVON posterior samples per training step.", bounds=POSITIVE)
+    mc_samples: int = _f(
+        0,
+        "Posterior predictive at the final evaluation: average over K draws from IVON's posterior (0: off).",
+        bounds=Bounds(low=1, off=0),
+    )
+    log_correlations: bool | None = _f(
+        None,
+        "Log Spearman correlations of sensitivity and posterior triplet scores at "
+        "each allocation step to correlations.json (default: on for IVON methods).",
+    )
     plots: bool = _f(True, "Write PNG plots of the run into the output folder at the end.")
     # running
     output_dir: str = _f("runs/latest", "Where results.json, adapter/, posterior.safetensors and config.json go.")
-    divergence_factor: float = _f(100.0, "Stop when the loss exceeds this many times the first step's (0: only NaN/inf stops).")
-    save_steps: int | None = _f(None, "Write a checkpoint (for --resume) every N steps into OUTPUT_DIR/checkpoints.")
-    save_total_limit: int = _f(2, "Checkpoints kept, the latest ones (0 keeps all).")
-    resume: str | None = _f(None, "Continue from the latest checkpoint in --output-dir, or from the checkpoint folder given.",
-                            nargs="?", const="latest")
+    divergence_factor: float = _f(
+        100.0,
+        "Stop when the loss exceeds this many times the first step's (0: only NaN/inf stops).",
+        bounds=Bounds(low=1, off=0, why="a smaller factor stops any run at its first step"),
+    )
+    save_steps: int | None = _f(None, "Write a checkpoint (for --resume) every N steps into OUTPUT_DIR/checkpoints.",
+                                bounds=POSITIVE)
+    save_total_limit: int = _f(2, "Checkpoints kept, the latest ones (0 keeps all).", bounds=NON_NEGATIVE)
+    resume: str | None = _f(
+        None,
+        "Continue from the latest checkpoint in --output-dir, or from the checkpoint folder given.",
+        nargs="?",
+        const="latest",
+    )
     overwrite: bool = _f(False, "Replace a run already in --output-dir.")
-    recipe: str | None = _f(None, "'paper' fills the paper's hyperparameters for the task; explicit flags win.", choices=("paper",))
+    recipe: str | None = _f(
+        None, "'paper' fills the paper's hyperparameters for the task; explicit flags win.", choices=("paper",)
+    )
     device: str = _f("auto", "cpu, cuda, cuda:N or auto.")
     bf16: bool = _f(False, "bf16 autocast for forward and backward.")
+    fast_path: bool = _f(True, "AdaLoRA methods: batched penalty, fused layer, in-place IVON (same numbers); "
+                               "--no-fast-path runs stock peft and ivon-opt.")  # issue 11
     progress: bool = _f(True, "Show a progress bar.")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            check_field(f, getattr(self, f.name))
+        self._check_together()
+
+    def _check_together(self) -> None:
+        """Checks across fields (each field alone is checked by `check_field`)."""
+        get_task(self.task)
+        method = get_method(self.method)
+        if not DEVICE.match(self.device):
+            raise UserError(f"--device {self.device!r} is not a device: choose cpu, cuda, cuda:N or auto")
+        for name in ("mc_samples", "log_correlations"):
+            if getattr(self, name) and not method.uses_ivon:
+                raise UserError(
+                    f"{flag(name)} reads IVON's posterior and needs --method bayes-adalora or adalora-ivon, "
+                    f"not {self.method}"
+                )
+        if self.target_r > self.init_r:
+            raise UserError(
+                f"--target-r {self.target_r} is larger than --init-r {self.init_r}: the budget can only fall"
+            )
+        if self.target_r == self.init_r and method.uses_adalora:
+            raise UserError(f"--target-r equals --init-r ({self.init_r}): AdaLoRA has no rank to reallocate; "
+                            f"lower --target-r, or use --method lora for a fixed rank")
+        if self.text_columns is not None and not 1 <= len(self.text_columns) <= 2:
+            raise UserError(f"--text-columns takes one or two column names, got {len(self.text_columns)}")
+        if self.lambda_init != "zero" and not method.uses_adalora:
+            raise UserError(f"--lambda-init sets AdaLoRA's lambda and needs an AdaLoRA method, not {self.method}")
+
+    @property
+    def method_spec(self):
+        """The method's entry in the registry (`methods.METHODS`)."""
+        return get_method(self.method)
 
     @property
     def uses_ivon(self) -> bool:
-        return self.method in IVON_METHODS
+        return self.method_spec.uses_ivon
 
     @property
     def uses_adalora(self) -> bool:
-        return self.method in ADALORA_METHODS
+        return self.method_spec.uses_adalora
 
     @property
     def logs_correlations(self) -> bool:
         return self.uses_adalora and self.uses_ivon if self.log_correlations is None else self.log_correlations
 
     def resolved_lr(self) -> float:
-        if self.lr is not None:
-            return self.lr
-        family = "ivon" if self.uses_ivon else ("adalora" if self.uses_adalora else self.method)
-        return DEFAULT_LR[family]
-
-    def validate(self, explicit: set[str] = frozenset()) -> None:
-        """Checks that need no data or model; raises UserError with one sentence."""
-        if self.method not in METHODS:
-            raise UserError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
-        if self.criterion not in POSTERIOR_CRITERIA:
-            raise UserError(f"unknown criterion {self.criterion!r}: choose one of {', '.join(POSTERIOR_CRITERIA)}")
-        if "criterion" in explicit and self.method != "bayes-adalora":
-            raise UserError(
-                f"--criterion {self.criterion} reads IVON's posterior and needs --method bayes-adalora, not {self.method}"
-            )
-        if self.lambda_init not in LAMBDA_INITS:
-            raise UserError(f"unknown --lambda-init {self.lambda_init!r}: choose one of {', '.join(LAMBDA_INITS)}")
-        if "lambda_init" in explicit and self.lambda_init != "zero" and not self.uses_adalora:
-            raise UserError(f"--lambda-init sets AdaLoRA's lambda and needs an AdaLoRA method, not {self.method}")
-        if self.mc_samples < 0:
-            raise UserError(f"--mc-samples must be 0 (off) or positive, got {self.mc_samples}")
-        for name in ("mc_samples", "log_correlations"):
-            if getattr(self, name) and not self.uses_ivon:
-                flag = f"--{name.replace('_', '-')}"
-                raise UserError(f"{flag} reads IVON's posterior and needs --method bayes-adalora or adalora-ivon, not {self.method}")
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise UserError(f"--max-steps must be positive, got {self.max_steps}")
-        if self.max_steps is None and self.epochs <= 0:
-            raise UserError(f"--epochs must be positive, got {self.epochs}")
-        if self.target_r > self.init_r:
-            raise UserError(f"--target-r {self.target_r} is larger than --init-r {self.init_r}: the budget can only fall")
-        if self.target_r == self.init_r and self.uses_adalora:
-            raise UserError(f"--target-r equals --init-r ({self.init_r}): AdaLoRA has no rank to reallocate; "
-                            f"lower --target-r, or use --method lora for a fixed rank")
-        ranges = {  # name: (low, high, low included, high included)
-            "orth_reg": (0, math.inf, True, False), "lora_dropout": (0, 1, True, False),
-            "sensitivity_beta1": (0, 1, False, False), "sensitivity_beta2": (0, 1, False, False),
-            "ivon_beta1": (0, 1, True, False), "ivon_beta2": (0, 1, True, False),
-            "ivon_hess_init": (0, math.inf, False, False), "ivon_clip_radius": (0, math.inf, False, False),
-            "ivon_weight_decay": (0, math.inf, True, False), "weight_decay": (0, math.inf, True, False),
-        }
-        for name, (low, high, low_in, high_in) in ranges.items():
-            value = getattr(self, name)
-            if not ((value >= low if low_in else value > low) and (value <= high if high_in else value < high)):
-                interval = f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
-                raise UserError(f"--{name.replace('_', '-')} must lie in {interval}, got {value:g}")
-        if self.divergence_factor != 0 and not self.divergence_factor >= 1:
-            raise UserError(f"--divergence-factor must be 0 (off) or at least 1, got {self.divergence_factor:g}: "
-                            f"a smaller factor stops any run at its first step")
-        positive = ("batch_size", "eval_batch_size", "max_length", "init_r", "target_r", "lora_r", "train_mc_samples")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("delta_t", "eval_steps", "max_train_samples", "max_eval_samples", "ivon_ess", "save_steps"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        if self.lr is not None and self.lr <= 0:
-            raise UserError(f"--lr must be positive, got {self.lr}")
-        if self.text_columns is not None and not 1 <= len(self.text_columns) <= 2:
-            raise UserError(f"--text-columns takes one or two column names, got {len(self.text_columns)}")
+        return self.lr if self.lr is not None else self.method_spec.default_lr
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a config field: `ivon_ess` -> `--ivon-ess`."""
+    return "--" + name.replace("_", "-")
+
+
+def field_type(f: dataclasses.Field) -> type:
+    """The field's type without None: `int | None` -> int, `list[str] | None` -> list[str]."""
+    hint = typing.get_type_hints(TrainConfig)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args and typing.get_origin(hint) is not list else hint
+
+
+def check_field(f: dataclasses.Field, value) -> None:
+    """One field's value against its metadata: one of its `choices`, or a number within its `bounds`
+    (finite, and whole for an int field); None passes where the field allows it."""
+    if value is None:
+        if type(None) not in typing.get_args(typing.get_type_hints(TrainConfig)[f.name]):
+            raise UserError(f"{flag(f.name)} needs a value, got none")
+        return
+    if "choices" in f.metadata and value not in f.metadata["choices"]:
+        raise UserError(
+            f"unknown {f.name.replace('_', ' ')} {value!r}: choose one of {', '.join(f.metadata['choices'])}"
+        )
+    bounds = f.metadata.get("bounds")
+    if bounds is None:
+        return
+    integer = field_type(f) is int
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{flag(f.name)} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise UserError(f"{flag(f.name)} must be a finite number, got {value}")
+    if integer and value != int(value):
+        raise UserError(f"{flag(f.name)} must be a whole number, got {value}")
+    if not bounds.contains(value):
+        shown = repr(value)
+        why = f": {bounds.why}" if bounds.why else ""
+        raise UserError(f"{flag(f.name)} must {bounds.phrase(integer)}, got {shown}{why}")
 
 
 def config_fields() -> list[dataclasses.Field]:
     return list(dataclasses.fields(TrainConfig))
 
 
-def make_config(given: dict) -> tuple[TrainConfig, set[str]]:
-    """A TrainConfig from explicitly given values: defaults, then the recipe if asked for, then `given`.
+def make_config(given: dict, base: dict | None = None) -> tuple[TrainConfig, set[str]]:
+    """A TrainConfig from defaults, then the recipe if asked for, then `base` (e.g. a run's config.json,
+    `--config`), then the explicitly `given` values, which win.
 
-    Returns the config and the names given explicitly (explicit flags win over the recipe).
+    Returns the config and the names given explicitly.
     """
-    from .recipes import paper_recipe
-    from .tasks import get_task
-
     names = {f.name for f in config_fields()}
     unknown = set(given) - names
     if unknown:
         raise UserError(f"unknown setting {sorted(unknown)[0]!r}")
-    config = TrainConfig(**given)
-    if config.recipe == "paper":
-        recipe = paper_recipe(get_task(config.task).name, config.method)
-        config = TrainConfig(**{**recipe, **given})
-    config.validate(set(given))
+    stated = {**{k: v for k, v in (base or {}).items() if k in names}, **given}
+    recipe = stated.get("recipe")
+    values = {**(paper_recipe(get_task(stated.get("task", "sst2")).name, stated.get("method", "bayes-adalora"))
+                 if recipe == "paper" else {}), **stated}
+    config = TrainConfig(**values)
+    if "criterion" in given and not config.method_spec.reads_posterior:
+        raise UserError(
+            f"--criterion {config.criterion} reads IVON's posterior and needs --method bayes-adalora, "
+            f"not {config.method}"
+        )
     return config, set(given)
+
+
+# ----------------------------------------------------------------------------- the run plan
+
+
+def data_dir_of(config: TrainConfig) -> str | None:
+    """The GLUE folder the run reads: --data-dir, else $GLUE_DIR, else None (the hub)."""
+    return config.data_dir or os.environ.get("GLUE_DIR") or None
+
+
+def total_steps_for(config: TrainConfig, batches_per_epoch: int) -> int:
+    if config.max_steps is not None:
+        return config.max_steps
+    return max(1, math.ceil(config.epochs * batches_per_epoch))
+
+
+def adalora_phases(config: TrainConfig, total_steps: int) -> tuple[int, int, int]:
+    """(tinit, tfinal, delta_t): the flags where given, else defaults that scale with the run."""
+    tinit, tfinal, delta_t = default_adalora_phases(total_steps)
+    tinit = config.tinit if config.tinit is not None else tinit
+    tfinal = config.tfinal if config.tfinal is not None else tfinal
+    delta_t = config.delta_t if config.delta_t is not None else delta_t
+    if tinit < 0 or tfinal < 0 or tinit >= total_steps - tfinal:
+        raise UserError(
+            f"--tinit {tinit} and --tfinal {tfinal} leave no steps for the budget to fall in a {total_steps}-step run"
+        )
+    if total_steps - tfinal < 2 and config.method_spec.allocator == "sensitivity":
+        # peft masks for the last time at step total - tfinal without a sensitivity update there: at step 1
+        # it has none yet and fails (KeyError); the posterior allocator reads IVON's state instead
+        raise UserError(
+            f"--method {config.method} needs a step of sensitivity before its final mask, which falls at step "
+            f"{total_steps - tfinal} of {total_steps} (--tfinal {tfinal}): train 2 steps or more, or lower --tfinal"
+        )
+    return tinit, tfinal, delta_t
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run does, every default resolved: computed once, by `plan_run`, and saved as config.json."""
+
+    model: str
+    data_dir: str | None
+    lr: float
+    total_steps: int
+    warmup_steps: int
+    eval_steps: int
+    ivon_ess: float | None  # IVON methods only
+    tinit: int | None  # AdaLoRA methods only: its phases
+    tfinal: int | None
+    delta_t: int | None
+    num_labels: int
+
+
+def plan_run(config: TrainConfig, model: str, train_examples: int, batches_per_epoch: int) -> RunPlan:
+    """The run's resolved plan, from the config and the size of its training data."""
+    total_steps = total_steps_for(config, batches_per_epoch)
+    tinit, tfinal, delta_t = adalora_phases(config, total_steps) if config.uses_adalora else (
+        config.tinit, config.tfinal, config.delta_t)
+    return RunPlan(
+        model=model, data_dir=data_dir_of(config), lr=config.resolved_lr(), total_steps=total_steps,
+        warmup_steps=config.warmup_steps if config.warmup_steps is not None else int(0.06 * total_steps),
+        eval_steps=config.eval_steps or max(1, total_steps // 10),
+        ivon_ess=(config.ivon_ess or float(train_examples)) if config.uses_ivon else None,
+        tinit=tinit, tfinal=tfinal, delta_t=delta_t, num_labels=get_task(config.task).num_labels,
+    )
+
+
+def planned_config(config: TrainConfig, plan: RunPlan) -> dict:
+    """config.json: every field with its resolved value, plus the plan's step count and label count.
+
+    Fed back with `--config`, it reruns the same plan: the resolved values are explicit there.
+    """
+    return {**config.to_dict(), **dataclasses.asdict(plan)}

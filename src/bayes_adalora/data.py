@@ -8,6 +8,7 @@ Mistakes in a file raise one `UserError` sentence naming the file and, where the
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -57,19 +58,23 @@ def _read_text(path: Path) -> str:
     if not path.is_file():
         raise UserError(f"data file {path} is a folder, not a file")
     raw = path.read_bytes()
-    if b"\x00" in raw:
+    encoding = "utf-8-sig"  # -sig: MRPC's header starts with a BOM
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # what some editors save as "Unicode"
+        encoding = "utf-16"
+    elif b"\x00" in raw:
         raise UserError(f"{path} is not a text file (it holds NUL bytes)")
     try:
-        text = raw.decode("utf-8-sig")  # -sig: MRPC's header starts with a BOM
+        text = raw.decode(encoding)
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
-        raise UserError(f"{path}, line {line}: the file is not UTF-8 text") from None
+        raise UserError(f"{path}, line {line}: the file is not {encoding.upper().removesuffix('-SIG')} text; "
+                        f"save it as UTF-8") from None
     if not text.strip():
         raise UserError(f"{path} has no examples (the file is empty)")
     return text
 
 
-def _read_rows(path: Path, delimiter: str, quoting: int) -> list[tuple[int, list[str]]]:
+def read_rows(path: Path, delimiter: str, quoting: int) -> list[tuple[int, list[str]]]:
     """(1-based line number, fields) for every row, without trailing blank lines."""
     text = _read_text(path)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
@@ -84,7 +89,15 @@ def _read_rows(path: Path, delimiter: str, quoting: int) -> list[tuple[int, list
     return rows
 
 
-def _column_index(path: Path, header: list[str], column: str) -> int:
+def check_header(path: Path, header: list[str]) -> list[str]:
+    """The header, refused if it names a column twice (the second would silently shadow the first)."""
+    twice = next((c for i, c in enumerate(header) if c in header[:i]), None)
+    if twice is not None:
+        raise UserError(f"{path}, line 1: the header names the column {twice!r} twice; give each column its own name")
+    return header
+
+
+def column_index(path: Path, header: list[str], column: str) -> int:
     if column not in header:
         raise UserError(
             f"{path}, line 1: the header has no column {column!r} (it has {', '.join(header)})")
@@ -120,6 +133,9 @@ def _parse_label(spec: TaskSpec, value, where: str, allow_index: bool):
             number = math.nan
         if not math.isfinite(number):
             raise UserError(f"{where}: label {value!r} is not a number")
+        low, high = spec.label_range
+        if not low <= number <= high:
+            raise UserError(f"{where}: label {value!r} lies outside {spec.name}'s range [{low:g}, {high:g}]")
         return number
     if isinstance(value, str) and value.strip() in spec.labels:
         return spec.labels.index(value.strip())
@@ -142,13 +158,13 @@ def read_glue_tsv(spec: TaskSpec, path: str | Path) -> TextDataset:
     train row 2164), which csv's default quoting would merge across columns.
     """
     path = Path(path)
-    rows = _read_rows(path, "\t", csv.QUOTE_NONE)
+    rows = read_rows(path, "\t", csv.QUOTE_NONE)
     if spec.tsv_has_header:
-        header = rows[0][1] if rows else []
+        header = check_header(path, rows[0][1]) if rows else []
         rows = rows[1:]
         width = spec.tsv_column_count or len(header)
-        text_index = [_column_index(path, header, c) for c in spec.tsv_text_columns]
-        label_index = _column_index(path, header, spec.tsv_label_column)
+        text_index = [column_index(path, header, c) for c in spec.tsv_text_columns]
+        label_index = column_index(path, header, spec.tsv_label_column)
     else:  # headerless (CoLA): the spec gives 0-based positions
         width = spec.tsv_column_count
         text_index = list(spec.tsv_text_columns)
@@ -169,10 +185,10 @@ def read_glue_tsv(spec: TaskSpec, path: str | Path) -> TextDataset:
 def _table_records(path: Path, delimiter: str, quoting: int,
                    columns: Sequence[str]) -> list[tuple[str, dict]]:
     """(where, row as a dict) for a CSV/TSV file whose first line names the columns."""
-    rows = _read_rows(path, delimiter, quoting)
-    header = rows[0][1]
+    rows = read_rows(path, delimiter, quoting)
+    header = check_header(path, rows[0][1])
     for column in columns:
-        _column_index(path, header, column)
+        column_index(path, header, column)
     kind = "tab-separated" if delimiter == "\t" else "comma-separated"
     records = []
     for line, fields in rows[1:]:

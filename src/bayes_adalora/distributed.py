@@ -32,7 +32,7 @@ class Processes:
         self.is_main = self.rank == 0
 
     @classmethod
-    def start(cls, device: torch.device, batch_size: int) -> "Processes":
+    def start(cls, device: torch.device, batch_size: int) -> Processes:
         if not launched_distributed():
             return cls()
         from accelerate import Accelerator
@@ -40,7 +40,9 @@ class Processes:
         accelerator = Accelerator(cpu=device.type == "cpu")
         procs = cls(accelerator)
         if batch_size % procs.world:
-            raise UserError(f"--batch-size {batch_size} is the global batch and must divide among {procs.world} processes")
+            raise UserError(
+                f"--batch-size {batch_size} is the global batch and must divide among {procs.world} processes"
+            )
         return procs
 
     @property

@@ -6,7 +6,7 @@
   `peft_config.rank_pattern` and `save_pretrained` trims the adapter to it.
 - `IVONTrainer` trains `bayes-adalora` or `adalora-ivon` with IVON: one optimizer step averages the
   gradients of `train_mc_samples` posterior samples per micro-batch; it adds the callback itself.
-- `make_trainer` builds the adapter model (`train.build_trainable_model`) and the right Trainer for
+- `make_trainer` builds the adapter model (`build.build_trainable_model`) and the right Trainer for
   a `TrainConfig`.
 
 What comes from where: the schedule (learning rate, steps, batch size, warm-up, scheduler type) is
@@ -19,33 +19,20 @@ import dataclasses
 import math
 import warnings
 
-import torch
-from torch import nn
+import ivon
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from .allocator import PosteriorRankAllocator, install_posterior_allocator
-from .config import IVON_METHODS, TrainConfig
+from .adapters import adalora_tuner
+from .allocator import PosteriorRankAllocator, install_allocator
+from .build import build_trainable_model, make_optimizer, use_fast_path
+from .config import TrainConfig
+from .methods import IVON_METHODS
 from .models import load_model
+from .steps import IVONStep
 from .tasks import get_task
-from .train import build_trainable_model, fill_missing_grads, make_optimizer
 
 # Below this, a learning rate is on AdamW's scale: IVON's step is lr * clip((m + wd mu) / (h + wd)).
 IVON_LR_WARN_BELOW = 1e-2
-
-
-def adalora_tuner(model: nn.Module):
-    """The peft `AdaLoraModel` inside `model` (a `PeftModel`, possibly wrapped for data parallelism)."""
-    from peft import PeftModel
-    from peft.tuners.adalora import AdaLoraModel
-
-    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    tuner = model.base_model if isinstance(model, PeftModel) else None
-    if not isinstance(tuner, AdaLoraModel):
-        raise ValueError(
-            f"rank allocation needs a peft AdaLoRA model (get_peft_model with an AdaLoraConfig), got {type(model).__name__}"
-        )
-    return tuner
 
 
 def check_adalora_phases(tinit: int, tfinal: int, total_steps: int) -> None:
@@ -68,7 +55,11 @@ def trainer_max_steps(args: TrainingArguments, n_examples: int | None) -> int:
     if n_examples is None:
         raise ValueError("the training set has no length: set TrainingArguments.max_steps")
     per_process = math.ceil(n_examples / args.world_size)
-    batches = per_process // args.train_batch_size if args.dataloader_drop_last else math.ceil(per_process / args.train_batch_size)
+    batches = (
+        per_process // args.train_batch_size
+        if args.dataloader_drop_last
+        else math.ceil(per_process / args.train_batch_size)
+    )
     per_epoch = max(1, math.ceil(batches / args.gradient_accumulation_steps))
     return math.ceil(args.num_train_epochs * per_epoch)
 
@@ -140,16 +131,19 @@ class IVONTrainer(Trainer):
         method = self.train_config.method
         if method not in IVON_METHODS:
             raise ValueError(f"IVONTrainer trains {' or '.join(IVON_METHODS)}, not {method!r}")
-        if self.train_config.train_mc_samples <= 0:
-            raise ValueError(f"train_mc_samples must be positive, got {self.train_config.train_mc_samples}")
         adalora_tuner(self.model)
         if self.args.fp16:
-            raise ValueError("IVONTrainer cannot use fp16: its loss scaling changes the gradients IVON reads; use bf16 or fp32")
+            raise ValueError(
+                "IVONTrainer cannot use fp16: its loss scaling changes the gradients IVON reads; use bf16 or fp32"
+            )
         if self.args.world_size > 1 or self.args.n_gpu > 1 or self.args.deepspeed:
-            raise ValueError("IVONTrainer runs in one process on one device: IVON's samples would differ between processes")
+            raise ValueError(
+                "IVONTrainer runs in one process on one device: IVON's samples would differ between processes"
+            )
         if self.args.max_grad_norm:
             warnings.warn(
-                f"IVON does not use gradient clipping (it clips its own update): max_grad_norm {self.args.max_grad_norm} set to 0",
+                "IVON does not use gradient clipping (it clips its own update): "
+                f"max_grad_norm {self.args.max_grad_norm} set to 0",
                 stacklevel=2,
             )
         self.args.max_grad_norm = 0.0  # also for None, which the Trainer's loop cannot compare
@@ -165,8 +159,6 @@ class IVONTrainer(Trainer):
     @property
     def ivon_optimizer(self):
         """The IVON instance behind the Trainer's optimizer (which accelerate wraps in `AcceleratedOptimizer`)."""
-        import ivon
-
         optimizer = self.optimizer
         while optimizer is not None and not isinstance(optimizer, ivon.IVON):
             optimizer = getattr(optimizer, "optimizer", None)
@@ -183,16 +175,18 @@ class IVONTrainer(Trainer):
             raise ValueError("the training set has no length: set TrainConfig.ivon_ess") from exc
 
     def create_optimizer(self, model=None):
-        """IVON over the trainable parameters (unless one was passed in); for bayes-adalora, the posterior allocator."""
+        """IVON over the trainable parameters (unless one was passed in); for bayes-adalora, the posterior
+        allocator; the fast path where the config asks for it (`build.use_fast_path`)."""
         if self.optimizer is None:
             settings = dataclasses.replace(self.train_config, lr=self.args.learning_rate)
             self.optimizer = make_optimizer(model if model is not None else self.model, settings, self.ivon_ess())
         optimizer = self.ivon_optimizer
         tuner = adalora_tuner(self.model)
-        if self.train_config.method == "bayes-adalora":
+        if self.train_config.method_spec.allocator == "posterior":
             allocator = tuner.rankallocator
             if not (isinstance(allocator, PosteriorRankAllocator) and allocator.optimizer is optimizer):
-                install_posterior_allocator(self.model, optimizer, self.train_config.criterion)
+                install_allocator(self.model, self.train_config.method, optimizer, self.train_config.criterion)
+        use_fast_path(self.model, self.train_config, optimizer)  # a model or an IVON passed in: fast path too
         return self.optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -202,19 +196,17 @@ class IVONTrainer(Trainer):
         expects for logging. Each sample's loss is its micro-batch mean (`num_items_in_batch` is not
         used): IVON averages over samples instead of summing accumulated gradients.
         """
-        optimizer = self.ivon_optimizer
         model.train()
         inputs = self._prepare_inputs(inputs)
-        losses = []
-        for _ in range(self.train_config.train_mc_samples):
-            with optimizer.sampled_params(train=True):
-                model.zero_grad(set_to_none=True)
-                with self.compute_loss_context_manager():
-                    loss = self.compute_loss(model, dict(inputs))  # a copy: compute_loss may pop the labels
-                self.accelerator.backward(loss)
-                fill_missing_grads(optimizer)
-            losses.append(loss.detach())
-        return torch.stack(losses).mean() / self.current_gradient_accumulation_steps
+
+        def forward_backward():
+            with self.compute_loss_context_manager():
+                loss = self.compute_loss(model, dict(inputs))  # a copy: compute_loss may pop the labels
+            self.accelerator.backward(loss)
+            return loss
+
+        step = IVONStep(self.ivon_optimizer, self.train_config.train_mc_samples)
+        return step.gradients(forward_backward) / self.current_gradient_accumulation_steps
 
 
 def make_trainer(model, train_dataset, eval_dataset, config: TrainConfig, training_args: TrainingArguments,
@@ -228,7 +220,6 @@ def make_trainer(model, train_dataset, eval_dataset, config: TrainConfig, traini
     step count. Returns an `IVONTrainer` for IVON methods, else a `transformers.Trainer` (AdamW from
     `training_args`), with `RankAllocationCallback` for every AdaLoRA method.
     """
-    config.validate()
     set_seed(training_args.seed)  # the new head and the adapter start from the run's seed
     if isinstance(model, str):
         tokenizer, model, fresh = load_model(model, get_task(config.task), config.trust_remote_code)

@@ -74,23 +74,3 @@ def posterior_score(criterion: str, mu: Tensor, sigma: Tensor) -> Tensor:
     if criterion == "inv_sigma":
         return torch.ones_like(mu) / sigma
     return folded_normal_mean(mu, sigma)
-
-
-def sensitivity_ema(
-    ipt_bar: Tensor, unc_bar: Tensor, theta: Tensor, grad: Tensor, beta1: float, beta2: float
-) -> tuple[Tensor, Tensor]:
-    """One AdaLoRA sensitivity update: I = |theta * grad|, Ibar <- b1 Ibar + (1 - b1) I,
-    Ubar <- b2 Ubar + (1 - b2) |I - Ibar| (with the new Ibar, as AdaLoRA does). Score: Ibar * Ubar."""
-    ipt = (theta * grad).abs()
-    ipt_bar = beta1 * ipt_bar + (1.0 - beta1) * ipt
-    unc_bar = beta2 * unc_bar + (1.0 - beta2) * (ipt - ipt_bar).abs()
-    return ipt_bar, unc_bar
-
-
-def triplet_scores(score_p: Tensor, score_lambda: Tensor, score_q: Tensor) -> Tensor:
-    """S_k = s(lambda_k) + mean_i s(P_ik) + mean_j s(Q_kj) for one matrix.
-
-    score_p: (out, r) scores of P (peft's lora_B), score_lambda: (r, 1) or (r,), score_q: (r, in)
-    scores of Q (peft's lora_A). Returns shape (r,).
-    """
-    return score_lambda.reshape(-1) + score_p.mean(dim=0) + score_q.mean(dim=1)

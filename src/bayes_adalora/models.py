@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from .errors import UserError
@@ -82,8 +84,6 @@ def load_model(name: str, spec: TaskSpec, trust_remote_code: bool):
     """(tokenizer, model for sequence classification, newly initialised module names)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    import torch
-
     # fp32 master weights whatever the checkpoint's dtype: IVON keeps one dtype for all its state,
     # and --bf16 autocasts the compute.
     kwargs = dict(num_labels=spec.num_labels, trust_remote_code=trust_remote_code, dtype=torch.float32)
@@ -92,6 +92,6 @@ def load_model(name: str, spec: TaskSpec, trust_remote_code: bool):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
         model, info = AutoModelForSequenceClassification.from_pretrained(name, output_loading_info=True, **kwargs)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:
         raise UserError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from exc
     return tokenizer, model, newly_initialized_modules(set(info.get("missing_keys", ())), model)

@@ -15,12 +15,15 @@ import re
 from pathlib import Path
 
 import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
+from .adapters import FACTORS, parameter_module
 from .errors import UserError
-from .run_io import SavedRun, read_run
+from .run_folder import SavedRun, check_writable, read_run
 
 _LAYER = re.compile(r"^(?P<stack>.*?)\.?(?:layer|layers|h|block|blocks)\.(?P<index>\d+)\.(?P<module>.+)$")
-_FACTORS = {"lora_B": "P", "lora_E": "λ", "lora_A": "Q"}
 _FACTOR_COLORS = {"P": "#4C72B0", "λ": "#DD8452", "Q": "#55A868", "head": "#8C8C8C"}
 _CRITERION_COLORS = {"snr_abs": "#4C72B0", "snr": "#DD8452", "mean_abs": "#55A868", "inv_sigma": "#C44E52",
                      "e_abs": "#8172B3"}
@@ -52,8 +55,6 @@ def wrapped(name: str, width: int = 14) -> str:
 
 
 def _figure(width: float, height: float):
-    from matplotlib.figure import Figure
-
     return Figure(figsize=(width, height), layout="constrained", dpi=110)
 
 
@@ -92,8 +93,6 @@ def plot_ranks(run: SavedRun):
     ranks = run.results.get("final_ranks") or {}
     if not ranks:
         return None
-    from matplotlib import colormaps
-
     grid, layer_labels, module_labels, outside = rank_grid(ranks)
     vmax = max([*ranks.values(), run.resolved.get("init_r") or 0, run.resolved.get("lora_r") or 0, 1])
     cmap = colormaps["viridis"].with_extremes(bad="#eeeeee")
@@ -182,13 +181,7 @@ def sigma_groups(sigma: dict) -> dict[str, dict[str, np.ndarray]]:
     trained in full), all layers pooled. Keys are parameter names as in posterior.safetensors."""
     groups: dict[str, dict[str, list]] = {}
     for name, values in sigma.items():
-        parts = name.removeprefix("base_model.model.").split(".")
-        factor = next((f for f in _FACTORS if f in parts), None)
-        if factor is not None:
-            module, label = ".".join(parts[: parts.index(factor)]), _FACTORS[factor]
-        else:  # a module trained in full: <module>.modules_to_save.<adapter>.<weight|bias>
-            cut = parts.index("modules_to_save") if "modules_to_save" in parts else len(parts) - 1
-            module, label = ".".join(parts[:cut]), "head"
+        module, label = parameter_module(name)
         layer, kind = split_layer_module(module)
         kind = kind if layer is not None else module.split(".", 1)[-1] if module.count(".") > 1 else module
         groups.setdefault(kind, {}).setdefault(label, []).append(np.asarray(values, dtype=float).reshape(-1))
@@ -227,12 +220,14 @@ def plot_sigma(run: SavedRun):
     ax.set_ylabel("posterior sigma (log scale)")
     ax.set_xlabel("module type (all layers)")
     ax.grid(axis="y", alpha=0.3, which="both")
-    from matplotlib.patches import Patch
-
     present = [f for f in ("P", "λ", "Q", "head") if any(f in g for g in groups.values())]
-    ax.legend([Patch(color=_FACTOR_COLORS[f]) for f in present],
-              [{"P": "P (lora_B)", "λ": "λ (lora_E)", "Q": "Q (lora_A)", "head": "trained in full"}[f] for f in present],
-              fontsize=8, loc="best")
+    labels = {**{role: f"{role} ({name})" for name, role in FACTORS.items()}, "head": "trained in full"}
+    ax.legend(
+        [Patch(color=_FACTOR_COLORS[f]) for f in present],
+        [labels[f] for f in present],
+        fontsize=8,
+        loc="best",
+    )
     ax.set_title(f"IVON posterior sigma per module: {run.method} on {run.spec.name} "
                  f"(boxes: quartiles, whiskers: 1st-99th percentile)", fontsize=10)
     return fig
@@ -284,6 +279,8 @@ def plot_run(folder: str | Path, output_dir: str | Path | None = None) -> list[P
     out = Path(output_dir) if output_dir else run.folder
     if out.exists() and not out.is_dir():
         raise UserError(f"--output-dir {out} is a file, not a folder")
+    if output_dir:
+        check_writable(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, plot in PLOTS.items():

@@ -1,4 +1,4 @@
-"""Views of IVON's state as a posterior: sigma per parameter, and the posterior file.
+"""Views of IVON's state as a posterior: sigma per parameter (the file it is saved to: `adapters.py`).
 
 ivon-opt keeps its Hessian estimate `h` as one flat vector per parameter group; these functions
 map it back to each parameter's shape. Posterior: N(mu, sigma^2), mu = the weights,
@@ -18,7 +18,7 @@ def posterior_sigma_from_hessian(hess: Tensor, ess: float, weight_decay: float) 
     return torch.rsqrt(ess * (hess + weight_decay))
 
 
-def _hessian_views(optimizer) -> Iterator[tuple[nn.Parameter, Tensor, dict]]:
+def hessian_views(optimizer) -> Iterator[tuple[nn.Parameter, Tensor, dict]]:
     """(parameter, its slice of the group's flat Hessian reshaped like it, the group)."""
     for group in optimizer.param_groups:
         offset = 0
@@ -32,31 +32,13 @@ def _hessian_views(optimizer) -> Iterator[tuple[nn.Parameter, Tensor, dict]]:
 
 def posterior_hessian(optimizer) -> dict[nn.Parameter, Tensor]:
     """IVON's Hessian estimate h for each parameter, in the parameter's shape (views, no copy)."""
-    return {p: h for p, h, _ in _hessian_views(optimizer)}
+    return {p: h for p, h, _ in hessian_views(optimizer)}
 
 
 def posterior_sigma(optimizer, params: set[nn.Parameter] | None = None) -> dict[nn.Parameter, Tensor]:
     """IVON's posterior sigma for each parameter (or for those in `params`), in the parameter's shape."""
     return {
         p: posterior_sigma_from_hessian(h, group["ess"], group["weight_decay"])
-        for p, h, group in _hessian_views(optimizer)
+        for p, h, group in hessian_views(optimizer)
         if params is None or p in params
     }
-
-
-def posterior_state_dict(optimizer, names: dict[nn.Parameter, str]) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Tensors and metadata for a safetensors file of the posterior.
-
-    For every named parameter: `<name>.mean`, `<name>.hess` and `<name>.sigma`; metadata holds the
-    `ess` and `weight_decay` that turn the Hessian into sigma, so either can be used.
-    """
-    tensors: dict[str, Tensor] = {}
-    meta: dict[str, str] = {}
-    for p, h, group in _hessian_views(optimizer):
-        name = names[p]
-        tensors[f"{name}.mean"] = p.detach().float().contiguous().cpu()
-        tensors[f"{name}.hess"] = h.detach().float().contiguous().cpu()
-        tensors[f"{name}.sigma"] = posterior_sigma_from_hessian(h, group["ess"], group["weight_decay"]).float().contiguous().cpu()
-        meta["ess"] = repr(float(group["ess"]))
-        meta["weight_decay"] = repr(float(group["weight_decay"]))
-    return tensors, meta

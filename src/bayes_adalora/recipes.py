@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import UserError
+from .methods import get_method
 
 PAPER_MODEL = "microsoft/deberta-v3-base"
 
@@ -32,14 +33,26 @@ class PaperTask:
 
 
 PAPER_GLUE: dict[str, PaperTask] = {
-    "mnli": PaperTask(256, 7, 5e-4, 0.4, 1000, 500, 16, 0.1, 8000, 50000, 100, 2e-4, 1.5e-5),
-    "sst2": PaperTask(128, 24, 8e-4, 0.4, 1000, 500, 16, 0.1, 6000, 22000, 100, 2e-4, 2e-5),
-    "cola": PaperTask(64, 25, 8e-4, (2.0, 0.4), 100, 100, 32, 0.1, 800, 3500, 10, 2e-4, 2e-5, 500),
-    "qqp": PaperTask(320, 5, 8e-4, 0.4, 2000, 500, 16, 0.1, 8000, 25000, 100, 2e-4, 2e-5),
-    "qnli": PaperTask(512, 5, 5e-4, 0.4, 500, 500, 32, 0.1, 2000, 8000, 100, 2e-4, 2e-5),
-    "rte": PaperTask(320, 50, 1.2e-3, (2.0, 0.5), 200, 100, 32, 0.3, 600, 1800, 1, 2e-4, 2e-5, 400),
-    "mrpc": PaperTask(320, 30, 1e-3, (2.0, 0.5), 100, 100, 32, 0.1, 600, 1800, 1, 2e-4, 2e-5, 400),
-    "stsb": PaperTask(128, 25, 2.2e-3, (2.0, 0.4), 100, 100, 32, 0.3, 800, 2000, 10, 2e-4, 2e-5, 500),
+    "mnli": PaperTask(max_length=256, epochs=7, adamw_lr=5e-4, ivon_lr=0.4, warmup_adamw=1000, warmup_ivon=500,
+                      lora_alpha=16, orth_reg=0.1, tinit=8000, tfinal=50000, delta_t=100, lora_lr=2e-4, full_lr=1.5e-5),
+    "sst2": PaperTask(max_length=128, epochs=24, adamw_lr=8e-4, ivon_lr=0.4, warmup_adamw=1000, warmup_ivon=500,
+                      lora_alpha=16, orth_reg=0.1, tinit=6000, tfinal=22000, delta_t=100, lora_lr=2e-4, full_lr=2e-5),
+    "cola": PaperTask(max_length=64, epochs=25, adamw_lr=8e-4, ivon_lr=(2.0, 0.4), warmup_adamw=100, warmup_ivon=100,
+                      lora_alpha=32, orth_reg=0.1, tinit=800, tfinal=3500, delta_t=10, lora_lr=2e-4, full_lr=2e-5,
+                      two_phase_const=500),
+    "qqp": PaperTask(max_length=320, epochs=5, adamw_lr=8e-4, ivon_lr=0.4, warmup_adamw=2000, warmup_ivon=500,
+                     lora_alpha=16, orth_reg=0.1, tinit=8000, tfinal=25000, delta_t=100, lora_lr=2e-4, full_lr=2e-5),
+    "qnli": PaperTask(max_length=512, epochs=5, adamw_lr=5e-4, ivon_lr=0.4, warmup_adamw=500, warmup_ivon=500,
+                      lora_alpha=32, orth_reg=0.1, tinit=2000, tfinal=8000, delta_t=100, lora_lr=2e-4, full_lr=2e-5),
+    "rte": PaperTask(max_length=320, epochs=50, adamw_lr=1.2e-3, ivon_lr=(2.0, 0.5), warmup_adamw=200, warmup_ivon=100,
+                     lora_alpha=32, orth_reg=0.3, tinit=600, tfinal=1800, delta_t=1, lora_lr=2e-4, full_lr=2e-5,
+                     two_phase_const=400),
+    "mrpc": PaperTask(max_length=320, epochs=30, adamw_lr=1e-3, ivon_lr=(2.0, 0.5), warmup_adamw=100, warmup_ivon=100,
+                      lora_alpha=32, orth_reg=0.1, tinit=600, tfinal=1800, delta_t=1, lora_lr=2e-4, full_lr=2e-5,
+                      two_phase_const=400),
+    "stsb": PaperTask(max_length=128, epochs=25, adamw_lr=2.2e-3, ivon_lr=(2.0, 0.4), warmup_adamw=100, warmup_ivon=100,
+                      lora_alpha=32, orth_reg=0.3, tinit=800, tfinal=2000, delta_t=10, lora_lr=2e-4, full_lr=2e-5,
+                      two_phase_const=500),
 }
 
 
@@ -48,6 +61,7 @@ def paper_recipe(task: str, method: str) -> dict:
     if task not in PAPER_GLUE:
         raise UserError(f"the paper recipe has no settings for task {task!r} (it covers {', '.join(PAPER_GLUE)})")
     t = PAPER_GLUE[task]
+    kind = get_method(method)
     values = dict(
         max_length=t.max_length, epochs=t.epochs, batch_size=32, weight_decay=0.0,
         init_r=3, target_r=2, lora_r=2, lora_alpha=t.lora_alpha, orth_reg=t.orth_reg,
@@ -56,7 +70,7 @@ def paper_recipe(task: str, method: str) -> dict:
         ivon_hess_init=1.0, ivon_beta1=0.9, ivon_beta2=0.99999, ivon_weight_decay=1e-8,
         ivon_clip_radius=1e-3, train_mc_samples=1,
     )
-    if method in ("bayes-adalora", "adalora-ivon"):
+    if kind.uses_ivon:
         values["warmup_steps"] = t.warmup_ivon
         if isinstance(t.ivon_lr, tuple):
             values.update(lr=1.0, lr_schedule="two-phase", two_phase_first=t.ivon_lr[0],
@@ -65,7 +79,7 @@ def paper_recipe(task: str, method: str) -> dict:
             values.update(lr=t.ivon_lr, lr_schedule="linear")
     else:
         values["warmup_steps"] = t.warmup_adamw
-        values["lr"] = {"adalora": t.adamw_lr, "lora": t.lora_lr, "full": t.full_lr}[method]
+        values["lr"] = {"adalora": t.adamw_lr, "lora": t.lora_lr, "full": t.full_lr}[kind.family]
         values["lr_schedule"] = "linear"
     if method == "full" and task == "sst2":
         values["epochs"] = 6

@@ -1,16 +1,16 @@
 """A saved run folder read back: its files, its model rebuilt exactly as trained, and `evaluate`.
 
-The model is rebuilt the way training built it (`train.build_trainable_model`, AdaLoRA at its
-initial rank) and the saved adapter is loaded into it, pruned triplets coming back as zeros: the
-same shapes as in training, so the same kernels and bitwise the same logits. Evaluation then runs
-through `train.evaluate` / `train.predict_sampled`, the functions training used.
+The model is rebuilt the way training built it, with stock peft's classes (`build.build_adapter_model`,
+AdaLoRA at its initial rank; training's fast path predicts through peft's own forward too) and the saved
+adapter is loaded into it, pruned triplets coming back as zeros: the same shapes as in training, so the
+same kernels and bitwise the same logits. Evaluation then runs
+through `predict.predict` / `predict.predict_sampled`, the functions training used.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -18,101 +18,34 @@ from pathlib import Path
 
 import torch
 
-from .config import TrainConfig, config_fields
-from .data import TextDataset, _column_index, _read_rows, load_task_data, read_glue_tsv, read_user_file
+from .adapters import POSTERIOR_FILE, load_adapter_weights
+from .build import build_adapter_model, resolve_device
+from .config import check_field, config_fields
+from .data import (
+    TextDataset,
+    check_header,
+    column_index,
+    encode,
+    load_task_data,
+    make_loader,
+    read_glue_tsv,
+    read_rows,
+    read_user_file,
+)
 from .errors import UserError
-from .tasks import TaskSpec, get_task
-
-
-@dataclass
-class SavedRun:
-    """The files of a finished run (`train` wrote them)."""
-
-    folder: Path
-    resolved: dict  # config.json: the full resolved configuration
-    results: dict
-
-    @property
-    def config(self) -> TrainConfig:
-        names = {f.name for f in config_fields()}
-        return TrainConfig(**{k: v for k, v in self.resolved.items() if k in names})
-
-    @property
-    def spec(self) -> TaskSpec:
-        return get_task(self.resolved["task"])
-
-    @property
-    def method(self) -> str:
-        return self.resolved["method"]
-
-    def json(self, name: str) -> dict | None:
-        """One of the run's JSON files (history.json, correlations.json), None where the run has none."""
-        path = self.folder / name
-        return json.loads(path.read_text()) if path.is_file() else None
-
-    def posterior(self, kind: str) -> dict[str, torch.Tensor] | None:
-        """posterior.safetensors' `<name>.<kind>` tensors (kind: mean, hess, sigma) by parameter name, or None."""
-        path = self.folder / "posterior.safetensors"
-        if not path.is_file():
-            return None
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            return {k.removesuffix(f".{kind}"): f.get_tensor(k) for k in f.keys() if k.endswith(f".{kind}")}
-
-
-def read_run(folder: str | Path) -> SavedRun:
-    """The run in `folder`, refusing anything that is not a finished run."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"the run folder {folder} does not exist")
-    files = {}
-    for name in ("config.json", "results.json"):
-        path = folder / name
-        if not path.is_file():
-            raise UserError(f"{folder} is not a finished run: it has no {name}")
-        try:
-            files[name] = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}, line {err.lineno}: the JSON is malformed ({err.msg})") from None
-    return SavedRun(folder, files["config.json"], files["results.json"])
-
+from .evaluation import mc_predictive, point_predictive, predictive_metrics
+from .methods import get_method
+from .models import load_model
+from .predict import predict, predict_sampled
+from .run_folder import SavedRun, read_run
+from .tasks import TaskSpec
 
 # ----------------------------------------------------------------------------- the model
 
 
-def load_adapter_weights(model, adapter_dir: Path) -> None:
-    """Load peft's saved adapter into `model`, built as in training (AdaLoRA at its initial rank).
-
-    peft saves an AdaLoRA adapter cut to its kept triplets (`rank_pattern`); they are put back at
-    their places and the pruned ones are zeros, as lambda is in the trained model.
-    """
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    state = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    pattern = json.loads((adapter_dir / "adapter_config.json").read_text()).get("rank_pattern") or {}
-    for name, keep in pattern.items():  # "<module>.lora_E": one flag per initial triplet
-        kept = torch.tensor(keep, dtype=torch.bool).nonzero()[:, 0]
-        prefix = f"base_model.model.{name.rsplit('.', 1)[0]}"
-        for factor, dim in (("lora_E", 0), ("lora_A", 0), ("lora_B", 1)):
-            saved = state[f"{prefix}.{factor}"]
-            shape = list(saved.shape)
-            shape[dim] = len(keep)
-            state[f"{prefix}.{factor}"] = saved.new_zeros(shape).index_copy_(dim, kept, saved)
-    trained = {n for n, p in model.named_parameters() if p.requires_grad}
-    loaded = set_peft_model_state_dict(model, state)
-    missing = sorted(trained & set(loaded.missing_keys))
-    if loaded.unexpected_keys or missing:
-        raise UserError(f"the adapter in {adapter_dir} does not fit the run's model "
-                        f"({(loaded.unexpected_keys or missing)[0]} does not match)")
-
-
 def load_run_model(run: SavedRun, device: torch.device):
     """(tokenizer, model) of the run, in eval mode on `device`, holding the weights the run ended with."""
-    from .models import load_model
-    from .train import build_trainable_model
-
+    run.require("model", "total_steps")
     config, spec = run.config, run.spec
     if run.method == "full":
         if not (run.folder / "model").is_dir():
@@ -121,19 +54,24 @@ def load_run_model(run: SavedRun, device: torch.device):
     else:
         adapter = run.folder / "adapter"
         if not (adapter / "adapter_config.json").is_file() or not (adapter / "adapter_model.safetensors").is_file():
-            raise UserError(f"{run.folder} holds no adapter (adapter/adapter_config.json and adapter_model.safetensors)")
+            raise UserError(
+                f"{run.folder} holds no adapter (adapter/adapter_config.json and adapter_model.safetensors)"
+            )
         tokenizer, base, fresh = load_model(run.resolved["model"], spec, config.trust_remote_code)
-        model = build_trainable_model(base, config, run.resolved["total_steps"], fresh)
+        model = build_adapter_model(base, config, run.resolved["total_steps"], fresh)
         load_adapter_weights(model, adapter)
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise UserError(f"the weights saved in {run.folder} are not finite (NaN or inf): the run diverged; "
+                        f"train it again with a lower --lr")
     return tokenizer, model.to(device).eval()
 
 
 def check_posterior(run: SavedRun) -> None:
     """Refuse MC sampling from a run that has no posterior to draw from."""
-    if run.method not in ("bayes-adalora", "adalora-ivon"):
+    if not get_method(run.method).uses_ivon:
         raise UserError(f"--mc-samples draws from IVON's posterior, and {run.folder} is a {run.method} run "
                         f"trained without one (use a bayes-adalora or adalora-ivon run)")
-    if not (run.folder / "posterior.safetensors").is_file():
+    if not (run.folder / POSTERIOR_FILE).is_file():
         raise UserError(f"{run.folder} has no posterior.safetensors: --mc-samples has no posterior to draw from")
 
 
@@ -160,23 +98,23 @@ class EvalSplit:
     labeled: bool = True
 
 
-def _glue_test_text_columns(spec: TaskSpec) -> tuple[str, ...]:
+def glue_test_text_columns(spec: TaskSpec) -> tuple[str, ...]:
     """Text columns of the task's GLUE test.tsv: the TSV names, or the hub's where the TSV has no header (CoLA)."""
     return spec.tsv_text_columns if all(isinstance(c, str) for c in spec.tsv_text_columns) else spec.hub_text_columns
 
 
 def read_glue_test_tsv(spec: TaskSpec, path: Path, rows: list) -> EvalSplit:
     """An unlabeled GLUE test file: an `index` (QQP: `id`) column and the task's text columns."""
-    header = rows[0][1]
+    header = check_header(path, rows[0][1])
     index_column = next((c for c in ("index", "id") if c in header), None)
-    columns = _glue_test_text_columns(spec)
+    columns = glue_test_text_columns(spec)
     missing = [c for c in columns if c not in header]
     if index_column is None or missing:
         raise UserError(
             f"{path} does not look like {spec.name} data: its header ({', '.join(header)}) has no "
             f"{repr(missing[0]) if missing else 'index'} column and no label column {spec.tsv_label_column!r}"
         )
-    positions = [_column_index(path, header, c) for c in columns]
+    positions = [column_index(path, header, c) for c in columns]
     at = header.index(index_column)
     texts, index = [], []
     for line, fields in rows[1:]:
@@ -190,7 +128,7 @@ def read_glue_test_tsv(spec: TaskSpec, path: Path, rows: list) -> EvalSplit:
     return EvalSplit(TextDataset(texts, [dummy] * len(texts), str(path)), index, labeled=False)
 
 
-def _is_glue_layout(spec: TaskSpec, header: list[str], labeled: bool) -> bool:
+def is_glue_layout(spec: TaskSpec, header: list[str], labeled: bool) -> bool:
     if not spec.tsv_has_header:  # CoLA: headerless train/dev, a test file with a header
         return len(header) == spec.tsv_column_count if labeled else header[:1] == ["index"]
     columns = spec.tsv_text_columns + ((spec.tsv_label_column,) if labeled else ())
@@ -201,9 +139,9 @@ def read_eval_file(spec: TaskSpec, path: Path, text_columns=None, label_column=N
     """A file to evaluate on: a GLUE TSV of the task (labeled, or an unlabeled test file), else the
     user's own .csv/.tsv/.json/.jsonl with labels, read as training reads --validation-file."""
     if path.suffix.lower() == ".tsv" and path.is_file():
-        rows = _read_rows(path, "\t", csv.QUOTE_NONE)
-        header = rows[0][1] if rows else []
-        if _is_glue_layout(spec, header, labeled=True):
+        rows = read_rows(path, "\t", csv.QUOTE_NONE)
+        header = check_header(path, rows[0][1]) if rows else []
+        if is_glue_layout(spec, header, labeled=True):
             try:
                 data = read_glue_tsv(spec, path)
             except UserError as glue_error:  # e.g. RTE with 0/1 labels, as the hub exports it:
@@ -288,13 +226,13 @@ def write_predictions(path: Path, spec: TaskSpec, splits: dict[str, EvalSplit], 
 
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
-        _write_prediction_rows(tmp, spec, splits, predictive, several, unlabeled, label_of)
+        write_prediction_rows(tmp, spec, splits, predictive, several, unlabeled, label_of)
         os.replace(tmp, path)  # all rows or nothing
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _write_prediction_rows(path, spec, splits, predictive, several, unlabeled, label_of) -> None:
+def write_prediction_rows(path, spec, splits, predictive, several, unlabeled, label_of) -> None:
     with open(path, "w", newline="") as f:
         if unlabeled:
             writer = csv.writer(f, delimiter="\t", lineterminator="\n")
@@ -312,7 +250,9 @@ def _write_prediction_rows(path, spec, splits, predictive, several, unlabeled, l
             columns = [p.predictions] if spec.is_regression else [[label_of(v) for v in p.predictions], p.confidence]
             columns += [p.std] if mc else []
             for i, row in enumerate(zip(*columns)):
-                values = [v if isinstance(v, str) else repr(float(v)) for v in row]  # exact: re-reading gives the same numbers
+                values = [
+                    v if isinstance(v, str) else repr(float(v)) for v in row
+                ]  # exact: re-reading gives the same numbers
                 writer.writerow(([name] if several else []) + [s.index[i]] + values)
 
 
@@ -321,19 +261,15 @@ def evaluate_run(run_dir: str | Path, data_dir: str | None = None, data_file: st
                  seed: int | None = None, device: str = "auto", max_eval_samples: int | None = None) -> dict:
     """Evaluate a saved run; returns {"run", "data", "examples", "metrics": {"point", "mc"?}, "predictions"?}.
 
-    Point metrics are those of the posterior mean (the saved adapter), computed by `train.evaluate`,
+    Point metrics are those of the posterior mean (the saved adapter), computed as `predict.evaluate` does,
     so the run's own dev data gives back results.json's final metrics exactly; with `mc_samples`
     K, the posterior predictive over K draws seeded by `seed` (default: the run's seed), as the
     run's own --mc-samples did.
     """
-    from .data import encode, make_loader
-    from .evaluation import mc_predictive, point_predictive, predictive_metrics
-    from .train import predict, predict_sampled, resolve_device
-
-    if mc_samples < 0:
-        raise UserError(f"--mc-samples must be 0 (off) or positive, got {mc_samples}")
-    if max_eval_samples is not None and max_eval_samples <= 0:
-        raise UserError(f"--max-eval-samples must be positive, got {max_eval_samples}")
+    fields = {f.name: f for f in config_fields()}  # the same ranges as train's flags of the same names
+    for name, value in (("mc_samples", mc_samples), ("max_eval_samples", max_eval_samples), ("seed", seed)):
+        if value is not None:
+            check_field(fields[name], value)
     run = read_run(run_dir)
     spec, config = run.spec, run.config
     if mc_samples:
@@ -350,11 +286,13 @@ def evaluate_run(run_dir: str | Path, data_dir: str | None = None, data_file: st
     sigma = posterior_sigma_by_name(run, model) if mc_samples else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config.bf16 else nullcontext()
     loaders = {
-        name: make_loader(encode(s.data, tokenizer, config.max_length), tokenizer, config.eval_batch_size, False, config.seed)
+        name: make_loader(
+            encode(s.data, tokenizer, config.max_length), tokenizer, config.eval_batch_size, False, config.seed
+        )
         for name, s in splits.items()
     }
     point = {}
-    for name, loader in loaders.items():  # what train.evaluate does, keeping the logits for the predictions file
+    for name, loader in loaders.items():  # what predict.evaluate does, keeping the logits for the predictions file
         logits, labels = predict(model, loader, device, autocast)
         point[name] = (point_predictive(spec, logits.numpy()), labels.numpy())
     sampled = {}

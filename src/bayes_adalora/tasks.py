@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .errors import UserError
@@ -26,6 +27,7 @@ class TaskSpec:
     labels: tuple[str, ...] | None
     metrics: tuple[str, ...]
     main_metric: str
+    label_range: tuple[float, float] = (-math.inf, math.inf)  # regression: the scores a label may take
     dev_splits: tuple[str, ...] = ("dev",)
     hub_dev_splits: tuple[str, ...] = ("validation",)
 
@@ -57,27 +59,117 @@ _NLI2 = ("entailment", "not_entailment")
 TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in (
-        TaskSpec("cola", "CoLA", False, 4, (3,), 1, ("sentence",), _BINARY,
-                 ("matthews_correlation",), "matthews_correlation"),
-        TaskSpec("sst2", "SST-2", True, None, ("sentence",), "label", ("sentence",), _BINARY,
-                 ("accuracy",), "accuracy"),
-        TaskSpec("mrpc", "MRPC", True, None, ("#1 String", "#2 String"), "Quality",
-                 ("sentence1", "sentence2"), _BINARY, ("f1", "accuracy"), "f1"),
-        TaskSpec("stsb", "STS-B", True, None, ("sentence1", "sentence2"), "score",
-                 ("sentence1", "sentence2"), None, ("pearson", "spearmanr"), "pearson"),
-        TaskSpec("qqp", "QQP", True, None, ("question1", "question2"), "is_duplicate",
-                 ("question1", "question2"), _BINARY, ("f1", "accuracy"), "f1"),
-        TaskSpec("mnli", "MNLI", True, None, ("sentence1", "sentence2"), "gold_label",
-                 ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"),
-                 ("accuracy",), "accuracy",
-                 dev_splits=("dev_matched", "dev_mismatched"),
-                 hub_dev_splits=("validation_matched", "validation_mismatched")),
-        TaskSpec("qnli", "QNLI", True, None, ("question", "sentence"), "label",
-                 ("question", "sentence"), _NLI2, ("accuracy",), "accuracy"),
-        TaskSpec("rte", "RTE", True, None, ("sentence1", "sentence2"), "label",
-                 ("sentence1", "sentence2"), _NLI2, ("accuracy",), "accuracy"),
-        TaskSpec("wnli", "WNLI", True, None, ("sentence1", "sentence2"), "label",
-                 ("sentence1", "sentence2"), _BINARY, ("accuracy",), "accuracy"),
+        TaskSpec(
+            name="cola",
+            glue_dir="CoLA",
+            tsv_has_header=False,
+            tsv_column_count=4,
+            tsv_text_columns=(3,),
+            tsv_label_column=1,
+            hub_text_columns=("sentence",),
+            labels=_BINARY,
+            metrics=("matthews_correlation",),
+            main_metric="matthews_correlation",
+        ),
+        TaskSpec(
+            name="sst2",
+            glue_dir="SST-2",
+            tsv_has_header=True,
+            tsv_column_count=None,
+            tsv_text_columns=("sentence",),
+            tsv_label_column="label",
+            hub_text_columns=("sentence",),
+            labels=_BINARY,
+            metrics=("accuracy",),
+            main_metric="accuracy",
+        ),
+        TaskSpec(
+            name="mrpc",
+            glue_dir="MRPC",
+            tsv_has_header=True,
+            tsv_column_count=None,
+            tsv_text_columns=("#1 String", "#2 String"),
+            tsv_label_column="Quality",
+            hub_text_columns=("sentence1", "sentence2"),
+            labels=_BINARY,
+            metrics=("f1", "accuracy"),
+            main_metric="f1",
+        ),
+        TaskSpec(
+            name="stsb",
+            glue_dir="STS-B",
+            tsv_has_header=True,
+            tsv_column_count=None,
+            tsv_text_columns=("sentence1", "sentence2"),
+            tsv_label_column="score",
+            hub_text_columns=("sentence1", "sentence2"),
+            labels=None,
+            metrics=("pearson", "spearmanr"),
+            main_metric="pearson",
+            label_range=(0.0, 5.0),
+        ),
+        TaskSpec(
+            name="qqp",
+            glue_dir="QQP",
+            tsv_has_header=True,
+            tsv_column_count=None,
+            tsv_text_columns=("question1", "question2"),
+            tsv_label_column="is_duplicate",
+            hub_text_columns=("question1", "question2"),
+            labels=_BINARY,
+            metrics=("f1", "accuracy"),
+            main_metric="f1",
+        ),
+        TaskSpec(
+            name="mnli",
+            glue_dir="MNLI",
+            tsv_has_header=True,
+            tsv_column_count=None,
+            tsv_text_columns=("sentence1", "sentence2"),
+            tsv_label_column="gold_label",
+            hub_text_columns=("premise", "hypothesis"),
+            labels=("entailment", "neutral", "contradiction"),
+            metrics=("accuracy",),
+            main_metric="accuracy",
+            dev_splits=("dev_matched", "dev_mismatched"),
+            hub_dev_splits=("validation_matched", "validation_mismatched"),
+        ),
+        TaskSpec(
+            name="qnli",
+            glue_dir="QNLI",
+            tsv_has_header=True,
+            tsv_column_count=None,
+            tsv_text_columns=("question", "sentence"),
+            tsv_label_column="label",
+            hub_text_columns=("question", "sentence"),
+            labels=_NLI2,
+            metrics=("accuracy",),
+            main_metric="accuracy",
+        ),
+        TaskSpec(
+            name="rte",
+            glue_dir="RTE",
+            tsv_has_header=True,
+            tsv_column_count=None,
+            tsv_text_columns=("sentence1", "sentence2"),
+            tsv_label_column="label",
+            hub_text_columns=("sentence1", "sentence2"),
+            labels=_NLI2,
+            metrics=("accuracy",),
+            main_metric="accuracy",
+        ),
+        TaskSpec(
+            name="wnli",
+            glue_dir="WNLI",
+            tsv_has_header=True,
+            tsv_column_count=None,
+            tsv_text_columns=("sentence1", "sentence2"),
+            tsv_label_column="label",
+            hub_text_columns=("sentence1", "sentence2"),
+            labels=_BINARY,
+            metrics=("accuracy",),
+            main_metric="accuracy",
+        ),
     )
 }
 

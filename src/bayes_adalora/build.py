@@ -1,0 +1,118 @@
+"""The run's parts wired from a config: the adapter model (peft), the optimizer, the step, the
+learning-rate schedule and the device. Everything that branches on the method reads its registry entry.
+
+The fast path of the AdaLoRA methods (`fast_adalora`, `ivon_inplace`; `TrainConfig.fast_path`, on by
+default) is switched on here and only here: `build_trainable_model` gives the model fast_adalora's
+tuner and layers, `make_optimizer` makes IVON an `InplaceIVON`, and `use_fast_path` does both for a
+model or optimizer built elsewhere (the Trainer integration's). A model built to read a saved adapter
+back (`build_adapter_model`, the `evaluate` command) keeps stock peft's classes."""
+
+from __future__ import annotations
+
+import ivon
+import torch
+from peft import AdaLoraConfig, LoraConfig, TaskType, get_peft_model
+from torch import nn
+
+from .adapters import PAPER_LAMBDA_STD, init_lambdas_normal
+from .config import DEVICE, TrainConfig, adalora_phases
+from .errors import UserError
+from .fast_adalora import enable_fast_model, enable_fast_optimizer
+from .models import plan_adapter_modules, target_module_suffixes
+from .schedules import constant_warmup, linear_warmup_decay, two_phase
+from .steps import make_step
+
+
+def resolve_device(name: str) -> torch.device:
+    if not DEVICE.match(name):
+        raise UserError(f"--device {name!r} is not a device: choose cpu, cuda, cuda:N or auto")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for CUDA, but no CUDA device is available")
+    return device
+
+
+def fast_path_applies(config: TrainConfig) -> bool:
+    """The fast path is asked for (`--fast-path`, the default) and the method has AdaLoRA's adapter."""
+    return config.fast_path and config.uses_adalora
+
+
+def use_fast_path(model: nn.Module, config: TrainConfig, optimizer=None):
+    """Where the config asks for it, switch a built model and its optimizer to the fast path (a no-op
+    for those already on it, and for other methods); returns the optimizer."""
+    if fast_path_applies(config):
+        enable_fast_model(model)
+        enable_fast_optimizer(optimizer)
+    return optimizer
+
+
+def build_trainable_model(model: nn.Module, config: TrainConfig, total_steps: int, fresh: set[str]) -> nn.Module:
+    """The model to train: `build_adapter_model`, on the fast path where the config asks for it."""
+    model = build_adapter_model(model, config, total_steps, fresh)
+    use_fast_path(model, config)
+    return model
+
+
+def build_adapter_model(model: nn.Module, config: TrainConfig, total_steps: int, fresh: set[str]) -> nn.Module:
+    """Wrap `model` with the method's adapter (stock peft), or leave it whole for full fine-tuning."""
+    adapter = config.method_spec.adapter
+    if adapter is None:
+        model.requires_grad_(True)
+        return model
+    suffixes = target_module_suffixes(model.config.model_type, config.target_modules)
+    targets, trained_in_full = plan_adapter_modules(model, suffixes, fresh)
+    common = dict(
+        task_type=TaskType.SEQ_CLS, target_modules=targets, modules_to_save=trained_in_full,
+        lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+    )
+    if adapter == "lora":
+        peft_config = LoraConfig(r=config.lora_r, **common)
+    else:
+        tinit, tfinal, delta_t = adalora_phases(config, total_steps)
+        peft_config = AdaLoraConfig(
+            init_r=config.init_r, target_r=config.target_r, tinit=tinit, tfinal=tfinal, deltaT=delta_t,
+            beta1=config.sensitivity_beta1, beta2=config.sensitivity_beta2, orth_reg_weight=config.orth_reg,
+            total_step=total_steps, **common,
+        )
+    model = get_peft_model(model, peft_config)
+    if adapter != "lora" and config.lambda_init == "paper":
+        init_lambdas_normal(model, PAPER_LAMBDA_STD)
+    return model
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig, ess: float, sync: bool = False):
+    """IVON or AdamW over the trainable parameters, at `config.lr` (else the method's default); on the
+    fast path IVON is an `InplaceIVON` (ivon-opt's numbers, in place)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr = config.resolved_lr()
+    if config.uses_ivon:
+        optimizer = ivon.IVON(
+            params, lr=lr, ess=ess, hess_init=config.ivon_hess_init, beta1=config.ivon_beta1,
+            beta2=config.ivon_beta2, weight_decay=config.ivon_weight_decay, mc_samples=config.train_mc_samples,
+            clip_radius=config.ivon_clip_radius, sync=sync,
+        )
+        return enable_fast_optimizer(optimizer) if fast_path_applies(config) else optimizer
+    return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+
+
+def make_training_step(optimizer, config: TrainConfig):
+    """The method's step (`steps.py`): IVON's sampled step with `train_mc_samples` draws, or AdamW's."""
+    return make_step(optimizer, config.uses_ivon, config.train_mc_samples)
+
+
+def lr_multiplier(config: TrainConfig, total_steps: int, warmup: int):
+    if config.lr_schedule == "two-phase":
+        return lambda s: two_phase(s, warmup, config.two_phase_const, config.two_phase_first,
+                                   config.two_phase_second, total_steps)
+    if config.lr_schedule == "constant":
+        return lambda s: constant_warmup(s, warmup)
+    return lambda s: linear_warmup_decay(s, warmup, total_steps)
+
+
+def set_peak_lr(scheduler, optimizer, lr: float) -> None:
+    """Make `lr` the schedule's peak from here on (a resumed run given a new --lr, e.g. after a divergence)."""
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["lr"] = lr * factor(scheduler.last_epoch)

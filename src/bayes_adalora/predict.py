@@ -1,0 +1,95 @@
+"""Predictions of a model over data loaders: at the weights (IVON: the posterior mean), at draws from
+IVON's posterior, and the metrics of both. Used by training's evaluations and by `evaluate`."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .adapters import lambda_parameters
+from .evaluation import mc_predictive, point_predictive, predictive_metrics
+from .posterior import posterior_sigma
+from .tasks import TaskSpec
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader, device: torch.device, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) over a loader, at the current weights (IVON: the posterior mean)."""
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        labels.append(batch.pop("labels").cpu())
+        with autocast:
+            logits.append(model(**batch).logits.float().cpu())
+    model.train(was_training)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def evaluate(model: nn.Module, loaders: dict, spec: TaskSpec, device, autocast) -> dict:
+    """Official metrics on every dev split, named as in results.json; for classification also
+    calibration and selective prediction (ece, nll, brier, aurc, accuracy_at_coverage)."""
+    out = {}
+    for split, loader in loaders.items():
+        logits, labels = predict(model, loader, device, autocast)
+        out.update(predictive_metrics(spec, split, point_predictive(spec, logits.numpy()), labels.numpy()))
+    return out
+
+
+@contextmanager
+def posterior_draw(model: nn.Module, sigma: dict[str, torch.Tensor], generator: torch.Generator):
+    """The weights named in `sigma` set to one draw mu + sigma * eps of the posterior, mu restored after.
+
+    eps comes from `generator` on the CPU, so a seed gives the same draws on every device. Pruned
+    AdaLoRA triplets stay pruned: the noise of a lambda that is exactly 0 in mu is dropped.
+    """
+    lambdas = lambda_parameters(model)
+    means = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in sigma:
+                noise = sigma[name].to(p.device, p.dtype) * torch.randn(p.shape, generator=generator).to(
+                    p.device, p.dtype
+                )
+                if id(p) in lambdas:
+                    noise *= p != 0
+                means[name] = p.data
+                p.data = p.data + noise
+    try:
+        yield
+    finally:
+        for name, p in model.named_parameters():
+            if name in means:
+                p.data = means[name]
+
+
+def predict_sampled(model: nn.Module, loaders: dict, device, autocast, sigma: dict[str, torch.Tensor],
+                    samples: int, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per split, (logits of each posterior draw (K, N, C), labels): K draws, each predicting every split."""
+    generator = torch.Generator().manual_seed(seed)
+    draws: dict[str, list] = {split: [] for split in loaders}
+    labels = {}
+    for _ in range(samples):
+        with posterior_draw(model, sigma, generator):
+            for split, loader in loaders.items():
+                logits, labels[split] = predict(model, loader, device, autocast)
+                draws[split].append(logits)
+    return {split: (torch.stack(draws[split]), labels[split]) for split in loaders}
+
+
+def evaluate_sampled(model: nn.Module, loaders: dict, spec: TaskSpec, device, autocast,
+                     sigma: dict[str, torch.Tensor], samples: int, seed: int) -> dict:
+    """`evaluate`'s metrics of the posterior predictive over `samples` draws, and "samples": K."""
+    out = {}
+    for split, (draws, labels) in predict_sampled(model, loaders, device, autocast, sigma, samples, seed).items():
+        out.update(predictive_metrics(spec, split, mc_predictive(spec, draws.numpy()), labels.numpy()))
+    return {**out, "samples": samples}
+
+
+def named_posterior_sigma(model: nn.Module, optimizer) -> dict[str, torch.Tensor]:
+    """IVON's posterior sigma of every trained parameter, keyed by its name in `model` (as in posterior.safetensors)."""
+    names = {p: n for n, p in model.named_parameters()}
+    return {names[p]: s for p, s in posterior_sigma(optimizer).items()}

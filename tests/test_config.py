@@ -1,0 +1,117 @@
+"""The config checks itself on creation, the run plan resolves once, config.json reruns it, and a
+checkpoint round-trips: fast unit tests, no training run."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bayes_adalora.checkpoint import load_checkpoint, save_checkpoint
+from bayes_adalora.config import TrainConfig, config_fields, field_type, make_config, plan_run, planned_config
+from bayes_adalora.errors import UserError
+from bayes_adalora.methods import METHODS
+
+
+@pytest.mark.parametrize("given, words", [
+    (dict(divergence_factor=0.5), "--divergence-factor must be 0 (off) or at least 1, got 0.5"),
+    (dict(mc_samples=-1), "--mc-samples must be 0 (off) or positive, got -1"),
+    (dict(lr=-1), "--lr must lie in (0, 1e+06], got -1"),
+])
+def test_the_python_api_cannot_skip_a_check(given, words):
+    with pytest.raises(UserError) as refused:
+        TrainConfig(**given)
+    assert str(refused.value).startswith(words) and "\n" not in str(refused.value)
+
+
+def test_a_bad_config_fails_in_one_sentence_from_python():
+    code = "from bayes_adalora import TrainConfig; TrainConfig(divergence_factor=0.5)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        "bayes_adalora.errors.UserError: --divergence-factor must be 0 (off) or at least 1, got 0.5: "
+        "a smaller factor stops any run at its first step")
+
+
+NUMERIC = [f for f in config_fields() if "bounds" in f.metadata]
+
+
+def outside(f) -> list:
+    """Values the field must refuse: NaN, inf, and 0 and -1 where its bounds exclude them."""
+    return [math.nan, math.inf] + [v for v in (0, -1) if not f.metadata["bounds"].contains(v)]
+
+
+@pytest.mark.parametrize("f", NUMERIC, ids=lambda f: f.name)
+def test_every_number_outside_its_bounds_is_refused_naming_the_flag(f):
+    for value in outside(f):
+        with pytest.raises(UserError, match=f"^--{f.name.replace('_', '-')} must "):
+            TrainConfig(**{f.name: value})
+    if field_type(f) is int:
+        with pytest.raises(UserError, match="whole number"):
+            TrainConfig(**{f.name: 2.5})
+
+
+def test_every_number_field_has_bounds():
+    numbers = [f.name for f in config_fields() if field_type(f) in (int, float)]
+    assert numbers == [f.name for f in NUMERIC]
+
+
+def test_the_registry_decides_every_method_property():
+    assert {n: (m.uses_ivon, m.uses_adalora, m.reads_posterior) for n, m in METHODS.items()} == {
+        "bayes-adalora": (True, True, True), "adalora-ivon": (True, True, False), "adalora": (False, True, False),
+        "lora": (False, False, False), "full": (False, False, False)}
+    assert TrainConfig(method="adalora").resolved_lr() == 2e-3 and TrainConfig().resolved_lr() == 3.0
+
+
+def test_the_plan_resolves_every_default_once():
+    plan = plan_run(TrainConfig(epochs=2.0), "m", train_examples=1000, batches_per_epoch=32)
+    # 64 steps: 6% warm-up is 3 steps, ten evaluations, ess the training-set size
+    assert (plan.total_steps, plan.warmup_steps, plan.eval_steps, plan.ivon_ess, plan.lr) == (64, 3, 6, 1000.0, 3.0)
+    assert 0 <= plan.tinit < plan.total_steps - plan.tfinal and plan.delta_t >= 1
+    lora = plan_run(TrainConfig(method="lora", max_steps=10, warmup_steps=0), "m", 1000, 32)
+    assert (lora.total_steps, lora.warmup_steps, lora.ivon_ess, lora.tinit, lora.lr) == (10, 0, None, None, 1e-3)
+    with pytest.raises(UserError, match="--tinit 6 and --tfinal 6 leave no steps"):
+        plan_run(TrainConfig(max_steps=12, tinit=6, tfinal=6), "m", 1000, 32)
+
+
+def test_config_json_reruns_the_same_plan_and_explicit_values_win():
+    config, _ = make_config({"method": "adalora", "epochs": 1.5, "seed": 3})
+    plan = plan_run(config, "some/model", train_examples=500, batches_per_epoch=16)
+    saved = planned_config(config, plan)
+    again, explicit = make_config({}, base=saved)
+    assert explicit == set() and plan_run(again, "some/model", 500, 16) == plan
+    # every default was written down: other data changes only the step count (the epochs decide it)
+    other = plan_run(again, "some/model", train_examples=999, batches_per_epoch=99)
+    assert other.total_steps != plan.total_steps
+    assert dataclasses.replace(other, total_steps=plan.total_steps) == plan
+    changed, explicit = make_config({"seed": 4}, base=saved)
+    assert changed.seed == 4 and changed.method == "adalora" and explicit == {"seed"}
+
+
+def test_a_checkpoint_restores_weights_optimizer_schedule_and_rng(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(5, 4)).square().sum().backward()
+        optimizer.step()
+        scheduler.step()
+    path = save_checkpoint(tmp_path, 3, model, optimizer, scheduler, None, {"note": "x"}, keep=2)
+    expected_next = torch.rand(3)  # the draw after the save
+
+    torch.manual_seed(123)
+    other = torch.nn.Linear(4, 2)
+    other_opt = torch.optim.AdamW(other.parameters(), lr=0.1)
+    other_sched = torch.optim.lr_scheduler.LambdaLR(other_opt, lambda s: 1.0 / (1 + s))
+    state = load_checkpoint(path, other, other_opt, other_sched, None)
+    assert state["step"] == 3 and state["note"] == "x"
+    assert torch.equal(other.weight, model.weight) and torch.equal(other.bias, model.bias)
+    assert other_sched.last_epoch == 3 and other_opt.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
+    assert torch.equal(other_opt.state[other.weight]["exp_avg"], optimizer.state[model.weight]["exp_avg"])
+    assert torch.equal(torch.rand(3), expected_next)
