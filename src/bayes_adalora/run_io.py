@@ -137,8 +137,8 @@ def is_glue_layout(spec: TaskSpec, header: list[str], labeled: bool) -> bool:
 
 def read_eval_file(spec: TaskSpec, path: Path, text_columns=None, label_column=None) -> EvalSplit:
     """A file to evaluate on: a GLUE TSV of the task (labeled, or an unlabeled test file), else the
-    user's own .csv/.tsv/.json/.jsonl with labels, read as training reads --validation-file."""
-    if path.suffix.lower() == ".tsv" and path.is_file():
+    user's own .csv/.tsv/.json/.jsonl/.parquet with labels, read as training reads --validation-file."""
+    if path.suffix.lower() == ".tsv" and path.is_file() and not spec.from_data:
         rows = read_rows(path, "\t", csv.QUOTE_NONE)
         header = check_header(path, rows[0][1]) if rows else []
         if is_glue_layout(spec, header, labeled=True):
@@ -171,6 +171,9 @@ def load_eval_data(run: SavedRun, data_dir: str | None, data_file: str | None, s
         name = Path(data_file).stem if Path(data_file).stem in spec.dev_splits else spec.dev_splits[0]
         splits = {name: read_eval_file(spec, Path(data_file), config.text_columns, config.label_column)}
     elif data_dir:
+        if spec.from_data:
+            raise UserError(f"--data-dir reads GLUE folders, and this is a {spec.name} run on your own data: "
+                            f"give the file to evaluate with --data-file")
         folder = Path(data_dir)
         if not folder.is_dir():
             raise UserError(f"the GLUE data folder {folder} does not exist")
