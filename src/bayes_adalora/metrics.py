@@ -36,7 +36,7 @@ _METRICS = {
     "accuracy": lambda p, y: accuracy_score(y, p),
     "f1": _f1_positive,
     "macro_f1": _f1_macro,
-    "mse": lambda p, y: mean_squared_error(y, p),
+    "mse": lambda p, y: mean_squared_error(y.astype(np.float64), p.astype(np.float64)),  # float32 sums drift
     "pearson": _pearson,
     "spearmanr": _spearman,
 }

@@ -32,7 +32,7 @@ from .config import RunPlan, TrainConfig, data_dir_of, plan_run, planned_config
 from .data import TaskData, encode, load_task_data, make_loader
 from .distributed import Processes
 from .errors import TrainingDiverged, UserError
-from .models import default_model_path, label_maps, load_model
+from .models import LABELS_FILE, default_model_path, label_maps, load_model
 from .predict import evaluate, evaluate_sampled, named_posterior_sigma
 from .run_folder import check_output_dir, write_json, write_outputs
 
@@ -303,7 +303,8 @@ def write_run(folder: Path, config: TrainConfig, plan: RunPlan, model: nn.Module
         tokenizer.save_pretrained(folder / "model")
     else:
         model.save_pretrained(folder / "adapter")
-        model.config.save_pretrained(folder / "adapter")  # the base config, with id2label and label2id
+        if "id2label" in results:  # the class names beside the adapter (model/config.json holds them for full)
+            write_json({k: results[k] for k in ("id2label", "label2id")}, folder / "adapter" / LABELS_FILE)
     if config.uses_ivon:
         tensors, meta = posterior_state_dict(optimizer, {p: n for n, p in model.named_parameters()})
         save_file(tensors, folder / POSTERIOR_FILE, metadata=meta)
