@@ -145,6 +145,18 @@ def test_stock_peft_reload_maps_its_predictions_to_the_class_names(colour_run, c
     assert names == [r["prediction"] for r in read_predictions(tmp_path / "p.csv")]
 
 
+def test_evaluate_predicts_class_names_for_a_file_without_labels(colour_run, colour_files, tmp_path, capfd):
+    with open(colour_files[1], newline="") as f:
+        texts = [r["sentence"] for r in csv.DictReader(f)]
+    new = write_jsonl(tmp_path / "new.jsonl", [{"sentence": t} for t in texts])  # no "colour"
+    assert main(["evaluate", str(colour_run), "--data-file", str(new)]) == 2
+    assert "pass --predictions" in capfd.readouterr().err
+    evaluated = evaluate_run(colour_run, data_file=str(new), predictions=str(tmp_path / "new.csv"))
+    assert evaluated["metrics"]["point"] == {}  # nothing to score
+    evaluate_run(colour_run, predictions=str(tmp_path / "dev.csv"))
+    assert read_predictions(tmp_path / "new.csv") == read_predictions(tmp_path / "dev.csv")
+
+
 # ----------------------------------------------------------------------------- integer and string labels
 
 

@@ -253,9 +253,10 @@ def _jsonl_records(path: Path) -> list[tuple[str, dict]]:
     return records
 
 
-def _parquet_records(path: Path, columns: Sequence[str]) -> list[tuple[str, dict]]:
+def _parquet_records(path: Path, columns: Sequence[str], optional: str | None = None) -> list[tuple[str, dict]]:
     """(where, row) for a Parquet file, read with pyarrow (what `datasets` reads Parquet with; its
-    `from_parquet` would also write an Arrow copy into the cache, which reading one file needs not)."""
+    `from_parquet` would also write an Arrow copy into the cache, which reading one file needs not).
+    The rows hold `columns`, and the column `optional` where the file has it."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -269,7 +270,8 @@ def _parquet_records(path: Path, columns: Sequence[str]) -> list[tuple[str, dict
     for column in columns:
         if column not in table.column_names:
             raise UserError(f"{path}: there is no column {column!r} (it has {', '.join(table.column_names)})")
-    return [(f"{path}, row {i}", row) for i, row in enumerate(table.select(list(columns)).to_pylist(), start=1)]
+    kept = [*columns, *([optional] if optional in table.column_names else [])]
+    return [(f"{path}, row {i}", row) for i, row in enumerate(table.select(kept).to_pylist(), start=1)]
 
 
 @dataclass
@@ -278,33 +280,39 @@ class UserRecords:
 
     path: Path
     rows: list[tuple[str, tuple[str, ...], object]]
+    labeled: bool = True  # False: the file has no label column, and every raw label is None
 
 
-def read_user_records(path: str | Path, text_columns: Sequence[str], label_column: str) -> UserRecords:
+def read_user_records(path: str | Path, text_columns: Sequence[str], label_column: str,
+                      labels_required: bool = True) -> UserRecords:
     """The texts and raw labels of the user's own .csv, .tsv, .json (a list of objects), .jsonl or
     .parquet file, every row checked to hold the columns, and text in the text columns.
 
+    Without `labels_required`, a file with no label column at all is read as unlabeled (to predict).
     CSV uses standard quoting; TSV has quoting disabled, like the GLUE files.
     """
     path = Path(path)
     if not 1 <= len(text_columns) <= 2:
         raise UserError(f"give 1 or 2 text columns, not {len(text_columns)}")
     columns = (*text_columns, label_column)
+    checked = columns if labels_required else tuple(text_columns)
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        records = _table_records(path, ",", csv.QUOTE_MINIMAL, columns)
+        records = _table_records(path, ",", csv.QUOTE_MINIMAL, checked)
     elif suffix == ".tsv":
-        records = _table_records(path, "\t", csv.QUOTE_NONE, columns)
+        records = _table_records(path, "\t", csv.QUOTE_NONE, checked)
     elif suffix == ".json":
         records = _json_records(path)
     elif suffix == ".jsonl":
         records = _jsonl_records(path)
     elif suffix == ".parquet":
-        records = _parquet_records(path, columns)
+        records = _parquet_records(path, checked, optional=label_column)
     else:
         raise UserError(f"{path}: unknown file type {suffix or '(none)'!r}; use .csv, .tsv, .json, .jsonl or .parquet")
     if not records:
         raise UserError(f"{path} has no examples")
+    labeled = labels_required or any(isinstance(r, dict) and label_column in r for _, r in records)
+    columns = columns if labeled else checked  # some rows labeled: all must be
     rows = []
     for where, record in records:
         if not isinstance(record, dict):
@@ -316,8 +324,8 @@ def read_user_records(path: str | Path, text_columns: Sequence[str], label_colum
         for column, text in zip(text_columns, texts):
             if not isinstance(text, str):
                 raise UserError(f"{where}: column {column!r} holds {text!r}, not text")
-        rows.append((where, texts, record[label_column]))
-    return UserRecords(path, rows)
+        rows.append((where, texts, record[label_column] if labeled else None))
+    return UserRecords(path, rows, labeled)
 
 
 def records_to_dataset(spec: TaskSpec, records: UserRecords) -> TextDataset:
