@@ -20,7 +20,7 @@ from .importance import DEFAULT_CRITERION, POSTERIOR_CRITERIA
 from .methods import METHOD_NAMES, get_method
 from .recipes import paper_recipe
 from .schedules import default_adalora_phases
-from .tasks import TaskSpec, get_task, is_data_task
+from .tasks import TaskSpec, check_own_files, get_task
 
 LR_SCHEDULES = ("linear", "two-phase", "constant")
 LAMBDA_INITS = ("zero", "paper")
@@ -196,8 +196,7 @@ class TrainConfig:
     def _check_together(self) -> None:
         """Checks across fields (each field alone is checked by `check_field`)."""
         get_task(self.task)
-        if is_data_task(self.task) and not (self.train_file and self.validation_file):
-            raise UserError(f"--task {self.task} trains on your own data: give --train-file and --validation-file")
+        check_own_files(self.task, self.train_file, self.validation_file)
         method = get_method(self.method)
         if not DEVICE.match(self.device):
             raise UserError(f"--device {self.device!r} is not a device: choose cpu, cuda, cuda:N or auto")

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
 from .errors import UserError
-from .tasks import TaskSpec, class_order, data_task_spec, get_task, is_data_task
+from .tasks import TaskSpec, check_own_files, class_order, data_task_spec, get_task
 
 HUB_DATASET = "nyu-mll/glue"
 
@@ -420,8 +420,7 @@ def load_task_data(spec: TaskSpec | str, data_dir: str | Path | None = None,
     if (train_file is None) != (validation_file is None):
         raise UserError("give both a training file and a validation file, or neither")
     if isinstance(spec, str):
-        if is_data_task(spec) and train_file is None:
-            raise UserError(f"--task {spec} trains on your own data: give --train-file and --validation-file")
+        check_own_files(spec, train_file, validation_file)
         spec = get_task(spec)  # classification: without its classes, read below
     if train_file is not None:
         text_columns, label_column = user_columns(spec, text_columns, label_column)

@@ -211,6 +211,12 @@ def is_data_task(name: str) -> bool:
     return name.lower() in DATA_TASKS
 
 
+def check_own_files(task: str, train_file, validation_file) -> None:
+    """Refuse a task on the user's own data without its two files."""
+    if is_data_task(task) and not (train_file and validation_file):
+        raise UserError(f"--task {task} trains on your own data: give --train-file and --validation-file")
+
+
 def get_task(name: str, labels: Iterable[str] | None = None) -> TaskSpec:
     """The spec of GLUE task `name` (case-insensitive; 'sst-2' and 'sts-b' are accepted too), or of a
     task on the user's own data (`classification` with its class names, `labels`, once they are known)."""
