@@ -1,8 +1,12 @@
-"""The one place that knows each GLUE task: its files, text columns, labels and official metrics."""
+"""The one place that knows each task: each GLUE task's files, text columns, labels and official
+metrics, and the tasks on the user's own data (`classification`, `regression`), whose classes come
+from the training file."""
 
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .errors import UserError
@@ -30,6 +34,7 @@ class TaskSpec:
     label_range: tuple[float, float] = (-math.inf, math.inf)  # regression: the scores a label may take
     dev_splits: tuple[str, ...] = ("dev",)
     hub_dev_splits: tuple[str, ...] = ("validation",)
+    from_data: bool = False  # the user's own data: labels are names (never class indices), no GLUE files
 
     @property
     def is_regression(self) -> bool:
@@ -174,9 +179,50 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
-def get_task(name: str) -> TaskSpec:
-    """The spec of GLUE task `name` (case-insensitive; 'sst-2' and 'sts-b' are accepted too)."""
+# ----------------------------------------------------------------------------- tasks on the user's own data
+
+DATA_TASKS = ("classification", "regression")
+DATA_TEXT_COLUMNS = ("text",)  # --text-columns' default for the user's own data; --label-column's is "label"
+_INTEGER = re.compile(r"^[+-]?\d+$")
+
+
+def data_task_spec(name: str, labels: Iterable[str] | None = None) -> TaskSpec:
+    """The spec of a task on the user's own data: `classification` with the class names `labels`
+    in class-index order (see `class_order`; none given: the classes are still to be read from the
+    training file, `data.spec_from_labels`), or `regression`. Main metric: accuracy, or Pearson's r."""
+    common = dict(name=name, glue_dir="", tsv_has_header=True, tsv_column_count=None, tsv_text_columns=(),
+                  tsv_label_column="label", hub_text_columns=DATA_TEXT_COLUMNS, from_data=True)
+    if name == "regression":
+        return TaskSpec(labels=None, metrics=("pearson", "spearmanr", "mse"), main_metric="pearson", **common)
+    return TaskSpec(labels=tuple(labels or ()), metrics=("accuracy", "macro_f1", "matthews_correlation"),
+                    main_metric="accuracy", **common)
+
+
+def class_order(names: Iterable[str]) -> tuple[str, ...]:
+    """The classes found in the training labels, in class-index order: numerically when every name is
+    an integer ("2" before "10"), else by Unicode code point (Python's `sorted`: "B" before "a")."""
+    distinct = set(names)
+    if all(_INTEGER.match(n) for n in distinct):
+        return tuple(sorted(distinct, key=lambda n: (int(n), n)))
+    return tuple(sorted(distinct))
+
+
+def is_data_task(name: str) -> bool:
+    return name.lower() in DATA_TASKS
+
+
+def check_own_files(task: str, train_file, validation_file) -> None:
+    """Refuse a task on the user's own data without its two files."""
+    if is_data_task(task) and not (train_file and validation_file):
+        raise UserError(f"--task {task} trains on your own data: give --train-file and --validation-file")
+
+
+def get_task(name: str, labels: Iterable[str] | None = None) -> TaskSpec:
+    """The spec of GLUE task `name` (case-insensitive; 'sst-2' and 'sts-b' are accepted too), or of a
+    task on the user's own data (`classification` with its class names, `labels`, once they are known)."""
+    if is_data_task(name):
+        return data_task_spec(name.lower(), labels)
     key = name.lower().replace("-", "")
     if key not in TASKS:
-        raise UserError(f"unknown task {name!r}: choose one of {', '.join(TASKS)}")
+        raise UserError(f"unknown task {name!r}: choose one of {', '.join((*TASKS, *DATA_TASKS))}")
     return TASKS[key]

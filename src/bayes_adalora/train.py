@@ -32,10 +32,9 @@ from .config import RunPlan, TrainConfig, data_dir_of, plan_run, planned_config
 from .data import TaskData, encode, load_task_data, make_loader
 from .distributed import Processes
 from .errors import TrainingDiverged, UserError
-from .models import default_model_path, load_model
+from .models import LABELS_FILE, default_model_path, label_maps, load_model
 from .predict import evaluate, evaluate_sampled, named_posterior_sigma
 from .run_folder import check_output_dir, write_json, write_outputs
-from .tasks import TaskSpec, get_task
 
 Figures = Callable[[Path], object]  # draws a finished run folder's figures into it (`plots.plot_run`)
 
@@ -58,10 +57,11 @@ def resume_checkpoint(out: Path, resume: str | None) -> Path | None:
     return path
 
 
-def load_data(config: TrainConfig, spec: TaskSpec) -> TaskData:
-    """The task's data as the config says, cut to --max-train-samples / --max-eval-samples."""
+def load_data(config: TrainConfig) -> TaskData:
+    """The task's data as the config says, cut to --max-train-samples / --max-eval-samples; `data.spec`
+    is the task's (classification on the user's own data: with the classes of the whole training file)."""
     data = load_task_data(
-        spec, data_dir=data_dir_of(config), train_file=config.train_file, validation_file=config.validation_file,
+        config.task, data_dir=data_dir_of(config), train_file=config.train_file, validation_file=config.validation_file,
         text_columns=config.text_columns, label_column=config.label_column,
     )
     if config.max_train_samples:
@@ -147,7 +147,6 @@ def train(config: TrainConfig, figures: Figures | None = None) -> dict:
 
     `figures` (e.g. `plots.plot_run`) draws the run's PNGs into the folder when `config.plots` is on.
     """
-    spec = get_task(config.task)
     out = Path(config.output_dir)
     check_output_dir(out, config.overwrite, config.resume)
     resume_from = resume_checkpoint(out, config.resume)
@@ -155,7 +154,8 @@ def train(config: TrainConfig, figures: Figures | None = None) -> dict:
     procs = Processes.start(device, config.batch_size)
     device = procs.device or device
 
-    data = load_data(config, spec)
+    data = load_data(config)
+    spec = data.spec
     set_seed(config.seed)  # before the model: the seed also fixes the new head's and the adapter's first weights
     model_name = config.model or default_model_path()
     tokenizer, model, fresh = load_model(model_name, spec, config.trust_remote_code)
@@ -167,7 +167,7 @@ def train(config: TrainConfig, figures: Figures | None = None) -> dict:
         )
         for split, ds in data.dev.items()
     }
-    plan = plan_run(config, model_name, len(data.train), len(train_loader))
+    plan = plan_run(config, model_name, len(data.train), len(train_loader), spec)
 
     model = build_trainable_model(model, config, plan.total_steps, fresh).to(device)
     forward_model = procs.wrap(model)  # DDP under accelerate; peft's allocator works on `model`
@@ -277,6 +277,7 @@ def train(config: TrainConfig, figures: Figures | None = None) -> dict:
         "steps": plan.total_steps,
         "metrics": {"final": done.final, "best": done.best, **({"mc": mc} if mc else {})},
         "main_metric": spec.main_metric_name,
+        **label_maps(spec),
         "train_seconds": done.train_seconds,
         "seconds_per_step": done.train_seconds / plan.total_steps,
         "peak_memory_mb": peak_memory_mb(device),
@@ -302,6 +303,8 @@ def write_run(folder: Path, config: TrainConfig, plan: RunPlan, model: nn.Module
         tokenizer.save_pretrained(folder / "model")
     else:
         model.save_pretrained(folder / "adapter")
+        if "id2label" in results:  # the class names beside the adapter (model/config.json holds them for full)
+            write_json({k: results[k] for k in ("id2label", "label2id")}, folder / "adapter" / LABELS_FILE)
     if config.uses_ivon:
         tensors, meta = posterior_state_dict(optimizer, {p: n for n, p in model.named_parameters()})
         save_file(tensors, folder / POSTERIOR_FILE, metadata=meta)
