@@ -15,7 +15,7 @@ LAYERS = [
      "ivon_inplace"},
     {"config", "data", "models", "adapters", "checkpoint", "distributed", "fast_adalora"},
     {"allocator", "build", "predict", "run_folder"},
-    {"train", "run_io", "hf_trainer"},
+    {"train", "run_io", "hf_trainer", "export"},
     {"cli", "plots", "__init__"},
 ]
 
