@@ -9,13 +9,14 @@ import ivon
 import numpy as np
 import pytest
 import torch
-from peft import AdaLoraConfig, get_peft_model
+from peft import AdaLoraConfig, PeftModel, get_peft_model
 from peft.tuners.adalora import AdaLoraLayer
 from transformers import DataCollatorWithPadding, EvalPrediction, LlamaConfig, LlamaForCausalLM
 
 from bayes_adalora import UserError
+from bayes_adalora.build import build_trainable_model
 from bayes_adalora.config import TrainConfig
-from bayes_adalora.hf_trainer import IVONArguments, IVONTrainer, compute_metrics
+from bayes_adalora.hf_trainer import ADALORA_STATE, AdaLoraTrainer, IVONArguments, IVONTrainer, compute_metrics
 from bayes_adalora.models import load_model
 from bayes_adalora.predict import posterior_predictive
 from test_hf_trainer import SST2, adalora_ranks, read_sst2, trainer_args
@@ -122,11 +123,11 @@ def test_compute_metrics_by_hand_for_a_classifier_and_a_causal_lm():
 def test_posterior_predictive_keeps_pruned_lambdas_at_zero_and_averages_draws(tiny_deberta, glue_dir):
     """Every lambda pruned (0): whatever noise P and Q get, the adapter adds nothing, so the predictive is the
     base model's softmax exactly; with one lambda alive the draws move the prediction."""
+    torch.manual_seed(0)  # the new head too
     tokenizer, base, _ = load_model(str(tiny_deberta), SST2, False)
-    torch.manual_seed(0)
     model = get_peft_model(base, AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["query_proj"]))
     with torch.no_grad():
-        model.base_model.model.classifier.weight.mul_(1000.0)  # a random tiny head is near-uniform: make it decide
+        model.base_model.model.classifier.weight.mul_(100.0)  # a random tiny head is near-uniform: make it decide
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = ivon.IVON(params, lr=0.1, ess=10.0, hess_init=1e-2)  # sigma = 1: loud noise
     batch = DataCollatorWithPadding(tokenizer)(read_sst2(glue_dir, "dev", tokenizer, limit=8))
@@ -140,7 +141,7 @@ def test_posterior_predictive_keeps_pruned_lambdas_at_zero_and_averages_draws(ti
         lam[0] = 10.0
     first, again = (posterior_predictive(model, optimizer, batch, samples=4, seed=0) for _ in range(2))
     assert torch.equal(first, again)  # seeded draws
-    assert (first - base_probs).abs().max() > 1e-3  # against 1e-6 with every lambda pruned
+    assert (first.log() - base_probs.log()).abs().max() > 1e-3  # against 1e-6 with every lambda pruned
     assert torch.allclose(first.sum(-1), torch.ones(len(first)))
     assert lam[0] == 10.0 and (lam[1:] == 0).all()  # the mean is restored
 
@@ -158,3 +159,50 @@ def test_the_readme_own_loop_recipe_runs_as_written():
     ranks = adalora_ranks(model)
     assert sum(ranks.values()) == 4 * len(ranks) and set(ranks.values()) != {4}  # reallocated, at the budget
     assert probs.shape == (2, 2) and torch.allclose(probs.sum(-1), torch.ones(2))
+
+
+# ----------------------------------------------------------------------------- resumable checkpoints
+
+
+def build_sst2_trainer(method, tiny_deberta, glue_dir, tmp_path, **overrides):
+    config = TrainConfig(method=method, init_r=4, target_r=2, tinit=2, tfinal=3, delta_t=1)
+    tokenizer, base, fresh = load_model(str(tiny_deberta), SST2, False)
+    torch.manual_seed(0)
+    model = build_trainable_model(base, config, 12, fresh)
+    train_set = read_sst2(glue_dir, "train", tokenizer)
+    settings = dict(max_steps=12, save_strategy="steps", save_steps=5, learning_rate=0.5 if config.uses_ivon else 5e-3)
+    args = trainer_args(tmp_path, **{**settings, **overrides.pop("args", {})})
+    common = dict(model=model, args=args, train_dataset=train_set, data_collator=DataCollatorWithPadding(tokenizer),
+                  **overrides)
+    return IVONTrainer(**common, config=config) if config.uses_ivon else AdaLoraTrainer(**common)
+
+
+def test_load_best_model_at_end_restores_the_best_checkpoint_and_its_pattern(tiny_deberta, glue_dir, tmp_path):
+    evaluations = []
+
+    def metric_best_first(prediction):  # the first evaluation (step 4) is the best one
+        evaluations.append(1)
+        return {"order": -len(evaluations)}
+
+    tokenizer, _, _ = load_model(str(tiny_deberta), SST2, False)
+    dev = read_sst2(glue_dir, "dev", tokenizer, limit=16)
+    trainer = build_sst2_trainer(
+        "bayes-adalora", tiny_deberta, glue_dir, tmp_path, eval_dataset=dev, compute_metrics=metric_best_first,
+        args=dict(save_steps=4, eval_strategy="steps", eval_steps=4, load_best_model_at_end=True,
+                  metric_for_best_model="order", greater_is_better=True, save_total_limit=None),
+    )
+    trainer.train()
+    best = Path(trainer.state.best_model_checkpoint)
+    assert best.name == "checkpoint-4"
+    pattern = torch.load(best / ADALORA_STATE, weights_only=True)["allocator"]["rank_pattern"]
+    assert trainer.model.peft_config["default"].rank_pattern == pattern
+    # the model in memory is the checkpoint's, as stock peft reads it back
+    _, fresh_base, _ = load_model(str(tiny_deberta), SST2, False)
+    reloaded = PeftModel.from_pretrained(fresh_base, best).eval()
+    batch = DataCollatorWithPadding(tokenizer)(dev)
+    batch.pop("labels")
+    trainer.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(trainer.model(**batch).logits, reloaded(**batch).logits, atol=1e-6)
+    ranks = {k.removeprefix("base_model.model."): v for k, v in adalora_ranks(trainer.model).items()}
+    assert ranks == {k.removesuffix(".lora_E.default"): sum(v) for k, v in pattern.items()}

@@ -285,7 +285,8 @@ class AdaLoraCheckpoints:
             unwrap_optimizer(self.optimizer).current_step = state["ivon_current_step"]
 
     def _load_best_model(self):
-        super()._load_best_model()
+        with self.untrimmed():  # peft would resize the live layers to the in-memory pattern before loading
+            super()._load_best_model()
         # the best checkpoint's pattern: what its zero lambdas are, and what save_model trims to
         state = read_adalora_state(self.state.best_model_checkpoint)
         self.tuner.peft_config[self.tuner.trainable_adapter_name].rank_pattern = state["allocator"]["rank_pattern"]
