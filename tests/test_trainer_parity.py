@@ -19,7 +19,7 @@ from bayes_adalora.config import TrainConfig
 from bayes_adalora.hf_trainer import ADALORA_STATE, AdaLoraTrainer, IVONArguments, IVONTrainer, compute_metrics
 from bayes_adalora.models import load_model
 from bayes_adalora.predict import posterior_predictive
-from test_hf_trainer import SST2, adalora_ranks, read_sst2, trainer_args
+from test_hf_trainer import SST2, StopAfter, adalora_ranks, read_sst2, trainer_args
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -166,8 +166,8 @@ def test_the_readme_own_loop_recipe_runs_as_written():
 
 def build_sst2_trainer(method, tiny_deberta, glue_dir, tmp_path, **overrides):
     config = TrainConfig(method=method, init_r=4, target_r=2, tinit=2, tfinal=3, delta_t=1)
+    torch.manual_seed(0)  # before the new head is drawn
     tokenizer, base, fresh = load_model(str(tiny_deberta), SST2, False)
-    torch.manual_seed(0)
     model = build_trainable_model(base, config, 12, fresh)
     train_set = read_sst2(glue_dir, "train", tokenizer)
     settings = dict(max_steps=12, save_strategy="steps", save_steps=5, learning_rate=0.5 if config.uses_ivon else 5e-3)
@@ -175,6 +175,36 @@ def build_sst2_trainer(method, tiny_deberta, glue_dir, tmp_path, **overrides):
     common = dict(model=model, args=args, train_dataset=train_set, data_collator=DataCollatorWithPadding(tokenizer),
                   **overrides)
     return IVONTrainer(**common, config=config) if config.uses_ivon else AdaLoraTrainer(**common)
+
+
+def trained_state(trainer) -> dict:
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("method", ["bayes-adalora", "adalora-ivon", "adalora"])
+def test_a_stopped_and_resumed_trainer_run_ends_bitwise_equal(method, tiny_deberta, glue_dir, tmp_path):
+    """12 steps over 8-batch epochs of 64 examples; stopped after step 5 (mid-epoch, mid-fall of the budget),
+    resumed from checkpoint-5 by a new Trainer on a new model: every weight equal bit for bit."""
+    whole = build_sst2_trainer(method, tiny_deberta, glue_dir, tmp_path / "whole")
+    whole.train()
+    stopped = build_sst2_trainer(method, tiny_deberta, glue_dir, tmp_path / "parts", callbacks=[StopAfter(5)])
+    stopped.train()
+    checkpoint = tmp_path / "parts" / "trainer" / "checkpoint-5"
+    assert (checkpoint / ADALORA_STATE).is_file()
+    resumed = build_sst2_trainer(method, tiny_deberta, glue_dir, tmp_path / "parts")
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+
+    assert resumed.state.global_step == 12
+    a, b = trained_state(whole), trained_state(resumed)
+    assert all(torch.equal(a[n], b[n]) for n in a), [n for n in a if not torch.equal(a[n], b[n])][:3]
+    assert adalora_ranks(whole.model) == adalora_ranks(resumed.model)
+    if method != "adalora":
+        assert resumed.ivon_optimizer.current_step == 12
+        assert torch.equal(whole.ivon_optimizer.param_groups[0]["hess"], resumed.ivon_optimizer.param_groups[0]["hess"])
+    # the checkpoint's adapter is untrimmed, and stock peft reads it back
+    _, fresh_base, _ = load_model(str(tiny_deberta), SST2, False)
+    reloaded = PeftModel.from_pretrained(fresh_base, checkpoint)
+    assert {m.lora_E["default"].shape[0] for m in reloaded.modules() if isinstance(m, AdaLoraLayer)} == {4}
 
 
 def test_load_best_model_at_end_restores_the_best_checkpoint_and_its_pattern(tiny_deberta, glue_dir, tmp_path):
