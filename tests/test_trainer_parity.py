@@ -1,8 +1,13 @@
 """The Trainer path at parity with the CLI: IVONArguments, any task type (a tiny causal LM), compute_metrics,
 the posterior predictive for a loop of one's own, resumable checkpoints and load_best_model_at_end."""
 
+import json
 import math
+import os
 import re
+import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 import ivon
@@ -19,6 +24,7 @@ from bayes_adalora.config import TrainConfig
 from bayes_adalora.hf_trainer import ADALORA_STATE, AdaLoraTrainer, IVONArguments, IVONTrainer, compute_metrics
 from bayes_adalora.models import load_model
 from bayes_adalora.predict import posterior_predictive
+from conftest import save_tiny_deberta
 from test_hf_trainer import SST2, StopAfter, adalora_ranks, read_sst2, trainer_args
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -236,3 +242,40 @@ def test_load_best_model_at_end_restores_the_best_checkpoint_and_its_pattern(tin
         assert torch.allclose(trainer.model(**batch).logits, reloaded(**batch).logits, atol=1e-6)
     ranks = {k.removeprefix("base_model.model."): v for k, v in adalora_ranks(trainer.model).items()}
     assert ranks == {k.removesuffix(".lora_E.default"): sum(v) for k, v in pattern.items()}
+
+
+# ----------------------------------------------------------------------------- several processes
+
+
+@pytest.fixture(scope="module")
+def tiny_deberta_no_dropout(tmp_path_factory):
+    """Dropout draws from each process's RNG on its shard; without it, 2 x 8 examples = 1 x 16."""
+    return save_tiny_deberta(tmp_path_factory.mktemp("tiny-deberta-nodrop"), hidden_dropout_prob=0.0,
+                             attention_probs_dropout_prob=0.0, pooler_dropout=0.0)
+
+
+def test_ivon_trainer_under_torchrun_masks_alike_and_matches_one_process(tmp_path, glue_dir, tiny_deberta_no_dropout,
+                                                                        monkeypatch):
+    """2 processes x 8 examples against 1 x 16: the same global batches and IVON noise, sync=True."""
+    script = Path(__file__).with_name("ddp_trainer_run.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(script.parent), os.environ.get("PYTHONPATH", "")])}
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+    arguments = [str(tiny_deberta_no_dropout), str(glue_dir)]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+              *arguments, str(tmp_path / "two"), "8"]
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    monkeypatch.setattr(sys, "argv", [str(script), *arguments, str(tmp_path / "one"), "16"])
+    monkeypatch.syspath_prepend(str(script.parent))
+    runpy.run_path(str(script), run_name="__main__")  # one process: here, without a second start-up
+    runs = {name: json.loads((tmp_path / name / "result.json").read_text()) for name in ("one", "two")}
+    one, two = runs["one"], runs["two"]
+    assert (one["world"], one["sync"], two["world"], two["sync"]) == (1, False, 2, True)
+    assert two["ranks"][0] == two["ranks"][1] == one["ranks"][0]  # every process masked the same triplets
+    assert sum(one["ranks"][0].values()) == 2 * len(one["ranks"][0])
+    a = {k: torch.tensor(v) for k, v in one["weights"].items()}
+    b = {k: torch.tensor(v) for k, v in two["weights"].items()}
+    worst = max((a[k] - b[k]).abs().max().item() / (a[k].abs().max().item() + 1e-12) for k in a if a[k].numel())
+    assert worst < 1e-3, worst  # only the order of float sums differs
