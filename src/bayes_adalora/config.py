@@ -24,6 +24,7 @@ from .tasks import get_task
 
 LR_SCHEDULES = ("linear", "two-phase", "constant")
 LAMBDA_INITS = ("zero", "paper")
+REPORT_TO = ("none", "tensorboard", "wandb", "mlflow")
 SEED_MAX = 2**32 - 1  # NumPy's seed range
 DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 
@@ -160,6 +161,8 @@ class TrainConfig:
         "each allocation step to correlations.json (default: on for IVON methods).",
     )
     plots: bool = _f(True, "Write PNG plots of the run into the output folder at the end.")
+    report_to: str = _f("none", "Log loss, lr, rank budget, the main metric and IVON's sigma statistics to a tracker: "
+                                "tensorboard (into OUTPUT_DIR/tensorboard), wandb or mlflow.", choices=REPORT_TO)
     # running
     output_dir: str = _f("runs/latest", "Where results.json, adapter/, posterior.safetensors and config.json go.")
     divergence_factor: float = _f(
