@@ -59,11 +59,11 @@ def test_ivon_arguments_build_peft_config_with_phases_that_scale_with_the_run():
 # ----------------------------------------------------------------------------- any task type: a tiny causal LM
 
 
-def tiny_llama_with_adalora(ivon_args: IVONArguments, steps: int):
+def tiny_llama_with_adalora(ivon_args: IVONArguments, steps: int, **peft_kwargs):
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
-    peft_config = ivon_args.adalora_config(steps, ["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    peft_config = ivon_args.adalora_config(steps, ["q_proj", "v_proj"], task_type="CAUSAL_LM", **peft_kwargs)
     return get_peft_model(LlamaForCausalLM(config), peft_config)
 
 
