@@ -82,9 +82,9 @@ def test_ivon_trainer_trains_a_causal_lm_built_with_peft_and_allocates(method, t
     steps = 12
     ivon_args = IVONArguments(method=method, init_r=4, target_r=2, tinit=2, tfinal=4, delta_t=1, orth_reg=0.0,
                               ivon_clip_radius=0.1)
-    model = tiny_llama_with_adalora(ivon_args, steps)
+    model = tiny_llama_with_adalora(ivon_args, steps, modules_to_save=["lm_head"])  # the head learns fast
     data = counting_sequences(32)
-    trainer = IVONTrainer(model=model, args=trainer_args(tmp_path, max_steps=steps, learning_rate=1.0),
+    trainer = IVONTrainer(model=model, args=trainer_args(tmp_path, max_steps=steps, learning_rate=3.0),
                           train_dataset=data, eval_dataset=data[:8], ivon_args=ivon_args,
                           compute_metrics=compute_metrics)
     before = trainer.evaluate()
@@ -93,7 +93,7 @@ def test_ivon_trainer_trains_a_causal_lm_built_with_peft_and_allocates(method, t
     ranks = adalora_ranks(model)
     assert len(ranks) == 2 * 2 and sum(ranks.values()) == 2 * len(ranks)  # the budget fell to target_r
     assert trainer.ivon_optimizer.current_step == steps
-    assert after["eval_loss"] < before["eval_loss"]
+    assert after["eval_loss"] < before["eval_loss"] - 0.05
     # compute_metrics scored the 11 next tokens of each of the 8 sequences: its nll is the model's own loss
     assert after["eval_nll"] == pytest.approx(after["eval_loss"], rel=1e-4)
 
