@@ -16,7 +16,13 @@ from bayes_adalora.allocator import PosteriorRankAllocator
 from bayes_adalora.build import build_trainable_model
 from bayes_adalora.config import TrainConfig
 from bayes_adalora.fast_adalora import FastAdaLoraModel
-from bayes_adalora.hf_trainer import IVONTrainer, RankAllocationCallback, make_trainer, trainer_max_steps
+from bayes_adalora.hf_trainer import (
+    AdaLoraTrainer,
+    IVONTrainer,
+    RankAllocationCallback,
+    make_trainer,
+    trainer_max_steps,
+)
 from bayes_adalora.models import load_model
 from bayes_adalora.tasks import get_task
 
@@ -208,7 +214,7 @@ def test_make_trainer_drives_adalora_with_adamw_over_epochs(tiny_deberta, glue_d
     train_set = read_sst2(glue_dir, "train", tokenizer)  # 64 examples, batches of 16: 4 steps per epoch
     args = trainer_args(tmp_path, per_device_train_batch_size=16, num_train_epochs=2.5, learning_rate=5e-3)
     trainer = make_trainer(str(tiny_deberta), train_set, None, config, args)
-    assert type(trainer) is Trainer
+    assert type(trainer) is AdaLoraTrainer and isinstance(trainer, Trainer)
     assert any(isinstance(cb, RankAllocationCallback) for cb in trainer.callback_handler.callbacks)
     assert trainer.model.peft_config["default"].total_step == 10  # ceil(2.5 * 4), estimated before training
     trainer.train()
@@ -264,16 +270,19 @@ def test_callback_refuses_phases_longer_than_the_run(tiny_deberta, glue_dir, tmp
         trainer.train()
 
 
-def test_callback_refuses_load_best_model_at_end_before_training(tiny_deberta, glue_dir, tmp_path, monkeypatch):
+def test_callback_refuses_load_best_model_at_end_under_a_stock_trainer(tiny_deberta, glue_dir, tmp_path, monkeypatch):
+    """A stock Trainer saves trimmed checkpoints, which cannot load back: refused before training."""
     config = TrainConfig(method="adalora", init_r=4, target_r=2, tinit=1, tfinal=1, delta_t=1)
-    tokenizer, _, _ = load_model(str(tiny_deberta), SST2, False)
+    tokenizer, base, fresh = load_model(str(tiny_deberta), SST2, False)
     train_set = read_sst2(glue_dir, "train", tokenizer, limit=16)
     args = trainer_args(
         tmp_path, max_steps=4, eval_strategy="steps", save_strategy="steps", load_best_model_at_end=True
     )
-    trainer = make_trainer(str(tiny_deberta), train_set, train_set, config, args)
+    trainer = Trainer(model=build_trainable_model(base, config, 4, fresh), args=args, train_dataset=train_set,
+                      eval_dataset=train_set, data_collator=DataCollatorWithPadding(tokenizer),
+                      callbacks=[RankAllocationCallback()])
     monkeypatch.setattr(Trainer, "training_step", lambda *a, **k: pytest.fail("trained before refusing"))
-    with pytest.raises(ValueError, match="load_best_model_at_end cannot work with AdaLoRA"):
+    with pytest.raises(ValueError, match="load_best_model_at_end cannot work with AdaLoRA under a stock Trainer"):
         trainer.train()
 
 

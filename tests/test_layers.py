@@ -14,8 +14,8 @@ LAYERS = [
     {"errors", "tasks", "methods", "importance", "posterior", "schedules", "metrics", "evaluation", "recipes", "steps",
      "ivon_inplace"},
     {"config", "data", "models", "adapters", "checkpoint", "distributed", "fast_adalora"},
-    {"allocator", "build", "predict", "run_folder"},
-    {"train", "run_io", "hf_trainer"},
+    {"allocator", "build", "predict", "run_folder", "trackers"},
+    {"train", "run_io", "hf_trainer", "export"},
     {"cli", "plots", "__init__"},
 ]
 

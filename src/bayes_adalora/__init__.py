@@ -8,7 +8,19 @@ from .tasks import TASKS, get_task
 
 __version__ = "0.1.0"
 
+# The training API, imported on first use: `import bayes_adalora` stays light (no torch, transformers or peft).
+LAZY = {
+    "install_posterior_allocator": "allocator",
+    "posterior_predictive": "predict",
+    "AdaLoraTrainer": "hf_trainer",
+    "IVONArguments": "hf_trainer",
+    "IVONTrainer": "hf_trainer",
+    "RankAllocationCallback": "hf_trainer",
+    "compute_metrics": "hf_trainer",
+}
+
 __all__ = [
+    *LAZY,
     "METHODS",
     "POSTERIOR_CRITERIA",
     "TASKS",
@@ -30,3 +42,11 @@ def run(config: TrainConfig) -> dict:
     from .train import train
 
     return train(config, figures=plot_run)
+
+
+def __getattr__(name: str):
+    if name in LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

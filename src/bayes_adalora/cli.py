@@ -84,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, help="seed of the posterior draws [default: the run's seed]")
     evaluate.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto [default: auto]")
 
+    export = commands.add_parser(
+        "export", help="write a run's adapter with a model card, or with --merge the full model merged with it")
+    export.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `bayes-adalora train`")
+    export.add_argument("--merge", action="store_true",
+                        help="fold the adapter into the base weights and write a plain transformers model")
+    export.add_argument("--output-dir", help="a new folder [default: RUN_DIR/export, or RUN_DIR/merged with --merge]")
+
     plot = commands.add_parser("plot", help="write a run's PNG figures (ranks, training curves, sigma, correlations)")
     plot.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `bayes-adalora train`")
     plot.add_argument("--output-dir", help="where the PNGs go [default: RUN_DIR]")
@@ -112,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
             from .run_io import evaluate_run
 
             print(json.dumps(finite_or_none(evaluate_run(**args)), indent=2))
+        elif command == "export":
+            from .export import export_run
+
+            print(export_run(args["run_dir"], args["output_dir"], args["merge"]))
         elif command == "plot":
             from .plots import plot_run
 

@@ -24,6 +24,7 @@ from .tasks import TaskSpec, check_own_files, get_task
 
 LR_SCHEDULES = ("linear", "two-phase", "constant")
 LAMBDA_INITS = ("zero", "paper")
+REPORT_TO = ("none", "tensorboard", "wandb", "mlflow")
 SEED_MAX = 2**32 - 1  # NumPy's seed range
 DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 
@@ -162,6 +163,8 @@ class TrainConfig:
         "each allocation step to correlations.json (default: on for IVON methods).",
     )
     plots: bool = _f(True, "Write PNG plots of the run into the output folder at the end.")
+    report_to: str = _f("none", "Log loss, lr, rank budget, the main metric and IVON's sigma statistics to a tracker: "
+                                "tensorboard (into OUTPUT_DIR/tensorboard), wandb or mlflow.", choices=REPORT_TO)
     # running
     output_dir: str = _f("runs/latest", "Where results.json, adapter/, posterior.safetensors and config.json go.")
     divergence_factor: float = _f(
@@ -249,18 +252,19 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def field_type(f: dataclasses.Field) -> type:
+def field_type(f: dataclasses.Field, owner: type | None = None) -> type:
     """The field's type without None: `int | None` -> int, `list[str] | None` -> list[str]."""
-    hint = typing.get_type_hints(TrainConfig)[f.name]
+    hint = typing.get_type_hints(owner or TrainConfig)[f.name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return args[0] if args and typing.get_origin(hint) is not list else hint
 
 
-def check_field(f: dataclasses.Field, value) -> None:
+def check_field(f: dataclasses.Field, value, owner: type | None = None) -> None:
     """One field's value against its metadata: one of its `choices`, or a number within its `bounds`
-    (finite, and whole for an int field); None passes where the field allows it."""
+    (finite, and whole for an int field); None passes where the field allows it. `owner`: the
+    dataclass of the field (default `TrainConfig`)."""
     if value is None:
-        if type(None) not in typing.get_args(typing.get_type_hints(TrainConfig)[f.name]):
+        if type(None) not in typing.get_args(typing.get_type_hints(owner or TrainConfig)[f.name]):
             raise UserError(f"{flag(f.name)} needs a value, got none")
         return
     if "choices" in f.metadata and value not in f.metadata["choices"]:
@@ -270,7 +274,7 @@ def check_field(f: dataclasses.Field, value) -> None:
     bounds = f.metadata.get("bounds")
     if bounds is None:
         return
-    integer = field_type(f) is int
+    integer = field_type(f, owner) is int
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise UserError(f"{flag(f.name)} must be a number, got {value!r}")
     if not math.isfinite(value):

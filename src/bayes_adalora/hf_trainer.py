@@ -1,38 +1,115 @@
-"""Training with a stock `transformers.Trainer`: AdaLoRA's rank allocation as a callback, IVON's sampled step.
+"""Training with a stock `transformers.Trainer`: AdaLoRA's rank allocation as a callback, IVON's sampled step,
+resumable checkpoints, and metrics with calibration.
 
+- `IVONArguments`: what the Trainer path needs beyond `TrainingArguments` (method, criterion, AdaLoRA's
+  budget, IVON's settings, train MC samples), checked on creation with `TrainConfig`'s field bounds.
 - `RankAllocationCallback` drives peft's AdaLoRA from the Trainer's steps, with any optimizer
   (plain `adalora` with AdamW too): `total_step` from the Trainer's `max_steps`, and
   `update_and_allocate(step)` after every optimizer step, so the final rank pattern lands in
   `peft_config.rank_pattern` and `save_pretrained` trims the adapter to it.
-- `IVONTrainer` trains `bayes-adalora` or `adalora-ivon` with IVON: one optimizer step averages the
-  gradients of `train_mc_samples` posterior samples per micro-batch; it adds the callback itself.
+- `AdaLoraTrainer` (AdamW) and `IVONTrainer` (`bayes-adalora`, `adalora-ivon`: one optimizer step
+  averages the gradients of `train_mc_samples` posterior samples per micro-batch) add the callback and
+  write checkpoints that resume: the untrimmed adapter, the allocator state and IVON's step count.
 - `make_trainer` builds the adapter model (`build.build_trainable_model`) and the right Trainer for
-  a `TrainConfig`.
+  a `TrainConfig`; `compute_metrics` adds ece, nll, brier and aurc to a Trainer's evaluation.
 
 What comes from where: the schedule (learning rate, steps, batch size, warm-up, scheduler type) is
-the `TrainingArguments`'; the method, adapter and IVON settings are the `TrainConfig`'s.
+the `TrainingArguments`'; the method, adapter and IVON settings are the `IVONArguments`' (or a `TrainConfig`'s).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import ivon
+import numpy as np
+import torch
+from peft import AdaLoraConfig
+from scipy.special import log_softmax
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from .adapters import adalora_tuner
 from .allocator import PosteriorRankAllocator, install_allocator
 from .build import build_trainable_model, make_optimizer, use_fast_path
-from .config import TrainConfig
-from .methods import IVON_METHODS
+from .checkpoint import allocator_state, load_allocator_state
+from .config import TrainConfig, adalora_phases, check_field
+from .evaluation import Predictive, calibration_metrics
+from .methods import IVON_METHODS, METHODS, get_method
 from .models import load_model
 from .steps import IVONStep
 from .tasks import get_task
 
 # Below this, a learning rate is on AdamW's scale: IVON's step is lr * clip((m + wd mu) / (h + wd)).
 IVON_LR_WARN_BELOW = 1e-2
+ADALORA_STATE = "adalora_state.pt"  # in a Trainer checkpoint: the allocator state and IVON's step count
+ADALORA_METHODS = tuple(name for name, m in METHODS.items() if m.uses_adalora)
+
+
+def like_train_config(name: str):
+    """A field with `TrainConfig`'s default, help, bounds and choices for `name` (one place for each fact)."""
+    source = {f.name: f for f in dataclasses.fields(TrainConfig)}[name]
+    return dataclasses.field(default=source.default, metadata=source.metadata)
+
+
+@dataclass
+class IVONArguments:
+    """The Trainer path's settings beyond `TrainingArguments`: the method, its AdaLoRA budget and IVON.
+
+    Every field has `TrainConfig`'s help, bounds and default, and is checked on creation as there (a
+    `UserError` naming the setting); the learning rate, steps and batch size are the `TrainingArguments'`.
+    `init_r`, `target_r`, `tinit`, `tfinal`, `delta_t`, `orth_reg` are read by `adalora_config`, when the
+    arguments build the adapter; a model built elsewhere keeps its own `AdaLoraConfig`.
+    """
+
+    method: str = like_train_config("method")
+    criterion: str = like_train_config("criterion")
+    init_r: int = like_train_config("init_r")
+    target_r: int = like_train_config("target_r")
+    tinit: int | None = like_train_config("tinit")
+    tfinal: int | None = like_train_config("tfinal")
+    delta_t: int | None = like_train_config("delta_t")
+    orth_reg: float = like_train_config("orth_reg")
+    ivon_ess: float | None = like_train_config("ivon_ess")
+    ivon_hess_init: float = like_train_config("ivon_hess_init")
+    ivon_beta1: float = like_train_config("ivon_beta1")
+    ivon_beta2: float = like_train_config("ivon_beta2")
+    ivon_weight_decay: float = like_train_config("ivon_weight_decay")
+    ivon_clip_radius: float = like_train_config("ivon_clip_radius")
+    train_mc_samples: int = like_train_config("train_mc_samples")
+    fast_path: bool = like_train_config("fast_path")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            check_field(f, getattr(self, f.name), IVONArguments)
+        if self.method not in ADALORA_METHODS:
+            raise ValueError(f"the Trainer path trains an AdaLoRA method ({', '.join(ADALORA_METHODS)}), "
+                             f"not {self.method!r}")
+        self.train_config()  # the checks across fields (target_r below init_r, ...) are TrainConfig's
+
+    @classmethod
+    def from_train_config(cls, config: TrainConfig) -> IVONArguments:
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
+
+    def train_config(self, **overrides) -> TrainConfig:
+        """The same settings as a `TrainConfig` (for `build.make_optimizer` and `build.build_trainable_model`)."""
+        return TrainConfig(**{**dataclasses.asdict(self), **overrides})
+
+    @property
+    def uses_ivon(self) -> bool:
+        return get_method(self.method).uses_ivon
+
+    def adalora_config(self, total_step: int, target_modules, **peft_kwargs) -> AdaLoraConfig:
+        """peft's `AdaLoraConfig` with this budget; `tinit`, `tfinal`, `delta_t` not given scale with
+        `total_step` as on the command line. `peft_kwargs` go to peft (`task_type`, `lora_alpha`, ...)."""
+        tinit, tfinal, delta_t = adalora_phases(self.train_config(), total_step)
+        return AdaLoraConfig(init_r=self.init_r, target_r=self.target_r, tinit=tinit, tfinal=tfinal, deltaT=delta_t,
+                             orth_reg_weight=self.orth_reg, total_step=total_step, target_modules=target_modules,
+                             **peft_kwargs)
 
 
 def check_adalora_phases(tinit: int, tfinal: int, total_steps: int) -> None:
@@ -64,12 +141,41 @@ def trainer_max_steps(args: TrainingArguments, n_examples: int | None) -> int:
     return math.ceil(args.num_train_epochs * per_epoch)
 
 
+# ----------------------------------------------------------------------------- metrics
+
+
+def compute_metrics(eval_prediction) -> dict[str, float]:
+    """A Trainer's `compute_metrics` for any classifier: accuracy, ece, nll, brier, aurc and
+    accuracy_at_coverage_{0.5,0.8,1.0} (`evaluation.calibration_metrics`, as in results.json).
+
+    Logits (N, C) with labels (N,) (sequence classification, multiple choice), or (N, T, V) with
+    labels (N, T) for a causal LM: the logits at position t predict the label at t + 1, and labels
+    -100 (padding, the prompt) are left out, as in the model's own loss.
+    """
+    logits, labels = eval_prediction.predictions, eval_prediction.label_ids
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels)
+    if logits.ndim == 3:  # causal LM: shift, then keep the scored tokens
+        logits, labels = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+    scored = labels != -100
+    logits, labels = logits[scored], labels[scored].astype(np.int64)
+    predictive = Predictive(logits.argmax(axis=-1), log_softmax(logits, axis=-1))
+    metrics = calibration_metrics(predictive, labels)
+    at_coverage = metrics.pop("accuracy_at_coverage")  # flat: the Trainer's loggers take numbers only
+    return {"accuracy": float((predictive.predictions == labels).mean()), **metrics,
+            **{f"accuracy_at_coverage_{c}": v for c, v in at_coverage.items()}}
+
+
+# ----------------------------------------------------------------------------- rank allocation
+
+
 class RankAllocationCallback(TrainerCallback):
     """AdaLoRA's rank allocation, driven by the Trainer (what peft otherwise leaves to a hand-written loop).
 
     - train begin: `total_step` := the Trainer's `max_steps` (peft's budget schedule reads it);
       a ValueError if `tinit` and `tfinal` leave no room for the budget to fall, or if
-      `load_best_model_at_end` is set (see below), rather than a failure after the last step.
+      `load_best_model_at_end` is set under a Trainer whose checkpoints are trimmed (see below),
+      rather than a failure after the last step.
     - after every optimizer step: `update_and_allocate(step)` with step = 1, 2, ..., max_steps. The hook
       is `on_optimizer_step`, which runs after `optimizer.step()` and before `zero_grad()`: the
       gradients that peft's sensitivity (`adalora`, `adalora-ivon`) reads are still there
@@ -78,16 +184,19 @@ class RankAllocationCallback(TrainerCallback):
       triplets may have regrown since the last mask; the last rank pattern is re-applied so that the
       model in memory equals what `save_pretrained` writes.
 
-    Checkpoints hold the adapter trimmed to the rank pattern of their step, which peft cannot load
-    back into the untrimmed model being trained: `resume_from_checkpoint` fails with a size mismatch,
-    and so would `load_best_model_at_end`, whatever the optimizer.
+    Under a stock `Trainer`, checkpoints hold the adapter trimmed to the rank pattern of their step,
+    which peft cannot load back into the untrimmed model being trained: `resume_from_checkpoint` and
+    `load_best_model_at_end` need `AdaLoraTrainer` or `IVONTrainer`, which set `untrimmed_checkpoints`.
     """
 
+    def __init__(self, untrimmed_checkpoints: bool = False):
+        self.untrimmed_checkpoints = untrimmed_checkpoints
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if args.load_best_model_at_end:
+        if args.load_best_model_at_end and not self.untrimmed_checkpoints:
             raise ValueError(
-                "load_best_model_at_end cannot work with AdaLoRA: checkpoints hold the adapter trimmed to "
-                "their rank pattern, which does not load back into the model being trained"
+                "load_best_model_at_end cannot work with AdaLoRA under a stock Trainer: its checkpoints hold the "
+                "adapter trimmed to their rank pattern; use bayes_adalora's AdaLoraTrainer or IVONTrainer"
             )
         tuner = adalora_tuner(model)
         config = tuner.peft_config[tuner.trainable_adapter_name]
@@ -100,35 +209,144 @@ class RankAllocationCallback(TrainerCallback):
         adalora_tuner(model).update_and_allocate(state.global_step + 1)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        tuner = adalora_tuner(model)
-        rank_pattern = tuner.peft_config[tuner.trainable_adapter_name].rank_pattern
-        if rank_pattern:
-            tuner.rankallocator.mask_using_rank_pattern(tuner.model, rank_pattern)
+        remask(adalora_tuner(model))
 
 
-class IVONTrainer(Trainer):
+def remask(tuner) -> None:
+    """Apply the tuner's rank pattern to its lambdas (a no-op before the first mask)."""
+    rank_pattern = tuner.peft_config[tuner.trainable_adapter_name].rank_pattern
+    if rank_pattern:
+        tuner.rankallocator.mask_using_rank_pattern(tuner.model, rank_pattern)
+
+
+class AdaLoraCheckpoints:
+    """A Trainer mixin: checkpoints of an AdaLoRA model that `resume_from_checkpoint` and
+    `load_best_model_at_end` read back.
+
+    A checkpoint holds the adapter untrimmed (at `init_r`, pruned triplets as zero lambdas; still a
+    valid peft adapter) and `adalora_state.pt`: peft's allocator state (its EMAs and rank pattern, as the
+    CLI's checkpoints keep them) and IVON's `current_step`, which its `state_dict` lacks. The Trainer
+    keeps the rest: optimizer and scheduler state, RNG states, the data position. `save_model` outside
+    checkpoints still writes the adapter trimmed to the final pattern.
+    """
+
+    untrimmed_save = False
+
+    def add_rank_allocation(self) -> None:
+        callbacks = [cb for cb in self.callback_handler.callbacks if isinstance(cb, RankAllocationCallback)]
+        if not callbacks:
+            callbacks = [RankAllocationCallback()]
+            self.add_callback(callbacks[0])
+        for callback in callbacks:
+            callback.untrimmed_checkpoints = True
+
+    @contextmanager
+    def untrimmed(self):
+        """peft trims the saved adapter to `rank_pattern`: without one, it saves every triplet."""
+        config = self.tuner.peft_config[self.tuner.trainable_adapter_name]
+        pattern, config.rank_pattern = config.rank_pattern, None
+        try:
+            yield
+        finally:
+            config.rank_pattern = pattern
+
+    @property
+    def tuner(self):
+        return adalora_tuner(self.model)
+
+    def _save_checkpoint(self, model, trial):
+        self.untrimmed_save = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.untrimmed_save = False
+
+    def _save(self, output_dir=None, state_dict=None):
+        if not self.untrimmed_save:
+            return super()._save(output_dir, state_dict)
+        with self.untrimmed():
+            return super()._save(output_dir, state_dict)
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:
+            optimizer = unwrap_optimizer(self.optimizer)
+            torch.save({"allocator": allocator_state(self.tuner),
+                        "ivon_current_step": getattr(optimizer, "current_step", None)},
+                       os.path.join(output_dir, ADALORA_STATE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        state = read_adalora_state(checkpoint)
+        load_allocator_state(self.tuner, state["allocator"])
+        if state["ivon_current_step"] is not None:
+            unwrap_optimizer(self.optimizer).current_step = state["ivon_current_step"]
+
+    def _load_best_model(self):
+        with self.untrimmed():  # peft would resize the live layers to the in-memory pattern before loading
+            super()._load_best_model()
+        # the best checkpoint's pattern: what its zero lambdas are, and what save_model trims to
+        state = read_adalora_state(self.state.best_model_checkpoint)
+        self.tuner.peft_config[self.tuner.trainable_adapter_name].rank_pattern = state["allocator"]["rank_pattern"]
+        remask(self.tuner)
+
+
+def read_adalora_state(checkpoint: str) -> dict:
+    path = os.path.join(checkpoint, ADALORA_STATE)
+    if not os.path.isfile(path):
+        raise ValueError(f"{checkpoint} has no {ADALORA_STATE}: it was not written by AdaLoraTrainer or IVONTrainer, "
+                         "and its adapter may be trimmed")
+    return torch.load(path, weights_only=True)
+
+
+def unwrap_optimizer(optimizer):
+    """The optimizer inside accelerate's `AcceleratedOptimizer` wrappers."""
+    while hasattr(optimizer, "optimizer") and not isinstance(optimizer, (ivon.IVON, torch.optim.AdamW)):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+class AdaLoraTrainer(AdaLoraCheckpoints, Trainer):
+    """A stock `Trainer` (its optimizer, AdamW by default) for a peft AdaLoRA model, with
+    `RankAllocationCallback` and checkpoints that resume (`AdaLoraCheckpoints`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        adalora_tuner(self.model)
+        self.add_rank_allocation()
+
+
+class IVONTrainer(AdaLoraCheckpoints, Trainer):
     """A `transformers.Trainer` that trains a peft AdaLoRA model with IVON (`bayes-adalora`, `adalora-ivon`).
 
-    Takes the Trainer's arguments plus `config`, a `TrainConfig` (default: `bayes-adalora`), of
-    which it reads `method`, `criterion`, the `ivon_*` settings and `train_mc_samples`. IVON's
-    learning rate is `args.learning_rate` and follows the Trainer's scheduler; its effective sample
-    size is `config.ivon_ess`, else the training-set size.
+    Takes the Trainer's arguments plus `ivon_args`, an `IVONArguments` (default: `bayes-adalora`), or
+    `config`, a `TrainConfig` whose same fields are read. The model is any peft AdaLoRA model, of any
+    task type. IVON's learning rate is `args.learning_rate` and follows the Trainer's scheduler; its
+    effective sample size is `ivon_ess`, else the training-set size.
 
     One optimizer step: for each micro-batch and each of `train_mc_samples` posterior samples,
     the loss (the micro-batch mean) is back-propagated at the sampled weights; IVON averages those
     gradients, so with equal micro-batches it steps on the batch's mean gradient whatever
     `gradient_accumulation_steps` is. Evaluation and saving use the posterior mean.
 
-    Gradient clipping does not apply (IVON clips its own update, `ivon_clip_radius`): a nonzero
-    `max_grad_norm` is set to 0 with a warning. Refused: fp16 (its loss scaling changes the gradients
-    IVON reads; use bf16 or fp32) and more than one process or device (IVON's noise and Hessian
-    would differ between processes).
+    Several processes (`torchrun`, DDP): every process samples the same noise (the Trainer seeds them
+    alike), DDP averages the gradients and IVON runs with `sync=True`, so all hold the same posterior and
+    mask the same triplets. Gradient clipping does not apply (IVON clips its own update,
+    `ivon_clip_radius`): a nonzero `max_grad_norm` is set to 0 with a warning. Refused: fp16 (its loss
+    scaling changes the gradients IVON reads; use bf16 or fp32), DeepSpeed and several devices in one
+    process (DataParallel).
     """
 
-    def __init__(self, *args, config: TrainConfig | None = None, **kwargs):
+    def __init__(self, *args, ivon_args: IVONArguments | None = None, config: TrainConfig | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.train_config = config if config is not None else TrainConfig()
-        method = self.train_config.method
+        if ivon_args is not None and config is not None:
+            raise ValueError("give IVONTrainer ivon_args or config, not both")
+        if config is not None:
+            ivon_args = IVONArguments.from_train_config(config)
+        self.ivon_args = ivon_args if ivon_args is not None else IVONArguments()
+        method = self.ivon_args.method
         if method not in IVON_METHODS:
             raise ValueError(f"IVONTrainer trains {' or '.join(IVON_METHODS)}, not {method!r}")
         adalora_tuner(self.model)
@@ -136,10 +354,8 @@ class IVONTrainer(Trainer):
             raise ValueError(
                 "IVONTrainer cannot use fp16: its loss scaling changes the gradients IVON reads; use bf16 or fp32"
             )
-        if self.args.world_size > 1 or self.args.n_gpu > 1 or self.args.deepspeed:
-            raise ValueError(
-                "IVONTrainer runs in one process on one device: IVON's samples would differ between processes"
-            )
+        if self.args.n_gpu > 1 or self.args.deepspeed:
+            raise ValueError("IVONTrainer runs one device per process (torchrun), not DataParallel or DeepSpeed")
         if self.args.max_grad_norm:
             warnings.warn(
                 "IVON does not use gradient clipping (it clips its own update): "
@@ -153,40 +369,39 @@ class IVONTrainer(Trainer):
                 "lr * clip((m + wd mu) / (h + wd)), and bayes-adalora's default lr is 3.0",
                 stacklevel=2,
             )
-        if not any(isinstance(cb, RankAllocationCallback) for cb in self.callback_handler.callbacks):
-            self.add_callback(RankAllocationCallback())
+        self.add_rank_allocation()
 
     @property
     def ivon_optimizer(self):
         """The IVON instance behind the Trainer's optimizer (which accelerate wraps in `AcceleratedOptimizer`)."""
-        optimizer = self.optimizer
-        while optimizer is not None and not isinstance(optimizer, ivon.IVON):
-            optimizer = getattr(optimizer, "optimizer", None)
-        if optimizer is None:
-            raise ValueError(f"IVONTrainer needs an ivon.IVON optimizer, got {type(self.optimizer).__name__}")
+        optimizer = unwrap_optimizer(self.optimizer)
+        if not isinstance(optimizer, ivon.IVON):
+            raise ValueError(f"IVONTrainer needs an ivon.IVON optimizer, got {type(optimizer).__name__}")
         return optimizer
 
     def ivon_ess(self) -> float:
-        if self.train_config.ivon_ess is not None:
-            return float(self.train_config.ivon_ess)
+        if self.ivon_args.ivon_ess is not None:
+            return float(self.ivon_args.ivon_ess)
         try:
             return float(len(self.train_dataset))
         except TypeError as exc:
-            raise ValueError("the training set has no length: set TrainConfig.ivon_ess") from exc
+            raise ValueError("the training set has no length: set IVONArguments.ivon_ess") from exc
 
     def create_optimizer(self, model=None):
-        """IVON over the trainable parameters (unless one was passed in); for bayes-adalora, the posterior
-        allocator; the fast path where the config asks for it (`build.use_fast_path`)."""
+        """IVON over the trainable parameters (unless one was passed in), with `sync=True` under several
+        processes; for bayes-adalora, the posterior allocator; the fast path where the arguments ask for
+        it (`build.use_fast_path`)."""
+        settings = self.ivon_args.train_config(lr=self.args.learning_rate)
         if self.optimizer is None:
-            settings = dataclasses.replace(self.train_config, lr=self.args.learning_rate)
-            self.optimizer = make_optimizer(model if model is not None else self.model, settings, self.ivon_ess())
+            self.optimizer = make_optimizer(model if model is not None else self.model, settings, self.ivon_ess(),
+                                            sync=self.args.world_size > 1)
         optimizer = self.ivon_optimizer
         tuner = adalora_tuner(self.model)
-        if self.train_config.method_spec.allocator == "posterior":
+        if get_method(self.ivon_args.method).reads_posterior:
             allocator = tuner.rankallocator
             if not (isinstance(allocator, PosteriorRankAllocator) and allocator.optimizer is optimizer):
-                install_allocator(self.model, self.train_config.method, optimizer, self.train_config.criterion)
-        use_fast_path(self.model, self.train_config, optimizer)  # a model or an IVON passed in: fast path too
+                install_allocator(self.model, self.ivon_args.method, optimizer, self.ivon_args.criterion)
+        use_fast_path(self.model, settings, optimizer)  # a model or an IVON passed in: fast path too
         return self.optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -205,7 +420,7 @@ class IVONTrainer(Trainer):
             self.accelerator.backward(loss)
             return loss
 
-        step = IVONStep(self.ivon_optimizer, self.train_config.train_mc_samples)
+        step = IVONStep(self.ivon_optimizer, self.ivon_args.train_mc_samples)
         return step.gradients(forward_backward) / self.current_gradient_accumulation_steps
 
 
@@ -217,8 +432,8 @@ def make_trainer(model, train_dataset, eval_dataset, config: TrainConfig, traini
     and the padding collator the `data_collator` unless given; modules the checkpoint lacks are
     trained in full and saved), or a model object for sequence classification (only its head is then
     trained in full). The adapter's default `tinit`, `tfinal` and `delta_t` scale with the Trainer's
-    step count. Returns an `IVONTrainer` for IVON methods, else a `transformers.Trainer` (AdamW from
-    `training_args`), with `RankAllocationCallback` for every AdaLoRA method.
+    step count. Returns an `IVONTrainer` for IVON methods, an `AdaLoraTrainer` (AdamW from
+    `training_args`) for `adalora`, else a `transformers.Trainer`.
     """
     set_seed(training_args.seed)  # the new head and the adapter start from the run's seed
     if isinstance(model, str):
@@ -233,5 +448,5 @@ def make_trainer(model, train_dataset, eval_dataset, config: TrainConfig, traini
     if config.uses_ivon:
         return IVONTrainer(**common, config=config, **trainer_kwargs)
     if config.uses_adalora:
-        trainer_kwargs["callbacks"] = [*(trainer_kwargs.get("callbacks") or []), RankAllocationCallback()]
+        return AdaLoraTrainer(**common, **trainer_kwargs)
     return Trainer(**common, **trainer_kwargs)

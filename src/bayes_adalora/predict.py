@@ -3,6 +3,7 @@ IVON's posterior, and the metrics of both. Used by training's evaluations and by
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 
 import torch
@@ -87,6 +88,31 @@ def evaluate_sampled(model: nn.Module, loaders: dict, spec: TaskSpec, device, au
     for split, (draws, labels) in predict_sampled(model, loaders, device, autocast, sigma, samples, seed).items():
         out.update(predictive_metrics(spec, split, mc_predictive(spec, draws.numpy()), labels.numpy()))
     return {**out, "samples": samples}
+
+
+@torch.no_grad()
+def posterior_predictive(model: nn.Module, optimizer, inputs: dict, samples: int = 16, seed: int = 0) -> torch.Tensor:
+    """Class probabilities of IVON's posterior predictive for one batch, for a training loop of your own:
+    p(y | x) = (1/K) sum_k softmax(f(x; theta_k)), theta_k = mu + sigma * eps_k, over K = `samples` draws.
+
+    `model` holds the posterior mean (the trained weights), `optimizer` is its IVON; `inputs` are the
+    model's keyword inputs (labels, if any, are ignored). Pruned AdaLoRA triplets stay pruned in every
+    draw (`posterior_draw`); eps is drawn from a CPU generator seeded with `seed`. Returns a tensor
+    shaped like the logits (N, C), or (N, T, V) for a causal LM; the model is in eval mode meanwhile.
+    """
+    sigma = named_posterior_sigma(model, optimizer)
+    generator = torch.Generator().manual_seed(seed)
+    inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    was_training = model.training
+    model.eval()
+    log_probs = []
+    try:
+        for _ in range(samples):
+            with posterior_draw(model, sigma, generator):
+                log_probs.append(torch.log_softmax(model(**inputs).logits.double(), dim=-1))
+    finally:
+        model.train(was_training)
+    return (torch.logsumexp(torch.stack(log_probs), dim=0) - math.log(samples)).exp().float()
 
 
 def named_posterior_sigma(model: nn.Module, optimizer) -> dict[str, torch.Tensor]:

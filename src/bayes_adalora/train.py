@@ -35,6 +35,7 @@ from .errors import TrainingDiverged, UserError
 from .models import LABELS_FILE, default_model_path, label_maps, load_model
 from .predict import evaluate, evaluate_sampled, named_posterior_sigma
 from .run_folder import check_output_dir, write_json, write_outputs
+from .trackers import sigma_statistics, start_tracker
 
 Figures = Callable[[Path], object]  # draws a finished run folder's figures into it (`plots.plot_run`)
 
@@ -195,6 +196,7 @@ def train(config: TrainConfig, figures: Figures | None = None) -> dict:
         shutil.rmtree(out / CHECKPOINTS)  # --overwrite (checked above): the old run's checkpoints go
 
     history = done.history
+    tracker = start_tracker(config.report_to, out, planned_config(config, plan)) if procs.is_main else None
     bar = tqdm(total=plan.total_steps, initial=done.step, disable=not (config.progress and procs.is_main),
                desc=f"{config.method} {spec.name}", dynamic_ncols=True)
     while done.step < plan.total_steps:
@@ -219,11 +221,16 @@ def train(config: TrainConfig, figures: Figures | None = None) -> dict:
             if reason:
                 raise diverged(out, step, reason, first_bad=step - 1, procs=procs)
 
-            budget = allocator.budget_schedule(step)[0] if allocator is not None else None
+            budget, allocated = allocator.budget_schedule(step) if allocator is not None else (None, False)
             lr_now = optimizer.param_groups[0]["lr"]
             history["loss"].append(loss)
             history["lr"].append(lr_now)
             history["budget"].append(budget)
+            if tracker is not None:
+                allocated = allocated and step <= plan.total_steps - plan.tfinal and config.uses_ivon
+                sigma = sigma_statistics(named_posterior_sigma(model, optimizer)) if allocated else {}
+                tracker.log({"train/loss": loss, "train/lr": lr_now,
+                             **({"train/rank_budget": budget} if budget is not None else {}), **sigma}, step=step)
             bar.update(1)
             if step % 10 == 0 or step == plan.total_steps:
                 bar.set_postfix({"loss": f"{loss:.4f}", "lr": f"{lr_now:.3g}",
@@ -235,6 +242,8 @@ def train(config: TrainConfig, figures: Figures | None = None) -> dict:
                 history["eval"].append({"step": step, **done.final})
                 if not done.best or score(done.final[spec.main_metric_name]) > score(done.best[spec.main_metric_name]):
                     done.best = {**done.final, "step": step}
+                if tracker is not None:
+                    tracker.log({f"eval/{spec.main_metric_name}": done.final[spec.main_metric_name]}, step=step)
             if config.save_steps and step % config.save_steps == 0 and step < plan.total_steps:
                 # every process checks (they hold the same weights), so all stop together
                 if not finite_state(model, optimizer):
@@ -257,6 +266,8 @@ def train(config: TrainConfig, figures: Figures | None = None) -> dict:
                 break
         done.batch_in_epoch = 0
     bar.close()
+    if tracker is not None:
+        tracker.finish()
     if not finite_state(model, optimizer):  # the last update is checked too, before anything is written
         raise diverged(out, done.step, "the weights are not finite after the last update", first_bad=done.step,
                        procs=procs)

@@ -1,0 +1,60 @@
+"""Experiment trackers for the CLI's runs (`--report-to`), through accelerate's tracker classes:
+TensorBoard (offline, into OUTPUT_DIR/tensorboard), Weights & Biases, MLflow.
+
+What a run logs: every step `train/loss`, `train/lr` and `train/rank_budget`; at each evaluation the
+main dev metric `eval/<name>`; at each allocation step IVON's posterior sigma per AdaLoRA factor,
+`sigma/<P|lambda|Q>/{p01,median,p99}` (the 1st percentile, median and 99th percentile over every
+entry of that factor in the model).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .adapters import parameter_module
+from .errors import UserError
+
+FACTOR_TAGS = {"P": "P", "λ": "lambda", "Q": "Q"}  # adapters.parameter_module's roles -> tag names
+PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def sigma_statistics(sigma: dict[str, torch.Tensor]) -> dict[str, float]:
+    """{"sigma/<factor>/{p01,median,p99}": value} over the posterior sigma of every P, lambda and Q entry."""
+    by_factor: dict[str, list[np.ndarray]] = {}
+    for name, values in sigma.items():
+        role = parameter_module(name)[1]
+        if role in FACTOR_TAGS:
+            by_factor.setdefault(FACTOR_TAGS[role], []).append(values.detach().float().cpu().reshape(-1).numpy())
+    out = {}
+    for factor, chunks in by_factor.items():
+        p01, median, p99 = np.percentile(np.concatenate(chunks), [1, 50, 99])
+        out.update({f"sigma/{factor}/p01": float(p01), f"sigma/{factor}/median": float(median),
+                    f"sigma/{factor}/p99": float(p99)})
+    return out
+
+
+def start_tracker(kind: str, output_dir: Path, config: dict):
+    """An accelerate tracker for `kind` (None for "none"), its run named after the output folder, holding
+    the run's resolved configuration; a missing package is refused in one sentence."""
+    if kind == "none":
+        return None
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+    from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_wandb_available
+
+    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available, "mlflow": is_mlflow_available}
+    if not available[kind]():
+        raise UserError(f"--report-to {kind} needs the {PACKAGES[kind]} package: pip install {PACKAGES[kind]}")
+    run_name = Path(output_dir).name
+    if kind == "tensorboard":
+        tracker = LOGGER_TYPE_TO_CLASS[kind](run_name, Path(output_dir) / "tensorboard")
+    elif kind == "mlflow":
+        tracker = LOGGER_TYPE_TO_CLASS[kind](experiment_name=run_name)
+    else:
+        tracker = LOGGER_TYPE_TO_CLASS[kind](run_name)
+    tracker.start()
+    tracker.store_init_configuration({k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                      for k, v in config.items()})
+    return tracker

@@ -1,0 +1,51 @@
+"""`--report-to tensorboard`: loss, lr, rank budget, the main metric and IVON's sigma statistics, offline."""
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from bayes_adalora.cli import main
+
+event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+
+
+def test_tensorboard_gets_the_history_and_sigma_percentiles_at_allocation_steps(tmp_path, glue_dir, tiny_deberta,
+                                                                                capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--task", "sst2", "--data-dir", str(glue_dir), "--model", str(tiny_deberta),
+                 "--max-steps", "6", "--batch-size", "16", "--max-length", "32", "--init-r", "4", "--target-r", "2",
+                 "--tinit", "2", "--tfinal", "0", "--delta-t", "2", "--eval-steps", "3", "--no-progress", "--no-plots",
+                 "--report-to", "tensorboard", "--output-dir", str(out)]) == 0
+    logs = next((out / "tensorboard" / "run").glob("events.out.tfevents.*")).parent
+    events = event_accumulator.EventAccumulator(str(logs)).Reload()
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    history = json.loads((out / "history.json").read_text())
+    assert scalars["train/loss"] == [(s, pytest.approx(v, rel=1e-6)) for s, v in enumerate(history["loss"], 1)]
+    assert scalars["train/lr"] == [(s, pytest.approx(v, rel=1e-6)) for s, v in enumerate(history["lr"], 1)]
+    assert scalars["train/rank_budget"] == [(s, v) for s, v in enumerate(history["budget"], 1)]
+    assert scalars["eval/accuracy"] == [(e["step"], pytest.approx(e["accuracy"], rel=1e-6)) for e in history["eval"]]
+    # allocation steps: after tinit, every delta_t steps (peft's budget schedule): 4 and 6
+    assert [s for s, _ in scalars["sigma/lambda/median"]] == [4, 6]
+    # at the last step, the percentiles of the sigma the run saved, computed here with numpy
+    sigma = load_file(out / "posterior.safetensors")
+    for factor, key in (("P", "lora_B"), ("lambda", "lora_E"), ("Q", "lora_A")):
+        values = np.concatenate([v.numpy().ravel() for k, v in sigma.items()
+                                 if f".{key}." in k and k.endswith(".sigma")])
+        for tag, q in (("p01", 1), ("median", 50), ("p99", 99)):
+            assert scalars[f"sigma/{factor}/{tag}"][-1] == (6, pytest.approx(np.percentile(values, q), rel=1e-5))
+    assert scalars["sigma/P/p01"][-1][1] < scalars["sigma/P/p99"][-1][1]
+
+
+def test_a_tracker_whose_package_is_missing_is_refused_in_one_sentence(tmp_path, glue_dir, tiny_deberta, capsys,
+                                                                       monkeypatch):
+    import accelerate.utils
+
+    monkeypatch.setattr(accelerate.utils, "is_wandb_available", lambda: False)
+    out = tmp_path / "run"
+    assert main(["train", "--task", "sst2", "--data-dir", str(glue_dir), "--model", str(tiny_deberta),
+                 "--max-steps", "2", "--no-progress", "--report-to", "wandb", "--output-dir", str(out)]) == 2
+    expected = "bayes-adalora: error: --report-to wandb needs the wandb package: pip install wandb\n"
+    assert capsys.readouterr().err == expected
+    assert not out.exists()
