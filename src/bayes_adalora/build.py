@@ -18,9 +18,10 @@ from .adapters import PAPER_LAMBDA_STD, init_lambdas_normal
 from .config import DEVICE, TrainConfig, adalora_phases
 from .errors import UserError
 from .fast_adalora import enable_fast_model, enable_fast_optimizer
-from .models import plan_adapter_modules, target_module_suffixes
+from .models import FAN_IN_FAN_OUT_TYPES, plan_adapter_modules, target_module_suffixes
 from .schedules import constant_warmup, linear_warmup_decay, two_phase
 from .steps import make_step
+from .tasks import get_task
 
 
 def resolve_device(name: str) -> torch.device:
@@ -64,8 +65,9 @@ def build_adapter_model(model: nn.Module, config: TrainConfig, total_steps: int,
     suffixes = target_module_suffixes(model.config.model_type, config.target_modules)
     targets, trained_in_full = plan_adapter_modules(model, suffixes, fresh)
     common = dict(
-        task_type=TaskType.SEQ_CLS, target_modules=targets, modules_to_save=trained_in_full,
-        lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        task_type=TaskType(get_task(config.task).peft_task_type), target_modules=targets,
+        modules_to_save=trained_in_full, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        fan_in_fan_out=model.config.model_type in FAN_IN_FAN_OUT_TYPES,
     )
     if adapter == "lora":
         peft_config = LoraConfig(r=config.lora_r, **common)

@@ -1,4 +1,5 @@
-"""The one place that knows each GLUE task: its files, text columns, labels and official metrics."""
+"""The one place that knows each task: a GLUE task's files, text columns, labels and official metrics,
+and the decoder-LM tasks (causal-LM tuning, multiple-choice scoring) with theirs."""
 
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ class TaskSpec:
     label_range: tuple[float, float] = (-math.inf, math.inf)  # regression: the scores a label may take
     dev_splits: tuple[str, ...] = ("dev",)
     hub_dev_splits: tuple[str, ...] = ("validation",)
+
+    higher_is_better = True  # of the main metric (class attributes: not fields)
+    peft_task_type = "SEQ_CLS"  # peft's TaskType of the adapter
 
     @property
     def is_regression(self) -> bool:
@@ -174,9 +178,47 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
-def get_task(name: str) -> TaskSpec:
-    """The spec of GLUE task `name` (case-insensitive; 'sst-2' and 'sts-b' are accepted too)."""
+@dataclass(frozen=True)
+class LMTaskSpec:
+    """A task for a decoder LM, read from the user's --train-file / --validation-file (one dev split).
+
+    causal-lm: the mean negative log-likelihood per completion token ("nll", the main metric, lower
+    is better) and its exp, "perplexity". multiple-choice: "accuracy" of the best-scored choice, plus
+    the calibration metrics of classification over the softmax of the choices' scores.
+    """
+
+    name: str
+    metrics: tuple[str, ...]
+    main_metric: str
+    higher_is_better: bool
+    dev_splits: tuple[str, ...] = ("dev",)
+    peft_task_type = "CAUSAL_LM"
+    is_regression = False  # multiple choice is a classification over the choices
+    num_labels = 0  # no classification head
+
+    def metric_name(self, split: str, metric: str) -> str:
+        return metric
+
+    def metric_names(self) -> list[str]:
+        return list(self.metrics)
+
+    @property
+    def main_metric_name(self) -> str:
+        return self.main_metric
+
+
+CAUSAL_LM = LMTaskSpec(name="causal-lm", metrics=("nll", "perplexity"), main_metric="nll", higher_is_better=False)
+MULTIPLE_CHOICE = LMTaskSpec(name="multiple-choice", metrics=("accuracy",), main_metric="accuracy",
+                             higher_is_better=True)
+LM_TASKS: dict[str, LMTaskSpec] = {spec.name: spec for spec in (CAUSAL_LM, MULTIPLE_CHOICE)}
+
+
+def get_task(name: str) -> TaskSpec | LMTaskSpec:
+    """The spec of task `name`: a GLUE task (case-insensitive; 'sst-2' and 'sts-b' are accepted too), or
+    'causal-lm' / 'multiple-choice'."""
+    if name.lower() in LM_TASKS:
+        return LM_TASKS[name.lower()]
     key = name.lower().replace("-", "")
     if key not in TASKS:
-        raise UserError(f"unknown task {name!r}: choose one of {', '.join(TASKS)}")
+        raise UserError(f"unknown task {name!r}: choose one of {', '.join([*TASKS, *LM_TASKS])}")
     return TASKS[key]
