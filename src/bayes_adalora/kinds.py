@@ -30,6 +30,8 @@ from .lm_data import (
 )
 from .lm_predict import (
     ChoiceSplit,
+    choice_rows,
+    completion_rows,
     evaluate_causal_lm,
     evaluate_causal_lm_sampled,
     evaluate_choices,
@@ -130,6 +132,10 @@ class CausalLMKind:
     def evaluate_sampled(self, model, loaders: dict, device, autocast, sigma, samples: int, seed: int) -> dict:
         return evaluate_causal_lm_sampled(model, loaders, self.spec, device, autocast, sigma, samples, seed)
 
+    def prediction_rows(self, model, loader, dataset, device, autocast, sigma=None, samples: int = 0, seed: int = 0):
+        """(header, rows) of `evaluate --predictions`: one row per example of `dataset`."""
+        return completion_rows(model, loader, device, autocast, sigma, samples, seed)
+
 
 class ChoiceKind(CausalLMKind):
     """Multiple choice: trained on each question's right answer as a completion (no EOS: the answer is
@@ -153,6 +159,9 @@ class ChoiceKind(CausalLMKind):
 
     def evaluate_sampled(self, model, loaders: dict, device, autocast, sigma, samples: int, seed: int) -> dict:
         return evaluate_choices_sampled(model, loaders, self.spec, device, autocast, sigma, samples, seed)
+
+    def prediction_rows(self, model, loader, dataset, device, autocast, sigma=None, samples: int = 0, seed: int = 0):
+        return choice_rows(model, loader, dataset.choices, self.spec, device, autocast, sigma, samples, seed)
 
 
 def task_kind(task: str) -> ClassifierKind | CausalLMKind | ChoiceKind:

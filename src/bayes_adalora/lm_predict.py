@@ -121,3 +121,34 @@ def evaluate_choices_sampled(model: nn.Module, splits: dict[str, ChoiceSplit], s
     for name, draws in sampled_choice_scores(model, splits, device, autocast, sigma, samples, seed).items():
         out.update(predictive_metrics(spec, name, mc_predictive(spec, draws), splits[name].answers))
     return {**out, "samples": samples}
+
+
+# ----------------------------------------------------------------------------- one row per example
+
+
+def completion_rows(model, loader, device, autocast, sigma=None, samples: int = 0, seed: int = 0):
+    """(header, rows): per example its index, completion tokens and mean NLL per token; with `samples`
+    draws the posterior predictive's (-mean_t log (1/K) sum_k p_k)."""
+    if samples:
+        draws = sampled_token_log_probs(model, {"dev": loader}, device, autocast, sigma, samples, seed)["dev"]
+        per_example = [mc_token_log_probs(np.stack([d[i].double().numpy() for d in draws]))
+                       for i in range(len(draws[0]))]
+    else:
+        per_example = [t.double().numpy() for t in sequence_log_probs(model, loader, device, autocast)]
+    return ["index", "tokens", "nll"], [[i, len(t), float(-t.mean())] for i, t in enumerate(per_example)]
+
+
+def choice_rows(model, split: ChoiceSplit, choices: list[list[str]], spec: LMTaskSpec, device, autocast,
+                sigma=None, samples: int = 0, seed: int = 0):
+    """(header, rows): per question its index, the predicted choice's index and text and its probability;
+    with `samples` draws the posterior predictive's, and the std over draws of that probability."""
+    if samples:
+        draws = sampled_choice_scores(model, {"dev": split}, device, autocast, sigma, samples, seed)["dev"]
+        predictive = mc_predictive(spec, draws)
+    else:
+        predictive = point_predictive(spec, choice_scores(model, split, device, autocast))
+    header = ["index", "prediction", "choice", "probability"] + (["predictive_std"] if samples else [])
+    rows = []
+    for i, (k, p) in enumerate(zip(predictive.predictions, predictive.confidence)):
+        rows.append([i, int(k), choices[i][int(k)], float(p)] + ([float(predictive.std[i])] if samples else []))
+    return header, rows
