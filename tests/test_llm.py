@@ -243,3 +243,33 @@ def test_a_quantized_base_is_refused_off_cuda(tiny_lms, lm_data, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "needs a CUDA device" in err[0], err
     assert not (out / "results.json").exists()
+
+
+def test_the_trainer_integration_tunes_a_causal_lm(tiny_lms, lm_data, tmp_path):
+    """make_trainer loads a causal LM for --task causal-lm and pads with the completion collator; IVON
+    trains it and the saved adapter is a CAUSAL_LM adapter that stock peft reads back."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+
+    from bayes_adalora import TrainConfig
+    from bayes_adalora.hf_trainer import IVONTrainer, make_trainer
+    from bayes_adalora.lm_data import encode_completions, read_completion_file
+
+    base = tiny_lms["llama"]
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    train_set = encode_completions(read_completion_file(lm_data / "causal-lm-train.jsonl"), tokenizer, 32, eos=True)
+    args = TrainingArguments(output_dir=str(tmp_path / "t"), report_to=[], use_cpu=True, save_strategy="no",
+                             logging_strategy="no", per_device_train_batch_size=16, learning_rate=30.0,
+                             max_grad_norm=0.0, max_steps=6, disable_tqdm=True)
+    trainer = make_trainer(str(base), train_set, None, TrainConfig(task="causal-lm"), args)
+    assert isinstance(trainer, IVONTrainer)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "adapter"))
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["task_type"] == "CAUSAL_LM" and saved["peft_type"] == "ADALORA"
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "adapter").eval()
+    ids = torch.tensor([train_set[0]["input_ids"]])
+    trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, trainer.model(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-6)

@@ -20,16 +20,15 @@ import math
 import warnings
 
 import ivon
-from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from .adapters import adalora_tuner
 from .allocator import PosteriorRankAllocator, install_allocator
 from .build import build_trainable_model, make_optimizer, use_fast_path
 from .config import TrainConfig
+from .kinds import task_kind
 from .methods import IVON_METHODS
-from .models import load_model
 from .steps import IVONStep
-from .tasks import get_task
 
 # Below this, a learning rate is on AdamW's scale: IVON's step is lr * clip((m + wd mu) / (h + wd)).
 IVON_LR_WARN_BELOW = 1e-2
@@ -213,18 +212,20 @@ def make_trainer(model, train_dataset, eval_dataset, config: TrainConfig, traini
                  **trainer_kwargs) -> Trainer:
     """A Trainer for `config.method`, with the adapter model built as the CLI builds it.
 
-    `model`: a name or path (loaded for `config.task`; the tokenizer becomes the `processing_class`
-    and the padding collator the `data_collator` unless given; modules the checkpoint lacks are
-    trained in full and saved), or a model object for sequence classification (only its head is then
-    trained in full). The adapter's default `tinit`, `tfinal` and `delta_t` scale with the Trainer's
-    step count. Returns an `IVONTrainer` for IVON methods, else a `transformers.Trainer` (AdamW from
-    `training_args`), with `RankAllocationCallback` for every AdaLoRA method.
+    `model`: a name or path (loaded for `config.task`, a causal LM for causal-lm and multiple-choice; the
+    tokenizer becomes the `processing_class` and the task's padding collator the `data_collator` unless
+    given; modules the checkpoint lacks are trained in full and saved), or a model object (for sequence
+    classification only its head is then trained in full). The adapter's default `tinit`, `tfinal` and
+    `delta_t` scale with the Trainer's step count. Returns an `IVONTrainer` for IVON methods, else a
+    `transformers.Trainer` (AdamW from `training_args`), with `RankAllocationCallback` for every AdaLoRA
+    method.
     """
     set_seed(training_args.seed)  # the new head and the adapter start from the run's seed
     if isinstance(model, str):
-        tokenizer, model, fresh = load_model(model, get_task(config.task), config.trust_remote_code)
+        kind = task_kind(config.task)  # a classifier, or a causal LM for causal-lm and multiple-choice
+        tokenizer, model, fresh = kind.load_model(model, config, training_args.device)
         trainer_kwargs.setdefault("processing_class", tokenizer)
-        trainer_kwargs.setdefault("data_collator", DataCollatorWithPadding(tokenizer))
+        trainer_kwargs.setdefault("data_collator", kind.collator(tokenizer))
     else:
         fresh = set()
     n_examples = len(train_dataset) if hasattr(train_dataset, "__len__") else None

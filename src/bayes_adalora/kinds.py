@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from transformers import DataCollatorWithPadding
 
 from .config import TrainConfig, data_dir_of
 from .data import TaskData, encode, load_task_data, make_loader
@@ -23,6 +24,7 @@ from .errors import UserError
 from .lm_data import (
     ChoiceDataset,
     CompletionDataset,
+    PadCompletions,
     completion_loader,
     encode_completions,
     read_choice_file,
@@ -73,6 +75,10 @@ class ClassifierKind:
     def load_model(self, name: str, config: TrainConfig, device: torch.device):
         return load_model(name, self.spec, config.trust_remote_code)
 
+    def collator(self, tokenizer):
+        """Pads a batch of encoded examples (the Trainer integration's default `data_collator`)."""
+        return DataCollatorWithPadding(tokenizer)
+
     def train_loader(self, data, tokenizer, config: TrainConfig, min_last: int):
         return make_loader(encode(data.train, tokenizer, config.max_length), tokenizer, config.batch_size, True,
                            config.seed, min_last=min_last)
@@ -104,6 +110,9 @@ class CausalLMKind:
         --max-train-samples / --max-eval-samples."""
         if config.train_file is None or config.validation_file is None:
             raise UserError(f"--task {self.spec.name} reads your own data: give --train-file and --validation-file")
+        if config.data_dir:
+            raise UserError(f"--data-dir names a GLUE folder; --task {self.spec.name} reads --train-file and "
+                            f"--validation-file")
         if config.text_columns or config.label_column:
             raise UserError(f"--text-columns and --label-column are for classification; --task {self.spec.name} "
                             f"reads fixed columns (see README)")
@@ -114,6 +123,10 @@ class CausalLMKind:
     def load_model(self, name: str, config: TrainConfig, device: torch.device):
         frozen_bf16 = config.bf16 and device.type == "cuda" and config.method_spec.adapter is not None
         return load_causal_lm(name, config.trust_remote_code, device, config.load_in, bf16_base=frozen_bf16)
+
+    def collator(self, tokenizer) -> PadCompletions:
+        """Pads a batch of `encode_completions` examples (the Trainer integration's default `data_collator`)."""
+        return PadCompletions(tokenizer.pad_token_id)
 
     def training_sequences(self, train) -> CompletionDataset:
         return train
