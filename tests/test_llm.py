@@ -180,6 +180,11 @@ def test_multiple_choice_posterior_predictive_and_evaluate(tiny_lms, lm_data, tm
                for r, w in zip(table, tiny_lm.WORDS)]
     assert np.mean(correct) == metrics["mc"]["accuracy"]
 
+    from bayes_adalora.plots import plot_run
+
+    drawn = {Path(p).name for p in plot_run(out)}
+    assert {"ranks.png", "training.png", "sigma.png"} <= drawn
+
 
 @pytest.mark.parametrize("method", ["full", "lora", "adalora-ivon", "bayes-adalora"])
 def test_every_method_trains_gpt2_and_evaluate_gives_back_its_metrics(method, tiny_lms, lm_data, tmp_path, capsys):
@@ -273,3 +278,29 @@ def test_the_trainer_integration_tunes_a_causal_lm(tiny_lms, lm_data, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, trainer.model(input_ids=ids).logits,
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_completions_are_cut_from_the_prompt_start_and_label_the_completion_only():
+    from bayes_adalora.lm_data import CompletionDataset, encode_completions, fit_to_length
+
+    assert fit_to_length([1, 2, 3], [7, 8], 5) == ([1, 2, 3], [7, 8])
+    assert fit_to_length([1, 2, 3], [7, 8], 4) == ([2, 3], [7, 8])  # the prompt's start goes first
+    assert fit_to_length([1, 2, 3], [7, 8, 9, 10], 3) == ([3], [7, 8])  # one token of context is kept
+    assert fit_to_length([], [7, 8, 9], 2) == ([], [7, 8])
+    tokenizer = tiny_lm.build_tokenizer()
+    ids = {w: i for i, w in enumerate(tiny_lm.VOCAB)}
+    data = CompletionDataset(["what is w3", ""], [" red", "the color ."], "test")
+    first, text = encode_completions(data, tokenizer, 32, eos=True)
+    assert first["input_ids"] == [ids["<s>"], ids["what"], ids["is"], ids["w3"], ids["red"], ids["</s>"]]
+    assert first["labels"] == [-100] * 4 + [ids["red"], ids["</s>"]]
+    assert text["labels"] == [-100, ids["the"], ids["color"], ids["."], ids["</s>"]]  # <s> is the prompt
+
+
+def test_posterior_predictive_token_probability_by_hand():
+    from bayes_adalora.lm_metrics import mc_token_log_probs, token_nll_metrics
+
+    p = np.array([[0.5, 0.1], [0.25, 0.3]])  # two draws, two tokens
+    assert np.allclose(mc_token_log_probs(np.log(p)), np.log([0.375, 0.2]))
+    got = token_nll_metrics(np.log([0.375, 0.2]))
+    assert got["nll"] == pytest.approx(-(math.log(0.375) + math.log(0.2)) / 2) and got["tokens"] == 2
+    assert got["perplexity"] == pytest.approx(1 / math.sqrt(0.375 * 0.2))

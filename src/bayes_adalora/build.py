@@ -35,6 +35,13 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def on_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model` moved to `device`; a base quantized by bitsandbytes (--load-in) was loaded there and refuses `.to`."""
+    if getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False):
+        return model
+    return model.to(device)
+
+
 def fast_path_applies(config: TrainConfig) -> bool:
     """The fast path is asked for (`--fast-path`, the default) and the method has AdaLoRA's adapter."""
     return config.fast_path and config.uses_adalora

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .adapters import POSTERIOR_FILE, load_adapter_weights
-from .build import build_adapter_model, resolve_device
+from .build import build_adapter_model, on_device, resolve_device
 from .config import check_field, config_fields
 from .data import (
     TextDataset,
@@ -63,7 +63,7 @@ def load_run_model(run: SavedRun, device: torch.device):
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise UserError(f"the weights saved in {run.folder} are not finite (NaN or inf): the run diverged; "
                         f"train it again with a lower --lr")
-    return tokenizer, model.to(device).eval()
+    return tokenizer, on_device(model, device).eval()
 
 
 def check_posterior(run: SavedRun) -> None:

@@ -26,7 +26,15 @@ from transformers import set_seed
 
 from .adapters import POSTERIOR_FILE, adapter_ranks, posterior_state_dict
 from .allocator import CorrelationLog, install_allocator
-from .build import build_trainable_model, lr_multiplier, make_optimizer, make_training_step, resolve_device, set_peak_lr
+from .build import (
+    build_trainable_model,
+    lr_multiplier,
+    make_optimizer,
+    make_training_step,
+    on_device,
+    resolve_device,
+    set_peak_lr,
+)
 from .checkpoint import CHECKPOINTS, checkpoint_dirs, drop_checkpoints_from, load_checkpoint, save_checkpoint
 from .config import RunPlan, TrainConfig, plan_run, planned_config
 from .distributed import Processes
@@ -149,7 +157,7 @@ def train(config: TrainConfig, figures: Figures | None = None) -> dict:
     dev_loaders = {split: kind.dev_loader(ds, tokenizer, config) for split, ds in data.dev.items()}
     plan = plan_run(config, model_name, len(data.train), len(train_loader))
 
-    model = build_trainable_model(model, config, plan.total_steps, fresh).to(device)
+    model = on_device(build_trainable_model(model, config, plan.total_steps, fresh), device)
     forward_model = procs.wrap(model)  # DDP under accelerate; peft's allocator works on `model`
     model.train()
     optimizer = make_optimizer(model, config, plan.ivon_ess, sync=procs.world > 1)
