@@ -180,6 +180,11 @@ def test_multiple_choice_posterior_predictive_and_evaluate(tiny_lms, lm_data, tm
                for r, w in zip(table, tiny_lm.WORDS)]
     assert np.mean(correct) == metrics["mc"]["accuracy"]
 
+    assert main(["evaluate", str(out), "--data-file", str(lm_data / "multiple-choice-train.jsonl"),
+                 "--max-eval-samples", "10"]) == 0
+    other = json.loads(capsys.readouterr().out)
+    assert other["examples"] == {"dev": 10} and other["data"]["dev"].endswith("multiple-choice-train.jsonl")
+
     from bayes_adalora.plots import plot_run
 
     drawn = {Path(p).name for p in plot_run(out)}
