@@ -20,13 +20,14 @@ IGNORE_INDEX = -100  # transformers' label for a token the loss skips
 def completion_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
     """Per sequence, log p(token_t | tokens before t) of every scored token (label != -100), in order.
 
-    logits (B, L, V), labels (B, L): log_softmax(logits[:, t - 1])[labels[:, t]], in float32.
+    logits (B, L, V), labels (B, L): log_softmax(logits[:, t - 1])[labels[:, t]], in float32. Only the
+    scored positions' logits are copied to float32 (a prompt's are not: a large vocabulary's logits are big).
     """
-    logits, targets = logits[:, :-1].float(), labels[:, 1:]
+    targets = labels[:, 1:]
     scored = targets != IGNORE_INDEX
-    picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    log_probs = picked - torch.logsumexp(logits, dim=-1)
-    return [log_probs[i][scored[i]] for i in range(len(labels))]
+    rows = logits[:, :-1][scored].float()  # (scored tokens, V), sequence by sequence
+    log_probs = rows.gather(-1, targets[scored].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(rows, dim=-1)
+    return list(log_probs.split(scored.sum(dim=1).tolist()))
 
 
 def token_nll_metrics(token_log_probs) -> dict:
