@@ -184,6 +184,8 @@ def test_multiple_choice_posterior_predictive_and_evaluate(tiny_lms, lm_data, tm
                  "--max-eval-samples", "10"]) == 0
     other = json.loads(capsys.readouterr().out)
     assert other["examples"] == {"dev": 10} and other["data"]["dev"].endswith("multiple-choice-train.jsonl")
+    assert main(["evaluate", str(out), "--data-dir", str(lm_data)]) == 2  # a GLUE folder: one sentence
+    assert "reads no GLUE folder" in capsys.readouterr().err
 
     from bayes_adalora.plots import plot_run
 
