@@ -311,3 +311,28 @@ def test_posterior_predictive_token_probability_by_hand():
     got = token_nll_metrics(np.log([0.375, 0.2]))
     assert got["nll"] == pytest.approx(-(math.log(0.375) + math.log(0.2)) / 2) and got["tokens"] == 2
     assert got["perplexity"] == pytest.approx(1 / math.sqrt(0.375 * 0.2))
+
+
+# adapted matrices per layer, from each architecture's code: GPT-2 has two `c_proj` (attention and MLP),
+# Phi-3 fuses q/k/v and gate/up, GPT-NeoX fuses q/k/v and names its attention output `dense`
+PER_LAYER = {"llama": 7, "mistral": 7, "qwen2": 7, "qwen3": 7, "gemma": 7, "gemma2": 7, "phi3": 4, "gpt2": 4,
+             "gpt_neox": 4, "opt": 6}
+
+
+@pytest.mark.parametrize("model_type", sorted(PER_LAYER))
+def test_every_decoder_preset_adapts_each_layers_projections(model_type):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bayes_adalora.models import TARGET_MODULE_PRESETS, plan_adapter_modules
+
+    shape = {
+        "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=64),
+        "opt": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64, word_embed_proj_dim=32,
+                    max_position_embeddings=64),
+    }.get(model_type, dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           intermediate_size=64, max_position_embeddings=64, head_dim=8))
+    config = AutoConfig.for_model(model_type, vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, **shape)
+    model = AutoModelForCausalLM.from_config(config)
+    targets, trained_in_full = plan_adapter_modules(model, TARGET_MODULE_PRESETS[model_type], set())
+    assert len(targets) == LAYERS * PER_LAYER[model_type] and trained_in_full == []
+    assert not any("lm_head" in t or "embed" in t for t in targets)
