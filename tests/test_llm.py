@@ -336,3 +336,17 @@ def test_every_decoder_preset_adapts_each_layers_projections(model_type):
     targets, trained_in_full = plan_adapter_modules(model, TARGET_MODULE_PRESETS[model_type], set())
     assert len(targets) == LAYERS * PER_LAYER[model_type] and trained_in_full == []
     assert not any("lm_head" in t or "embed" in t for t in targets)
+
+
+def test_the_pad_token_falls_back_to_eos_and_pads_on_the_right(tiny_lms):
+    from bayes_adalora.lm_data import PadCompletions
+    from bayes_adalora.models import load_causal_lm
+
+    tokenizer, model, fresh = load_causal_lm(str(tiny_lms["llama"]), False, torch.device("cpu"))
+    assert tiny_lm.build_tokenizer().pad_token is None  # the saved tokenizer has none
+    assert tokenizer.pad_token == "</s>" and tokenizer.pad_token_id == model.config.pad_token_id == 2
+    assert fresh == set()
+    batch = PadCompletions(tokenizer.pad_token_id)([{"input_ids": [1, 5], "labels": [-100, 5]},
+                                                    {"input_ids": [1], "labels": [-100]}])
+    assert batch["input_ids"].tolist() == [[1, 5], [1, 2]] and batch["attention_mask"].tolist() == [[1, 1], [1, 0]]
+    assert batch["labels"].tolist() == [[-100, 5], [-100, -100]]
