@@ -350,3 +350,24 @@ def test_the_pad_token_falls_back_to_eos_and_pads_on_the_right(tiny_lms):
                                                     {"input_ids": [1], "labels": [-100]}])
     assert batch["input_ids"].tolist() == [[1, 5], [1, 2]] and batch["attention_mask"].tolist() == [[1, 1], [1, 0]]
     assert batch["labels"].tolist() == [[-100, 5], [-100, -100]]
+
+
+def test_two_processes_tune_a_decoder_lm_as_one_does(tiny_lms, lm_data, tmp_path):
+    """torchrun with 2 CPU processes (gloo), multiple choice: the same global batches, so the same ranks and, up to the
+    order of float sums, the same adapter and metrics as one process."""
+    import os
+    import subprocess
+
+    base, single, double = tiny_lms["llama"], tmp_path / "single", tmp_path / "double"
+    assert main(train_args(base, lm_data, single, "multiple-choice", "--lr", "30", steps=6)) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              "-m", "bayes_adalora.cli", *train_args(base, lm_data, double, "multiple-choice", "--lr", "30", steps=6)]
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (json.loads((r / "results.json").read_text()) for r in (single, double))
+    assert (one["processes"], two["processes"]) == (1, 2) and one["final_ranks"] == two["final_ranks"]
+    a, b = (load_file(r / "adapter" / "adapter_model.safetensors") for r in (single, double))
+    worst = max((a[k] - b[k]).abs().max().item() / (a[k].abs().max().item() + 1e-12) for k in a if a[k].numel())
+    assert worst < 1e-3, worst
+    assert two["metrics"]["final"]["nll"] == pytest.approx(one["metrics"]["final"]["nll"], rel=1e-4)
