@@ -50,6 +50,11 @@ class SVDLayer:
         """Its key in peft's rank pattern during training."""
         return self.param_name("lora_E")
 
+    @property
+    def saved_rank_key(self) -> str:
+        """Its key in peft's rank pattern as saved in adapter_config.json (no adapter name)."""
+        return f"{self.name}.lora_E"
+
     def param_name(self, factor: str) -> str:
         """The parameter name of `factor` (lora_A, lora_B or lora_E), as peft's allocator keys its EMAs."""
         return f"{self.name}.{factor}.{self.adapter}"
@@ -62,6 +67,12 @@ def svd_layers(model: nn.Module, adapter: str) -> list[SVDLayer]:
         for name, m in model.named_modules()
         if isinstance(m, AdaLoraLayer) and adapter in m.lora_E
     ]
+
+
+def sensitivity_parameters(model: nn.Module, adapter: str) -> list[tuple[str, nn.Parameter]]:
+    """The (name, parameter) pairs whose sensitivity peft's `RankAllocator.update_ipt` tracks: its own rule,
+    every parameter whose name holds "lora_" and the adapter's name, so the EMAs are keyed as peft keys them."""
+    return [(n, p) for n, p in model.named_parameters() if "lora_" in n and adapter in n]
 
 
 def adalora_tuner(model: nn.Module) -> AdaLoraModel:

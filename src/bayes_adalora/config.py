@@ -20,7 +20,7 @@ from .importance import DEFAULT_CRITERION, POSTERIOR_CRITERIA
 from .methods import METHOD_NAMES, get_method
 from .recipes import paper_recipe
 from .schedules import default_adalora_phases
-from .tasks import get_task
+from .tasks import TaskSpec, check_own_files, get_task
 
 LR_SCHEDULES = ("linear", "two-phase", "constant")
 LAMBDA_INITS = ("zero", "paper")
@@ -73,8 +73,9 @@ def _f(default, help: str, **kw):
 @dataclass
 class TrainConfig:
     # what to train
-    task: str = _f("sst2", "GLUE task: cola sst2 mrpc stsb qqp mnli qnli rte wnli; or, for a decoder LM, causal-lm "
-                           "or multiple-choice (with --train-file and --validation-file).")
+    task: str = _f("sst2", "GLUE task (cola sst2 mrpc stsb qqp mnli qnli rte wnli), classification / regression "
+                           "on your own --train-file and --validation-file, or, for a decoder LM, causal-lm or "
+                           "multiple-choice (your own files too).")
     method: str = _f("bayes-adalora", "Fine-tuning method.", choices=METHOD_NAMES)
     criterion: str = _f(
         DEFAULT_CRITERION, "Posterior importance criterion (bayes-adalora only).", choices=POSTERIOR_CRITERIA
@@ -84,9 +85,10 @@ class TrainConfig:
     trust_remote_code: bool = _f(False, "Allow model code from the hub (off unless asked for).")
     # data
     data_dir: str | None = _f(None, "Folder of GLUE TSVs (<TASK>/train.tsv, dev.tsv); default $GLUE_DIR, else the hub.")
-    train_file: str | None = _f(None, "Your own training data (.csv .tsv .json .jsonl).")
+    train_file: str | None = _f(None, "Your own training data (.csv .tsv .json .jsonl .parquet).")
     validation_file: str | None = _f(None, "Your own validation data (same format as --train-file).")
-    text_columns: list[str] | None = _f(None, "Text column(s) in --train-file (one or two).")
+    text_columns: list[str] | None = _f(None, "Text column(s) in --train-file: one or two, as A B or A,B "
+                                              "(default: the GLUE task's, or text).")
     label_column: str | None = _f(None, "Label column in --train-file (default: label).")
     max_length: int = _f(128, "Truncate inputs to this many tokens (padding is per batch).", bounds=POSITIVE)
     max_train_samples: int | None = _f(None, "Use only the first N training examples.", bounds=POSITIVE)
@@ -197,6 +199,7 @@ class TrainConfig:
     def _check_together(self) -> None:
         """Checks across fields (each field alone is checked by `check_field`)."""
         get_task(self.task)
+        check_own_files(self.task, self.train_file, self.validation_file)
         method = get_method(self.method)
         if not DEVICE.match(self.device):
             raise UserError(f"--device {self.device!r} is not a device: choose cpu, cuda, cuda:N or auto")
@@ -213,6 +216,8 @@ class TrainConfig:
         if self.target_r == self.init_r and method.uses_adalora:
             raise UserError(f"--target-r equals --init-r ({self.init_r}): AdaLoRA has no rank to reallocate; "
                             f"lower --target-r, or use --method lora for a fixed rank")
+        if self.text_columns is not None:  # "a,b" is two columns, as "a b" is
+            self.text_columns = [c for given in self.text_columns for c in given.split(",") if c]
         if self.text_columns is not None and not 1 <= len(self.text_columns) <= 2:
             raise UserError(f"--text-columns takes one or two column names, got {len(self.text_columns)}")
         if self.load_in and get_task(self.task).peft_task_type != "CAUSAL_LM":
@@ -362,10 +367,14 @@ class RunPlan:
     tfinal: int | None
     delta_t: int | None
     num_labels: int
+    labels: list[str] | None = None  # the class names in class-index order (regression: None)
 
 
-def plan_run(config: TrainConfig, model: str, train_examples: int, batches_per_epoch: int) -> RunPlan:
-    """The run's resolved plan, from the config and the size of its training data."""
+def plan_run(config: TrainConfig, model: str, train_examples: int, batches_per_epoch: int,
+             spec: TaskSpec | None = None) -> RunPlan:
+    """The run's resolved plan, from the config and the size of its training data; `spec` is the
+    task's as its data gave it (classification: with the classes read from the training file)."""
+    spec = spec or get_task(config.task)
     total_steps = total_steps_for(config, batches_per_epoch)
     tinit, tfinal, delta_t = adalora_phases(config, total_steps) if config.uses_adalora else (
         config.tinit, config.tfinal, config.delta_t)
@@ -374,12 +383,13 @@ def plan_run(config: TrainConfig, model: str, train_examples: int, batches_per_e
         warmup_steps=config.warmup_steps if config.warmup_steps is not None else int(0.06 * total_steps),
         eval_steps=config.eval_steps or max(1, total_steps // 10),
         ivon_ess=(config.ivon_ess or float(train_examples)) if config.uses_ivon else None,
-        tinit=tinit, tfinal=tfinal, delta_t=delta_t, num_labels=get_task(config.task).num_labels,
+        tinit=tinit, tfinal=tfinal, delta_t=delta_t, num_labels=spec.num_labels,
+        labels=None if spec.labels is None else list(spec.labels),
     )
 
 
 def planned_config(config: TrainConfig, plan: RunPlan) -> dict:
-    """config.json: every field with its resolved value, plus the plan's step count and label count.
+    """config.json: every field with its resolved value, plus the plan's step count and classes.
 
     Fed back with `--config`, it reruns the same plan: the resolved values are explicit there.
     """

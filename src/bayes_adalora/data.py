@@ -1,7 +1,8 @@
 """Reading GLUE data (standard TSV files, the user's own files, or the hub) and batching it.
 
 Every reader returns a `TextDataset`: one tuple of 1 or 2 texts per example and its label as a
-class index (float for regression). What a task's files look like comes from its `TaskSpec`.
+class index (float for regression). What a task's files look like comes from its `TaskSpec`; for
+`--task classification` the spec itself comes from the training file's labels (`spec_from_labels`).
 Mistakes in a file raise one `UserError` sentence naming the file and, where there is one, the
 1-based line.
 """
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
 from .errors import UserError
-from .tasks import TaskSpec
+from .tasks import TaskSpec, check_own_files, class_order, data_task_spec, get_task
 
 HUB_DATASET = "nyu-mll/glue"
 
@@ -120,12 +121,40 @@ def _as_int(value) -> int | None:
     return None
 
 
+def label_name(value, where: str) -> str:
+    """A class label of the user's own data as its name: text (stripped) or a whole number (3 and "3"
+    are the same class)."""
+    if value is None:
+        raise UserError(f"{where}: the label is missing")
+    if isinstance(value, float) and value.is_integer():  # e.g. a Parquet column with nulls is float
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    if isinstance(value, str):
+        raise UserError(f"{where}: the label is empty")
+    raise UserError(f"{where}: label {value!r} is neither text nor a whole number; "
+                    f"to predict numbers use --task regression")
+
+
+def _shown(labels: Sequence[str], most: int = 10) -> str:
+    return ", ".join(labels[:most]) + (f", ... ({len(labels)} classes)" if len(labels) > most else "")
+
+
 def _parse_label(spec: TaskSpec, value, where: str, allow_index: bool):
     """`value` as a class index, or as a float for regression.
 
     Classification accepts the label strings of `spec.labels`; with `allow_index` also their
-    integer indices, as the hub and the user's files may give them.
+    integer indices, as the hub and the user's files may give them (not for the user's own classes,
+    whose integers are names: `spec.from_data`).
     """
+    if spec.from_data and spec.labels is not None:
+        name = label_name(value, where)
+        if name not in spec.labels:
+            raise UserError(f"{where}: label {name!r} does not occur in the training data, "
+                            f"whose classes are {_shown(spec.labels)}")
+        return spec.labels.index(name)
     if spec.labels is None:
         try:
             number = math.nan if isinstance(value, bool) else float(value)
@@ -224,54 +253,114 @@ def _jsonl_records(path: Path) -> list[tuple[str, dict]]:
     return records
 
 
-def _records_to_dataset(spec: TaskSpec, path: Path, records: list[tuple[str, dict]],
-                        text_columns: Sequence[str], label_column: str) -> TextDataset:
-    """Texts and labels out of (where, record) pairs, checking each record's columns."""
+def _parquet_records(path: Path, columns: Sequence[str], optional: str | None = None) -> list[tuple[str, dict]]:
+    """(where, row) for a Parquet file, read with pyarrow (what `datasets` reads Parquet with; its
+    `from_parquet` would also write an Arrow copy into the cache, which reading one file needs not).
+    The rows hold `columns`, and the column `optional` where the file has it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise UserError(f"data file {path} does not exist" if not path.exists() else f"data file {path} is a folder, "
+                        f"not a file")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as err:
+        raise UserError(f"{path} is not a readable Parquet file ({str(err).splitlines()[0]})") from None
+    for column in columns:
+        if column not in table.column_names:
+            raise UserError(f"{path}: there is no column {column!r} (it has {', '.join(table.column_names)})")
+    kept = [*columns, *([optional] if optional in table.column_names else [])]
+    return [(f"{path}, row {i}", row) for i, row in enumerate(table.select(kept).to_pylist(), start=1)]
+
+
+@dataclass
+class UserRecords:
+    """The rows of a user's file before its labels are parsed: (where, texts, raw label) each."""
+
+    path: Path
+    rows: list[tuple[str, tuple[str, ...], object]]
+    labeled: bool = True  # False: the file has no label column, and every raw label is None
+
+
+def read_user_records(path: str | Path, text_columns: Sequence[str], label_column: str,
+                      labels_required: bool = True) -> UserRecords:
+    """The texts and raw labels of the user's own .csv, .tsv, .json (a list of objects), .jsonl or
+    .parquet file, every row checked to hold the columns, and text in the text columns.
+
+    Without `labels_required`, a file with no label column at all is read as unlabeled (to predict).
+    CSV uses standard quoting; TSV has quoting disabled, like the GLUE files.
+    """
+    path = Path(path)
+    if not 1 <= len(text_columns) <= 2:
+        raise UserError(f"give 1 or 2 text columns, not {len(text_columns)}")
     columns = (*text_columns, label_column)
+    checked = columns if labels_required else tuple(text_columns)
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        records = _table_records(path, ",", csv.QUOTE_MINIMAL, checked)
+    elif suffix == ".tsv":
+        records = _table_records(path, "\t", csv.QUOTE_NONE, checked)
+    elif suffix == ".json":
+        records = _json_records(path)
+    elif suffix == ".jsonl":
+        records = _jsonl_records(path)
+    elif suffix == ".parquet":
+        records = _parquet_records(path, checked, optional=label_column)
+    else:
+        raise UserError(f"{path}: unknown file type {suffix or '(none)'!r}; use .csv, .tsv, .json, .jsonl or .parquet")
     if not records:
         raise UserError(f"{path} has no examples")
-    texts, labels = [], []
+    labeled = labels_required or any(isinstance(r, dict) and label_column in r for _, r in records)
+    columns = columns if labeled else checked  # some rows labeled: all must be
+    rows = []
     for where, record in records:
         if not isinstance(record, dict):
             raise UserError(f"{where}: expected a JSON object, found {type(record).__name__}")
         for column in columns:
             if column not in record:
                 raise UserError(f"{where}: there is no column {column!r}")
-        row = tuple(record[c] for c in text_columns)
-        for column, text in zip(text_columns, row):
+        texts = tuple(record[c] for c in text_columns)
+        for column, text in zip(text_columns, texts):
             if not isinstance(text, str):
                 raise UserError(f"{where}: column {column!r} holds {text!r}, not text")
-        texts.append(row)
-        labels.append(_parse_label(spec, record[label_column], where, allow_index=True))
-    return TextDataset(texts, labels, str(path))
+        rows.append((where, texts, record[label_column] if labeled else None))
+    return UserRecords(path, rows, labeled)
+
+
+def records_to_dataset(spec: TaskSpec, records: UserRecords) -> TextDataset:
+    """The records' texts, and their labels parsed as `spec`'s class indices (regression: numbers)."""
+    labels = [_parse_label(spec, label, where, allow_index=True) for where, _, label in records.rows]
+    return TextDataset([texts for _, texts, _ in records.rows], labels, str(records.path))
+
+
+def user_columns(spec: TaskSpec, text_columns: Sequence[str] | None,
+                 label_column: str | None) -> tuple[tuple[str, ...], str]:
+    """The text and label columns of the user's files: as given, else the hub's names for a GLUE task
+    ("text" for the user's own tasks) and "label"."""
+    return tuple(text_columns or spec.hub_text_columns), label_column or "label"
 
 
 def read_user_file(spec: TaskSpec, path: str | Path, text_columns: Sequence[str] | None = None,
                    label_column: str | None = None) -> TextDataset:
-    """The user's own .csv, .tsv, .json (a list of objects) or .jsonl file for task `spec`.
+    """The user's own .csv, .tsv, .json, .jsonl or .parquet file for task `spec` (`read_user_records`).
 
-    `text_columns` (1 or 2 names) default to the hub's names for the task, `label_column` to
-    "label". Labels may be the task's label strings or their class indices (regression: a
-    number). CSV uses standard quoting; TSV has quoting disabled, like the GLUE files.
+    `text_columns` (1 or 2 names) and `label_column` default as `user_columns` says. Labels may be
+    the task's label strings or, for a GLUE task, their class indices (regression: a number).
     """
-    path = Path(path)
-    text_columns = tuple(text_columns or spec.hub_text_columns)
-    label_column = label_column or "label"
-    if not 1 <= len(text_columns) <= 2:
-        raise UserError(f"give 1 or 2 text columns, not {len(text_columns)}")
-    columns = (*text_columns, label_column)
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        records = _table_records(path, ",", csv.QUOTE_MINIMAL, columns)
-    elif suffix == ".tsv":
-        records = _table_records(path, "\t", csv.QUOTE_NONE, columns)
-    elif suffix == ".json":
-        records = _json_records(path)
-    elif suffix == ".jsonl":
-        records = _jsonl_records(path)
-    else:
-        raise UserError(f"{path}: unknown file type {suffix or '(none)'!r}; use .csv, .tsv, .json or .jsonl")
-    return _records_to_dataset(spec, path, records, text_columns, label_column)
+    return records_to_dataset(spec, read_user_records(path, *user_columns(spec, text_columns, label_column)))
+
+
+def spec_from_labels(task: str, train: UserRecords, label_column: str) -> TaskSpec:
+    """The spec of a task on the user's own data: for classification, the classes the training labels
+    hold (in `tasks.class_order`), refusing a label column of one class."""
+    if task == "regression":
+        return data_task_spec(task)
+    classes = class_order(label_name(label, where) for where, _, label in train.rows)
+    if len(classes) < 2:
+        raise UserError(f"{train.path}: every label in column {label_column!r} is {classes[0]!r}; "
+                        f"classification needs at least two classes")
+    return data_task_spec(task, classes)
 
 
 def read_records(path: Path, kinds: Sequence[str] = (".csv", ".tsv", ".json", ".jsonl")) -> list[tuple[str, dict]]:
@@ -330,21 +419,29 @@ def _task_dir(spec: TaskSpec, data_dir: Path) -> Path:
     raise UserError(f"the GLUE data folder {data_dir} holds neither {spec.glue_dir}/train.tsv nor train.tsv")
 
 
-def load_task_data(spec: TaskSpec, data_dir: str | Path | None = None,
+def load_task_data(spec: TaskSpec | str, data_dir: str | Path | None = None,
                    train_file: str | Path | None = None, validation_file: str | Path | None = None,
                    text_columns: Sequence[str] | None = None,
                    label_column: str | None = None) -> TaskData:
     """The task's data from the user's files if given, else from `data_dir`, else from the hub.
 
-    A user's validation file becomes the first dev split (`spec.dev_splits[0]`).
-    `text_columns`/`label_column` apply to the user's files only.
+    `spec` may be a task's name: `classification` then takes its classes from the training file
+    (`spec_from_labels`), and the data's spec is `TaskData.spec`. A user's validation file becomes the
+    first dev split (`spec.dev_splits[0]`). `text_columns`/`label_column` apply to the user's files only.
     """
     if (train_file is None) != (validation_file is None):
         raise UserError("give both a training file and a validation file, or neither")
+    if isinstance(spec, str):
+        check_own_files(spec, train_file, validation_file)
+        spec = get_task(spec)  # classification: without its classes, read below
     if train_file is not None:
-        train = read_user_file(spec, train_file, text_columns, label_column)
-        dev = read_user_file(spec, validation_file, text_columns, label_column)
-        return TaskData(spec, train, {spec.dev_splits[0]: dev})
+        text_columns, label_column = user_columns(spec, text_columns, label_column)
+        train_records = read_user_records(train_file, text_columns, label_column)
+        dev_records = read_user_records(validation_file, text_columns, label_column)
+        if spec.from_data and not spec.labels and not spec.is_regression:
+            spec = spec_from_labels(spec.name, train_records, label_column)
+        dev = records_to_dataset(spec, dev_records)
+        return TaskData(spec, records_to_dataset(spec, train_records), {spec.dev_splits[0]: dev})
     if text_columns or label_column:
         raise UserError("text and label column names apply only to your own training and validation files")
     if data_dir is not None:

@@ -29,9 +29,10 @@ from __future__ import annotations
 import ivon
 import torch
 from peft.tuners.adalora import AdaLoraModel
-from peft.tuners.adalora.layer import AdaLoraLayer, RankAllocator, SVDLinear, deepspeed_config
+from peft.tuners.adalora.layer import RankAllocator, SVDLinear, deepspeed_config
 from torch import Tensor, nn
 
+from .adapters import SVDLayer, sensitivity_parameters, svd_layers
 from .ivon_inplace import InplaceIVON
 
 # ---------------------------------------------------------------- the orthogonality penalty
@@ -54,12 +55,11 @@ def orthogonality_penalty(groups: list[tuple[list[Tensor], bool]]) -> Tensor:
     return total / count
 
 
-def group_by_shape(layers: list[AdaLoraLayer], adapter: str) -> list[tuple[list[Tensor], bool]]:
-    """The Q (lora_A) and P (lora_B) matrices of every layer, grouped by (factor, shape) for `orthogonality_penalty`."""
+def group_by_shape(layers: list[SVDLayer]) -> list[tuple[list[Tensor], bool]]:
+    """The Q and P matrices of every layer, grouped by (factor, shape) for `orthogonality_penalty`."""
     groups: dict[tuple, list[Tensor]] = {}
     for layer in layers:
-        for factor, transposed in (("lora_A", False), ("lora_B", True)):
-            p = getattr(layer, factor)[adapter]
+        for p, transposed in ((layer.Q, False), (layer.P, True)):
             groups.setdefault((transposed, tuple(p.shape)), []).append(p)
     return [(mats, transposed) for (transposed, _), mats in groups.items()]
 
@@ -70,15 +70,15 @@ def group_by_shape(layers: list[AdaLoraLayer], adapter: str) -> list[tuple[list[
 class FinalMasks:
     """peft's final rank pattern as 0/1 multipliers of each lambda, on the device, applied in one op."""
 
-    def __init__(self, model: nn.Module, rank_pattern: dict, adapter: str):
+    def __init__(self, layers: list[SVDLayer], rank_pattern: dict):
         self.rank_pattern = rank_pattern  # held, so that its id identifies it while this lives
-        truncated = adapter not in next(iter(rank_pattern))  # peft's keys may lack ".<adapter>"
         self.lambdas, self.masks = [], []
-        for name, p in model.named_parameters():
-            if f"lora_E.{adapter}" in name:
-                key = name.replace(f".{adapter}", "") if truncated else name
-                self.lambdas.append(p)
-                self.masks.append(torch.tensor(rank_pattern[key], dtype=p.dtype, device=p.device).unsqueeze(-1))
+        for layer in layers:
+            # peft keys the pattern with the adapter's name in training, without it once loaded from a file
+            key = layer.rank_key if layer.rank_key in rank_pattern else layer.saved_rank_key
+            self.lambdas.append(layer.lam)
+            self.masks.append(torch.tensor(rank_pattern[key], dtype=layer.lam.dtype, device=layer.lam.device)
+                              .unsqueeze(-1))
 
     def matches(self, rank_pattern: dict, lambdas: list[Tensor]) -> bool:
         return rank_pattern is self.rank_pattern and len(lambdas) == len(self.lambdas) and all(
@@ -104,7 +104,7 @@ class ForeachSensitivity:
     def update_ipt(self, model):
         if deepspeed_config() is not None:  # peft gathers sharded gradients first
             return super().update_ipt(model)
-        named = [(n, p) for n, p in model.named_parameters() if "lora_" in n and self.adapter_name in n]
+        named = sensitivity_parameters(model, self.adapter_name)
         for n, p in named:
             if n not in self.ipt:
                 self.ipt[n], self.exp_avg_ipt[n], self.exp_avg_unc[n] = (torch.zeros_like(p) for _ in range(3))
@@ -142,23 +142,23 @@ def use_foreach_sensitivity(allocator) -> None:
 class FastAdaLoraModel(AdaLoraModel):
     """peft's AdaLoraModel with the batched penalty and the cached final masks."""
 
-    def _svd_layers(self) -> list[AdaLoraLayer]:
-        adapter = self.trainable_adapter_name
-        return [m for m in self.model.modules() if isinstance(m, AdaLoraLayer) and adapter in m.lora_A]
+    def svd_layers(self) -> list[SVDLayer]:
+        """The trained adapter's layers (cached: the layers and their parameters stay the same objects)."""
+        layers = self.__dict__.get("_fast_layers")
+        if layers is None:
+            layers = self.__dict__["_fast_layers"] = svd_layers(self.model, self.trainable_adapter_name)
+        return layers
 
     def penalty_groups(self) -> list | None:
         """The matrices of the penalty grouped by shape (cached while the parameters stay the same
         objects); None where peft's own loop must run (DeepSpeed ZeRO-3 shards, no AdaLoRA layer)."""
-        adapter = self.trainable_adapter_name
-        layers = self.__dict__.get("_fast_layers")
-        if layers is None:
-            layers = self.__dict__["_fast_layers"] = self._svd_layers()
-        params = [layer.lora_A[adapter] for layer in layers] + [layer.lora_B[adapter] for layer in layers]
+        layers = self.svd_layers()
+        params = [layer.Q for layer in layers] + [layer.P for layer in layers]
         cached = self.__dict__.get("_fast_groups")
         if cached is None or len(cached[0]) != len(params) or any(a is not b for a, b in zip(cached[0], params)):
             if not params or any(p.numel() == 0 for p in params):
                 return None
-            cached = self.__dict__["_fast_groups"] = (params, group_by_shape(layers, adapter))
+            cached = self.__dict__["_fast_groups"] = (params, group_by_shape(layers))
         return cached[1]
 
     def forward(self, *args, **kwargs):
@@ -183,12 +183,11 @@ class FastAdaLoraModel(AdaLoraModel):
         if global_step <= config.total_step - config.tfinal:
             use_foreach_sensitivity(self.rankallocator)  # checked every step: an allocator may be installed later
             return super().update_and_allocate(global_step)
-        adapter = self.trainable_adapter_name
-        layers = self.__dict__.get("_fast_layers") or self._svd_layers()
-        lambdas = [layer.lora_E[adapter] for layer in layers]
+        layers = self.svd_layers()
+        lambdas = [layer.lam for layer in layers]
         masks = self.__dict__.get("_fast_final_masks")
         if masks is None or not masks.matches(config.rank_pattern, lambdas):
-            masks = self.__dict__["_fast_final_masks"] = FinalMasks(self.model, config.rank_pattern, adapter)
+            masks = self.__dict__["_fast_final_masks"] = FinalMasks(layers, config.rank_pattern)
             if not masks.matches(config.rank_pattern, lambdas):  # another layout than the layers': peft's way
                 return self.rankallocator.mask_using_rank_pattern(self.model, config.rank_pattern)
         masks.apply()

@@ -29,6 +29,7 @@ from .config import TrainConfig
 from .kinds import task_kind
 from .methods import IVON_METHODS
 from .steps import IVONStep
+from .tasks import get_task
 
 # Below this, a learning rate is on AdamW's scale: IVON's step is lr * clip((m + wd mu) / (h + wd)).
 IVON_LR_WARN_BELOW = 1e-2
@@ -222,7 +223,7 @@ def make_trainer(model, train_dataset, eval_dataset, config: TrainConfig, traini
     """
     set_seed(training_args.seed)  # the new head and the adapter start from the run's seed
     if isinstance(model, str):
-        kind = task_kind(config.task)  # a classifier, or a causal LM for causal-lm and multiple-choice
+        kind = task_kind(get_task(config.task))  # a classifier, or a causal LM for the decoder-LM tasks
         tokenizer, model, fresh = kind.load_model(model, config, training_args.device)
         trainer_kwargs.setdefault("processing_class", tokenizer)
         trainer_kwargs.setdefault("data_collator", kind.collator(tokenizer))

@@ -41,29 +41,33 @@ from .lm_predict import (
 )
 from .models import load_causal_lm, load_model
 from .predict import evaluate, evaluate_sampled
-from .tasks import LMTaskSpec, TaskSpec, get_task
+from .tasks import LMTaskSpec, TaskSpec
 
 
 @dataclass
 class RunData:
-    """A run's training examples and its dev splits by name, whatever their kind."""
+    """A run's task, training examples and dev splits by name, whatever their kind."""
 
+    spec: LMTaskSpec
     train: object
     dev: dict
 
 
 class ClassifierKind:
-    """GLUE tasks: a sequence classifier over one or two texts."""
+    """GLUE tasks and the user's own labelled data: a sequence classifier (or regressor) over one or two texts."""
 
     def __init__(self, spec: TaskSpec):
         self.spec = spec
 
     def read_data(self, config: TrainConfig) -> TaskData:
-        """The task's data as the config says, cut to --max-train-samples / --max-eval-samples."""
+        """The task's data as the config says, cut to --max-train-samples / --max-eval-samples; `data.spec`
+        is the task's (classification on the user's own data: with the classes of the whole training
+        file, which this kind then uses)."""
         data = load_task_data(
-            self.spec, data_dir=data_dir_of(config), train_file=config.train_file,
+            config.task, data_dir=data_dir_of(config), train_file=config.train_file,
             validation_file=config.validation_file, text_columns=config.text_columns, label_column=config.label_column,
         )
+        self.spec = data.spec
         if config.max_train_samples:
             n = config.max_train_samples
             data.train.texts, data.train.labels = data.train.texts[:n], data.train.labels[:n]
@@ -117,7 +121,7 @@ class CausalLMKind:
             raise UserError(f"--text-columns and --label-column are for classification; --task {self.spec.name} "
                             f"reads fixed columns (see README)")
         train, dev = self.read_file(config.train_file), self.read_file(config.validation_file)
-        return RunData(train.head(config.max_train_samples or len(train)),
+        return RunData(self.spec, train.head(config.max_train_samples or len(train)),
                        {self.spec.dev_splits[0]: dev.head(config.max_eval_samples or len(dev))})
 
     def load_model(self, name: str, config: TrainConfig, device: torch.device):
@@ -177,9 +181,9 @@ class ChoiceKind(CausalLMKind):
         return choice_rows(model, loader, dataset.choices, self.spec, device, autocast, sigma, samples, seed)
 
 
-def task_kind(task: str) -> ClassifierKind | CausalLMKind | ChoiceKind:
-    """The kind of task `task` names (a GLUE task, causal-lm or multiple-choice)."""
-    spec = get_task(task)
+def task_kind(spec: TaskSpec | LMTaskSpec) -> ClassifierKind | CausalLMKind | ChoiceKind:
+    """The kind of task `spec` is: a classifier (GLUE, or the user's own labelled data), causal-lm or
+    multiple-choice."""
     if isinstance(spec, TaskSpec):
         return ClassifierKind(spec)
     return ChoiceKind(spec) if spec.name == "multiple-choice" else CausalLMKind(spec)

@@ -1,4 +1,5 @@
-"""GLUE's official metrics, computed locally with scikit-learn and SciPy (no hub downloads)."""
+"""GLUE's official metrics, and those of the user's own tasks (macro-F1, MSE), computed locally with
+scikit-learn and SciPy (no hub downloads)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import warnings
 
 import numpy as np
 from scipy import stats
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, mean_squared_error
 
 from .tasks import TaskSpec
 
@@ -25,10 +26,17 @@ def _f1_positive(predictions: np.ndarray, labels: np.ndarray) -> float:
     return f1_score(labels, predictions, pos_label=1, average="binary", zero_division=0.0)
 
 
+def _f1_macro(predictions: np.ndarray, labels: np.ndarray) -> float:
+    # the unweighted mean of per-class F1 over the classes that occur in the labels or the predictions
+    return f1_score(labels, predictions, average="macro", zero_division=0.0)
+
+
 _METRICS = {
     "matthews_correlation": lambda p, y: matthews_corrcoef(y, p),
     "accuracy": lambda p, y: accuracy_score(y, p),
     "f1": _f1_positive,
+    "macro_f1": _f1_macro,
+    "mse": lambda p, y: mean_squared_error(y.astype(np.float64), p.astype(np.float64)),  # float32 sums drift
     "pearson": _pearson,
     "spearmanr": _spearman,
 }

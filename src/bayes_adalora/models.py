@@ -92,13 +92,30 @@ def newly_initialized_modules(missing_keys: set[str], model: nn.Module) -> set[s
     return {key.rsplit(".", 1)[0] for key in missing_keys if key in params and "." in key}
 
 
+# Beside a saved adapter: {"id2label", "label2id"}, keywords of `from_pretrained` that name the classes
+# (a config.json there would make transformers read the folder as a whole model).
+LABELS_FILE = "labels.json"
+
+
+def label_maps(spec: TaskSpec) -> dict:
+    """{"id2label", "label2id"} of a classification task, as a transformers config holds them; {} for regression."""
+    if spec.labels is None:
+        return {}
+    return {"id2label": dict(enumerate(spec.labels)), "label2id": {name: i for i, name in enumerate(spec.labels)}}
+
+
 def load_model(name: str, spec: TaskSpec, trust_remote_code: bool):
-    """(tokenizer, model for sequence classification, newly initialised module names)."""
+    """(tokenizer, model for sequence classification, newly initialised module names); the model's
+    config names the classes (`id2label`, `label2id`), so a saved config carries them."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    if spec.labels == ():
+        raise UserError(f"task {spec.name!r} takes its classes from its training file, and none was read "
+                        f"(data.load_task_data gives the task with its classes)")
     # fp32 master weights whatever the checkpoint's dtype: IVON keeps one dtype for all its state,
     # and --bf16 autocasts the compute.
-    kwargs = dict(num_labels=spec.num_labels, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    kwargs = dict(num_labels=spec.num_labels, trust_remote_code=trust_remote_code, dtype=torch.float32,
+                  **label_maps(spec))
     if spec.is_regression:
         kwargs["problem_type"] = "regression"
     try:

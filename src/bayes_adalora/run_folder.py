@@ -17,7 +17,7 @@ from .adapters import POSTERIOR_FILE, read_posterior
 from .checkpoint import CHECKPOINTS
 from .config import TrainConfig, config_fields
 from .errors import UserError
-from .tasks import TaskSpec, get_task
+from .tasks import TaskSpec, get_task, is_data_task
 
 RUN_MARKERS = ("results.json", "config.json")
 RUN_FILES = ("adapter", "model", POSTERIOR_FILE, "history.json", "correlations.json",
@@ -127,7 +127,10 @@ class SavedRun:
 
     @property
     def spec(self) -> TaskSpec:
-        return get_task(self.resolved["task"])
+        """The run's task; classification on the user's own data with the classes config.json names."""
+        if is_data_task(self.resolved["task"]) and self.resolved["task"] != "regression":
+            self.require("labels")
+        return get_task(self.resolved["task"], self.resolved.get("labels"))
 
     @property
     def method(self) -> str:

@@ -31,6 +31,9 @@ from .data import (
     read_glue_tsv,
     read_rows,
     read_user_file,
+    read_user_records,
+    records_to_dataset,
+    user_columns,
 )
 from .errors import UserError
 from .evaluation import mc_predictive, point_predictive, predictive_metrics
@@ -46,7 +49,7 @@ from .tasks import LMTaskSpec, TaskSpec
 def load_run_model(run: SavedRun, device: torch.device):
     """(tokenizer, model) of the run, in eval mode on `device`, holding the weights the run ended with."""
     run.require("model", "total_steps")
-    config, kind = run.config, task_kind(run.resolved["task"])
+    config, kind = run.config, task_kind(run.spec)
     if run.method == "full":
         if not (run.folder / "model").is_dir():
             raise UserError(f"{run.folder} holds no model/ folder: the fine-tuned model of this full run is missing")
@@ -137,7 +140,16 @@ def is_glue_layout(spec: TaskSpec, header: list[str], labeled: bool) -> bool:
 
 def read_eval_file(spec: TaskSpec, path: Path, text_columns=None, label_column=None) -> EvalSplit:
     """A file to evaluate on: a GLUE TSV of the task (labeled, or an unlabeled test file), else the
-    user's own .csv/.tsv/.json/.jsonl with labels, read as training reads --validation-file."""
+    user's own .csv/.tsv/.json/.jsonl/.parquet with labels, read as training reads --validation-file
+    (a run on the user's own data: also without a label column, to predict)."""
+    if spec.from_data:
+        records = read_user_records(path, *user_columns(spec, text_columns, label_column), labels_required=False)
+        index = [str(i) for i in range(len(records.rows))]
+        if records.labeled:
+            return EvalSplit(records_to_dataset(spec, records), index)
+        dummy = 0.0 if spec.is_regression else 0  # the loader wants a label; none is read
+        texts = [texts for _, texts, _ in records.rows]
+        return EvalSplit(TextDataset(texts, [dummy] * len(texts), str(path)), index, labeled=False)
     if path.suffix.lower() == ".tsv" and path.is_file():
         rows = read_rows(path, "\t", csv.QUOTE_NONE)
         header = check_header(path, rows[0][1]) if rows else []
@@ -171,6 +183,9 @@ def load_eval_data(run: SavedRun, data_dir: str | None, data_file: str | None, s
         name = Path(data_file).stem if Path(data_file).stem in spec.dev_splits else spec.dev_splits[0]
         splits = {name: read_eval_file(spec, Path(data_file), config.text_columns, config.label_column)}
     elif data_dir:
+        if spec.from_data:
+            raise UserError(f"--data-dir reads GLUE folders, and this is a {spec.name} run on your own data: "
+                            f"give the file to evaluate with --data-file")
         folder = Path(data_dir)
         if not folder.is_dir():
             raise UserError(f"the GLUE data folder {folder} does not exist")
@@ -219,7 +234,7 @@ def write_predictions(path: Path, spec: TaskSpec, splits: dict[str, EvalSplit], 
     `index<TAB>prediction`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     several = len(splits) > 1
-    unlabeled = not all(s.labeled for s in splits.values())
+    unlabeled = not spec.from_data and not all(s.labeled for s in splits.values())  # GLUE's submission format
 
     def label_of(value) -> str:
         return f"{float(value):.6f}" if spec.is_regression else spec.labels[int(value)]
@@ -344,7 +359,7 @@ def evaluate_lm_run(run: SavedRun, data_dir: str | None, data_file: str | None, 
                     predictions: str | None, seed: int | None, device: str, max_eval_samples: int | None) -> dict:
     """`evaluate_run` for a causal-lm or multiple-choice run: its own validation file (cut as the run cut
     it) or `data_file`, through the functions training evaluated with."""
-    kind, config = task_kind(run.resolved["task"]), run.config
+    kind, config = task_kind(run.spec), run.config
     if data_dir or split:
         raise UserError(f"a {run.spec.name} run reads no GLUE folder: evaluate another file with --data-file")
     if mc_samples:

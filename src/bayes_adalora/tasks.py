@@ -1,9 +1,12 @@
-"""The one place that knows each task: a GLUE task's files, text columns, labels and official metrics,
-and the decoder-LM tasks (causal-LM tuning, multiple-choice scoring) with theirs."""
+"""The one place that knows each task: each GLUE task's files, text columns, labels and official
+metrics, the tasks on the user's own data (`classification`, `regression`), whose classes come
+from the training file, and the decoder-LM tasks (causal-LM tuning, multiple-choice scoring)."""
 
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .errors import UserError
@@ -31,6 +34,7 @@ class TaskSpec:
     label_range: tuple[float, float] = (-math.inf, math.inf)  # regression: the scores a label may take
     dev_splits: tuple[str, ...] = ("dev",)
     hub_dev_splits: tuple[str, ...] = ("validation",)
+    from_data: bool = False  # the user's own data: labels are names (never class indices), no GLUE files
 
     higher_is_better = True  # of the main metric (class attributes: not fields)
     peft_task_type = "SEQ_CLS"  # peft's TaskType of the adapter
@@ -178,6 +182,45 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
+# ----------------------------------------------------------------------------- tasks on the user's own data
+
+DATA_TASKS = ("classification", "regression")
+DATA_TEXT_COLUMNS = ("text",)  # --text-columns' default for the user's own data; --label-column's is "label"
+_INTEGER = re.compile(r"^[+-]?\d+$")
+
+
+def data_task_spec(name: str, labels: Iterable[str] | None = None) -> TaskSpec:
+    """The spec of a task on the user's own data: `classification` with the class names `labels`
+    in class-index order (see `class_order`; none given: the classes are still to be read from the
+    training file, `data.spec_from_labels`), or `regression`. Main metric: accuracy, or Pearson's r."""
+    common = dict(name=name, glue_dir="", tsv_has_header=True, tsv_column_count=None, tsv_text_columns=(),
+                  tsv_label_column="label", hub_text_columns=DATA_TEXT_COLUMNS, from_data=True)
+    if name == "regression":
+        return TaskSpec(labels=None, metrics=("pearson", "spearmanr", "mse"), main_metric="pearson", **common)
+    return TaskSpec(labels=tuple(labels or ()), metrics=("accuracy", "macro_f1", "matthews_correlation"),
+                    main_metric="accuracy", **common)
+
+
+def class_order(names: Iterable[str]) -> tuple[str, ...]:
+    """The classes found in the training labels, in class-index order: numerically when every name is
+    an integer ("2" before "10"), else by Unicode code point (Python's `sorted`: "B" before "a")."""
+    distinct = set(names)
+    if all(_INTEGER.match(n) for n in distinct):
+        return tuple(sorted(distinct, key=lambda n: (int(n), n)))
+    return tuple(sorted(distinct))
+
+
+def is_data_task(name: str) -> bool:
+    return name.lower() in DATA_TASKS
+
+
+def check_own_files(task: str, train_file, validation_file) -> None:
+    """Refuse a task on the user's own data without its two files."""
+    if is_data_task(task) and not (train_file and validation_file):
+        raise UserError(f"--task {task} trains on your own data: give --train-file and --validation-file")
+
+
+
 @dataclass(frozen=True)
 class LMTaskSpec:
     """A task for a decoder LM, read from the user's --train-file / --validation-file (one dev split).
@@ -195,6 +238,8 @@ class LMTaskSpec:
     peft_task_type = "CAUSAL_LM"
     is_regression = False  # multiple choice is a classification over the choices
     num_labels = 0  # no classification head
+    labels = None  # and no classes to name
+    from_data = True  # read from the user's files
 
     def metric_name(self, split: str, metric: str) -> str:
         return metric
@@ -213,12 +258,15 @@ MULTIPLE_CHOICE = LMTaskSpec(name="multiple-choice", metrics=("accuracy",), main
 LM_TASKS: dict[str, LMTaskSpec] = {spec.name: spec for spec in (CAUSAL_LM, MULTIPLE_CHOICE)}
 
 
-def get_task(name: str) -> TaskSpec | LMTaskSpec:
-    """The spec of task `name`: a GLUE task (case-insensitive; 'sst-2' and 'sts-b' are accepted too), or
-    'causal-lm' / 'multiple-choice'."""
+def get_task(name: str, labels: Iterable[str] | None = None) -> TaskSpec | LMTaskSpec:
+    """The spec of GLUE task `name` (case-insensitive; 'sst-2' and 'sts-b' are accepted too), of a
+    task on the user's own data (`classification` with its class names, `labels`, once they are known),
+    or of a decoder-LM task ('causal-lm', 'multiple-choice')."""
     if name.lower() in LM_TASKS:
         return LM_TASKS[name.lower()]
+    if is_data_task(name):
+        return data_task_spec(name.lower(), labels)
     key = name.lower().replace("-", "")
     if key not in TASKS:
-        raise UserError(f"unknown task {name!r}: choose one of {', '.join([*TASKS, *LM_TASKS])}")
+        raise UserError(f"unknown task {name!r}: choose one of {', '.join((*TASKS, *DATA_TASKS, *LM_TASKS))}")
     return TASKS[key]

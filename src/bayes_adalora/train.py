@@ -40,9 +40,10 @@ from .config import RunPlan, TrainConfig, plan_run, planned_config
 from .distributed import Processes
 from .errors import TrainingDiverged, UserError
 from .kinds import task_kind
-from .models import default_model_path
+from .models import LABELS_FILE, default_model_path, label_maps
 from .predict import named_posterior_sigma
 from .run_folder import check_output_dir, write_json, write_outputs
+from .tasks import get_task
 
 Figures = Callable[[Path], object]  # draws a finished run folder's figures into it (`plots.plot_run`)
 
@@ -140,8 +141,7 @@ def train(config: TrainConfig, figures: Figures | None = None) -> dict:
 
     `figures` (e.g. `plots.plot_run`) draws the run's PNGs into the folder when `config.plots` is on.
     """
-    kind = task_kind(config.task)  # what varies with the task: its data, model, batches and metrics
-    spec = kind.spec
+    kind = task_kind(get_task(config.task))  # what varies with the task: data, model, batches, metrics
     out = Path(config.output_dir)
     check_output_dir(out, config.overwrite, config.resume)
     resume_from = resume_checkpoint(out, config.resume)
@@ -150,12 +150,13 @@ def train(config: TrainConfig, figures: Figures | None = None) -> dict:
     device = procs.device or device
 
     data = kind.read_data(config)
+    spec = data.spec  # classification on the user's own data: with the classes of its training file
     set_seed(config.seed)  # before the model: the seed also fixes the new head's and the adapter's first weights
     model_name = config.model or default_model_path()
     tokenizer, model, fresh = kind.load_model(model_name, config, device)
     train_loader = kind.train_loader(data, tokenizer, config, min_last=procs.world)  # an empty shard's loss: NaN
     dev_loaders = {split: kind.dev_loader(ds, tokenizer, config) for split, ds in data.dev.items()}
-    plan = plan_run(config, model_name, len(data.train), len(train_loader))
+    plan = plan_run(config, model_name, len(data.train), len(train_loader), spec)
 
     model = on_device(build_trainable_model(model, config, plan.total_steps, fresh), device)
     forward_model = procs.wrap(model)  # DDP under accelerate; peft's allocator works on `model`
@@ -266,6 +267,7 @@ def train(config: TrainConfig, figures: Figures | None = None) -> dict:
         "steps": plan.total_steps,
         "metrics": {"final": done.final, "best": done.best, **({"mc": mc} if mc else {})},
         "main_metric": spec.main_metric_name,
+        **label_maps(spec),
         "train_seconds": done.train_seconds,
         "seconds_per_step": done.train_seconds / plan.total_steps,
         "peak_memory_mb": peak_memory_mb(device),
@@ -291,6 +293,8 @@ def write_run(folder: Path, config: TrainConfig, plan: RunPlan, model: nn.Module
         tokenizer.save_pretrained(folder / "model")
     else:
         model.save_pretrained(folder / "adapter")
+        if "id2label" in results:  # the class names beside the adapter (model/config.json holds them for full)
+            write_json({k: results[k] for k in ("id2label", "label2id")}, folder / "adapter" / LABELS_FILE)
     if config.uses_ivon:
         tensors, meta = posterior_state_dict(optimizer, {p: n for n, p in model.named_parameters()})
         save_file(tensors, folder / POSTERIOR_FILE, metadata=meta)
