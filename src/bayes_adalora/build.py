@@ -18,9 +18,10 @@ from .adapters import PAPER_LAMBDA_STD, init_lambdas_normal
 from .config import DEVICE, TrainConfig, adalora_phases
 from .errors import UserError
 from .fast_adalora import enable_fast_model, enable_fast_optimizer
-from .models import plan_adapter_modules, target_module_suffixes
+from .models import FAN_IN_FAN_OUT_TYPES, plan_adapter_modules, target_module_suffixes
 from .schedules import constant_warmup, linear_warmup_decay, two_phase
 from .steps import make_step
+from .tasks import get_task
 
 
 def resolve_device(name: str) -> torch.device:
@@ -32,6 +33,13 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name} asked for CUDA, but no CUDA device is available")
     return device
+
+
+def on_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model` moved to `device`; a base quantized by bitsandbytes (--load-in) was loaded there and refuses `.to`."""
+    if getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False):
+        return model
+    return model.to(device)
 
 
 def fast_path_applies(config: TrainConfig) -> bool:
@@ -64,8 +72,9 @@ def build_adapter_model(model: nn.Module, config: TrainConfig, total_steps: int,
     suffixes = target_module_suffixes(model.config.model_type, config.target_modules)
     targets, trained_in_full = plan_adapter_modules(model, suffixes, fresh)
     common = dict(
-        task_type=TaskType.SEQ_CLS, target_modules=targets, modules_to_save=trained_in_full,
-        lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        task_type=TaskType(get_task(config.task).peft_task_type), target_modules=targets,
+        modules_to_save=trained_in_full, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        fan_in_fan_out=model.config.model_type in FAN_IN_FAN_OUT_TYPES,
     )
     if adapter == "lora":
         peft_config = LoraConfig(r=config.lora_r, **common)

@@ -74,8 +74,9 @@ def _f(default, help: str, **kw):
 @dataclass
 class TrainConfig:
     # what to train
-    task: str = _f("sst2", "GLUE task (cola sst2 mrpc stsb qqp mnli qnli rte wnli), or classification / regression "
-                           "on your own --train-file and --validation-file.")
+    task: str = _f("sst2", "GLUE task (cola sst2 mrpc stsb qqp mnli qnli rte wnli), classification / regression "
+                           "on your own --train-file and --validation-file, or, for a decoder LM, causal-lm or "
+                           "multiple-choice (your own files too).")
     method: str = _f("bayes-adalora", "Fine-tuning method.", choices=METHOD_NAMES)
     criterion: str = _f(
         DEFAULT_CRITERION, "Posterior importance criterion (bayes-adalora only).", choices=POSTERIOR_CRITERIA
@@ -186,7 +187,9 @@ class TrainConfig:
         None, "'paper' fills the paper's hyperparameters for the task; explicit flags win.", choices=("paper",)
     )
     device: str = _f("auto", "cpu, cuda, cuda:N or auto.")
-    bf16: bool = _f(False, "bf16 autocast for forward and backward.")
+    bf16: bool = _f(False, "bf16 autocast for forward and backward (decoder LMs on CUDA: the frozen base in bf16).")
+    load_in: str | None = _f(None, "Decoder LMs: load the frozen base quantized by bitsandbytes (CUDA only).",
+                             choices=("8bit", "4bit"))
     fast_path: bool = _f(True, "AdaLoRA methods: batched penalty, fused layer, in-place IVON (same numbers); "
                                "--no-fast-path runs stock peft and ivon-opt.")  # issue 11
     progress: bool = _f(True, "Show a progress bar.")
@@ -220,6 +223,11 @@ class TrainConfig:
             self.text_columns = [c for given in self.text_columns for c in given.split(",") if c]
         if self.text_columns is not None and not 1 <= len(self.text_columns) <= 2:
             raise UserError(f"--text-columns takes one or two column names, got {len(self.text_columns)}")
+        if self.load_in and get_task(self.task).peft_task_type != "CAUSAL_LM":
+            raise UserError(f"--load-in {self.load_in} is for the decoder-LM tasks (causal-lm, multiple-choice)")
+        if self.load_in and method.adapter is None:
+            raise UserError(f"--load-in {self.load_in} quantizes the frozen base under an adapter; --method full "
+                            f"trains every weight and cannot train quantized ones")
         if self.lambda_init != "zero" and not method.uses_adalora:
             raise UserError(f"--lambda-init sets AdaLoRA's lambda and needs an AdaLoRA method, not {self.method}")
 

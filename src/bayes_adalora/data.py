@@ -363,6 +363,18 @@ def spec_from_labels(task: str, train: UserRecords, label_column: str) -> TaskSp
     return data_task_spec(task, classes)
 
 
+def read_records(path: Path, kinds: Sequence[str] = (".csv", ".tsv", ".json", ".jsonl")) -> list[tuple[str, dict]]:
+    """(where, record) for every example of a .csv, .tsv, .json or .jsonl file (of the `kinds` allowed),
+    columns unchecked: for readers that check their own (the decoder-LM tasks)."""
+    suffix = path.suffix.lower()
+    if suffix not in kinds:
+        raise UserError(f"{path}: unknown file type {suffix or '(none)'!r}; use {', '.join(kinds)}")
+    if suffix in (".csv", ".tsv"):
+        return _table_records(path, "," if suffix == ".csv" else "\t",
+                              csv.QUOTE_MINIMAL if suffix == ".csv" else csv.QUOTE_NONE, ())
+    return _json_records(path) if suffix == ".json" else _jsonl_records(path)
+
+
 # ----------------------------------------------------------------------------- the hub
 
 
@@ -473,15 +485,16 @@ class _PadBatch:
 
 
 def make_loader(encoded: Iterable[dict], tokenizer, batch_size: int, shuffle: bool,
-                seed: int, min_last: int = 1) -> DataLoader:
+                seed: int, min_last: int = 1, collate_fn=None) -> DataLoader:
     """Batches of `encoded`, padded per batch; with `shuffle`, the order is fixed by `seed`.
 
     Each pass over the loader draws a new order from the same seeded generator, so runs with
     the same seed see the same sequence of epochs. A last batch of fewer than `min_last`
-    examples is dropped (a global batch shared by N processes needs at least N).
+    examples is dropped (a global batch shared by N processes needs at least N). `collate_fn` pads a
+    batch (default: the classification padding above).
     """
     encoded = list(encoded)
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     drop_last = 0 < len(encoded) % batch_size < min_last
     return DataLoader(encoded, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      collate_fn=_PadBatch(tokenizer), drop_last=drop_last)
+                      collate_fn=collate_fn or _PadBatch(tokenizer), drop_last=drop_last)

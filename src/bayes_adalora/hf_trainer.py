@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from peft import AdaLoraConfig
 from scipy.special import log_softmax
-from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from .adapters import adalora_tuner
 from .allocator import PosteriorRankAllocator, install_allocator
@@ -39,8 +39,8 @@ from .build import build_trainable_model, make_optimizer, use_fast_path
 from .checkpoint import allocator_state, load_allocator_state
 from .config import TrainConfig, adalora_phases, check_field
 from .evaluation import Predictive, calibration_metrics
+from .kinds import task_kind
 from .methods import IVON_METHODS, METHODS, get_method
-from .models import load_model
 from .steps import IVONStep
 from .tasks import get_task
 
@@ -428,18 +428,19 @@ def make_trainer(model, train_dataset, eval_dataset, config: TrainConfig, traini
                  **trainer_kwargs) -> Trainer:
     """A Trainer for `config.method`, with the adapter model built as the CLI builds it.
 
-    `model`: a name or path (loaded for `config.task`; the tokenizer becomes the `processing_class`
-    and the padding collator the `data_collator` unless given; modules the checkpoint lacks are
-    trained in full and saved), or a model object for sequence classification (only its head is then
-    trained in full). The adapter's default `tinit`, `tfinal` and `delta_t` scale with the Trainer's
-    step count. Returns an `IVONTrainer` for IVON methods, an `AdaLoraTrainer` (AdamW from
-    `training_args`) for `adalora`, else a `transformers.Trainer`.
+    `model`: a name or path (loaded for `config.task`, a causal LM for causal-lm and multiple-choice; the
+    tokenizer becomes the `processing_class` and the task's padding collator the `data_collator` unless
+    given; modules the checkpoint lacks are trained in full and saved), or a model object (for sequence
+    classification only its head is then trained in full). The adapter's default `tinit`, `tfinal` and
+    `delta_t` scale with the Trainer's step count. Returns an `IVONTrainer` for IVON methods, an
+    `AdaLoraTrainer` (AdamW from `training_args`) for `adalora`, else a `transformers.Trainer`.
     """
     set_seed(training_args.seed)  # the new head and the adapter start from the run's seed
     if isinstance(model, str):
-        tokenizer, model, fresh = load_model(model, get_task(config.task), config.trust_remote_code)
+        kind = task_kind(get_task(config.task))  # a classifier, or a causal LM for the decoder-LM tasks
+        tokenizer, model, fresh = kind.load_model(model, config, training_args.device)
         trainer_kwargs.setdefault("processing_class", tokenizer)
-        trainer_kwargs.setdefault("data_collator", DataCollatorWithPadding(tokenizer))
+        trainer_kwargs.setdefault("data_collator", kind.collator(tokenizer))
     else:
         fresh = set()
     n_examples = len(train_dataset) if hasattr(train_dataset, "__len__") else None

@@ -1,4 +1,5 @@
-"""The one place that knows architectures: the default model, target-module presets, the head."""
+"""The one place that knows architectures: the default model, target-module presets, the head, and
+how a sequence classifier or a causal LM is loaded."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import re
 import torch
 from safetensors import SafetensorError
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .errors import UserError
 from .tasks import TaskSpec
@@ -21,7 +23,17 @@ TARGET_MODULE_PRESETS: dict[str, tuple[str, ...]] = {
     "deberta-v2": ("query_proj", "key_proj", "value_proj", "dense"),
     "deberta": ("in_proj", "dense"),
     "distilbert": ("q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"),
+    # decoder LMs: every attention projection and the MLP's (QLoRA's "all linear layers", lm_head excepted)
+    **{t: ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+       for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")},
+    "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+    "gpt2": ("c_attn", "c_proj", "c_fc"),  # transformers' Conv1D layers: peft adapts them with fan_in_fan_out
+    "gpt_neox": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+    "opt": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
 }
+# Architectures whose projections are transformers' Conv1D, storing the weight as (in, out).
+FAN_IN_FAN_OUT_TYPES = ("gpt2",)
+QUANTIZED_BASES = ("8bit", "4bit")  # --load-in: a bitsandbytes-quantized frozen base (CUDA only)
 
 # Heads that a sequence-classification model creates fresh: always trained in full and saved.
 HEAD_MODULE_NAMES = ("classifier", "score", "pre_classifier")
@@ -65,7 +77,7 @@ def plan_adapter_modules(
     targets = [
         name
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear)
+        if isinstance(module, (nn.Linear, Conv1D))
         and any(_matches(name, s) for s in suffixes)
         and not (inside_full and inside_full.match(name))
     ]
@@ -111,4 +123,53 @@ def load_model(name: str, spec: TaskSpec, trust_remote_code: bool):
         model, info = AutoModelForSequenceClassification.from_pretrained(name, output_loading_info=True, **kwargs)
     except (OSError, SafetensorError) as exc:
         raise UserError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from exc
+    return tokenizer, model, newly_initialized_modules(set(info.get("missing_keys", ())), model)
+
+
+def quantization_config(load_in: str | None, device: torch.device):
+    """transformers' BitsAndBytesConfig for `--load-in 8bit|4bit` (refused off CUDA), or None."""
+    if load_in is None:
+        return None
+    if load_in not in QUANTIZED_BASES:
+        raise UserError(f"--load-in {load_in!r}: choose one of {', '.join(QUANTIZED_BASES)}")
+    if device.type != "cuda":
+        raise UserError(f"--load-in {load_in} quantizes the base model with bitsandbytes, which needs a CUDA "
+                        f"device, and this run is on {device.type}")
+    try:
+        import bitsandbytes  # noqa: F401 - only its presence is checked here
+    except ImportError:
+        raise UserError(f"--load-in {load_in} needs bitsandbytes: pip install bitsandbytes") from None
+    from transformers import BitsAndBytesConfig
+
+    if load_in == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def load_causal_lm(name: str, trust_remote_code: bool, device: torch.device,
+                   load_in: str | None = None, bf16_base: bool = False):
+    """(tokenizer, causal LM, newly initialised module names) for a decoder-LM task.
+
+    The tokenizer pads on the right, with its EOS token where it has no pad token. The base is fp32
+    (IVON keeps one dtype for all its state), or bf16 with `bf16_base` (a frozen base under an adapter,
+    on CUDA), or 8/4-bit through bitsandbytes with `load_in`.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quantized = quantization_config(load_in, device)
+    kwargs = dict(trust_remote_code=trust_remote_code, dtype=torch.bfloat16 if bf16_base else torch.float32)
+    if quantized is not None:
+        kwargs.update(quantization_config=quantized, device_map={"": device.index or 0})
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        model, info = AutoModelForCausalLM.from_pretrained(name, output_loading_info=True, **kwargs)
+    except (OSError, SafetensorError, ValueError) as exc:
+        raise UserError(f"cannot load model {name!r} as a causal LM: {str(exc).splitlines()[0]}") from exc
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise UserError(f"the tokenizer of {name!r} has neither a pad token nor an EOS token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
     return tokenizer, model, newly_initialized_modules(set(info.get("missing_keys", ())), model)

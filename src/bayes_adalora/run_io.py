@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .adapters import POSTERIOR_FILE, load_adapter_weights
-from .build import build_adapter_model, resolve_device
+from .build import build_adapter_model, on_device, resolve_device
 from .config import check_field, config_fields
 from .data import (
     TextDataset,
@@ -37,11 +37,11 @@ from .data import (
 )
 from .errors import UserError
 from .evaluation import mc_predictive, point_predictive, predictive_metrics
+from .kinds import task_kind
 from .methods import get_method
-from .models import load_model
 from .predict import predict, predict_sampled
 from .run_folder import SavedRun, read_run
-from .tasks import TaskSpec
+from .tasks import LMTaskSpec, TaskSpec
 
 # ----------------------------------------------------------------------------- the model
 
@@ -49,24 +49,24 @@ from .tasks import TaskSpec
 def load_run_model(run: SavedRun, device: torch.device):
     """(tokenizer, model) of the run, in eval mode on `device`, holding the weights the run ended with."""
     run.require("model", "total_steps")
-    config, spec = run.config, run.spec
+    config, kind = run.config, task_kind(run.spec)
     if run.method == "full":
         if not (run.folder / "model").is_dir():
             raise UserError(f"{run.folder} holds no model/ folder: the fine-tuned model of this full run is missing")
-        tokenizer, model, _ = load_model(str(run.folder / "model"), spec, config.trust_remote_code)
+        tokenizer, model, _ = kind.load_model(str(run.folder / "model"), config, device)
     else:
         adapter = run.folder / "adapter"
         if not (adapter / "adapter_config.json").is_file() or not (adapter / "adapter_model.safetensors").is_file():
             raise UserError(
                 f"{run.folder} holds no adapter (adapter/adapter_config.json and adapter_model.safetensors)"
             )
-        tokenizer, base, fresh = load_model(run.resolved["model"], spec, config.trust_remote_code)
+        tokenizer, base, fresh = kind.load_model(run.resolved["model"], config, device)
         model = build_adapter_model(base, config, run.resolved["total_steps"], fresh)
         load_adapter_weights(model, adapter)
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise UserError(f"the weights saved in {run.folder} are not finite (NaN or inf): the run diverged; "
                         f"train it again with a lower --lr")
-    return tokenizer, model.to(device).eval()
+    return tokenizer, on_device(model, device).eval()
 
 
 def check_posterior(run: SavedRun) -> None:
@@ -286,6 +286,8 @@ def evaluate_run(run_dir: str | Path, data_dir: str | None = None, data_file: st
         if value is not None:
             check_field(fields[name], value)
     run = read_run(run_dir)
+    if isinstance(run.spec, LMTaskSpec):
+        return evaluate_lm_run(run, data_dir, data_file, split, mc_samples, predictions, seed, device, max_eval_samples)
     spec, config = run.spec, run.config
     if mc_samples:
         check_posterior(run)  # before any data or model is loaded
@@ -335,5 +337,56 @@ def evaluate_run(run_dir: str | Path, data_dir: str | None = None, data_file: st
     if predictions:
         chosen = {name: (sampled or point)[name][0] for name in splits}
         write_predictions(Path(predictions), spec, splits, chosen)
+        out["predictions"] = str(predictions)
+    return out
+
+
+def write_rows(path: Path, header: list[str], rows: list[list]) -> None:
+    """A CSV of `rows` under `header`, all rows or nothing; numbers written exactly (repr)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(header)
+            writer.writerows([repr(v) if isinstance(v, float) else v for v in row] for row in rows)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def evaluate_lm_run(run: SavedRun, data_dir: str | None, data_file: str | None, split: str | None, mc_samples: int,
+                    predictions: str | None, seed: int | None, device: str, max_eval_samples: int | None) -> dict:
+    """`evaluate_run` for a causal-lm or multiple-choice run: its own validation file (cut as the run cut
+    it) or `data_file`, through the functions training evaluated with."""
+    kind, config = task_kind(run.spec), run.config
+    if data_dir or split:
+        raise UserError(f"a {run.spec.name} run reads no GLUE folder: evaluate another file with --data-file")
+    if mc_samples:
+        check_posterior(run)
+    if predictions:
+        check_predictions_path(Path(predictions))
+    if data_file:
+        dataset = kind.read_file(data_file)
+        n = max_eval_samples
+    else:
+        dataset = kind.read_file(config.validation_file)
+        n = max_eval_samples or config.max_eval_samples
+    dataset = dataset.head(n or len(dataset))
+    device = resolve_device(device)
+    tokenizer, model = load_run_model(run, device)
+    sigma = posterior_sigma_by_name(run, model) if mc_samples else None
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config.bf16 else nullcontext()
+    name = run.spec.dev_splits[0]
+    loaders = {name: kind.dev_loader(dataset, tokenizer, config)}
+    seed = config.seed if seed is None else seed
+    metrics = {"point": kind.evaluate(model, loaders, device, autocast)}
+    if mc_samples:
+        metrics["mc"] = kind.evaluate_sampled(model, loaders, device, autocast, sigma, mc_samples, seed)
+    out = {"run": str(run.folder), "task": run.spec.name, "method": run.method, "data": {name: dataset.source},
+           "examples": {name: len(dataset)}, "metrics": metrics}
+    if predictions:
+        header, rows = kind.prediction_rows(model, loaders[name], dataset, device, autocast, sigma, mc_samples, seed)
+        write_rows(Path(predictions), header, rows)
         out["predictions"] = str(predictions)
     return out

@@ -1,6 +1,6 @@
 """The one place that knows each task: each GLUE task's files, text columns, labels and official
-metrics, and the tasks on the user's own data (`classification`, `regression`), whose classes come
-from the training file."""
+metrics, the tasks on the user's own data (`classification`, `regression`), whose classes come
+from the training file, and the decoder-LM tasks (causal-LM tuning, multiple-choice scoring)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,9 @@ class TaskSpec:
     dev_splits: tuple[str, ...] = ("dev",)
     hub_dev_splits: tuple[str, ...] = ("validation",)
     from_data: bool = False  # the user's own data: labels are names (never class indices), no GLUE files
+
+    higher_is_better = True  # of the main metric (class attributes: not fields)
+    peft_task_type = "SEQ_CLS"  # peft's TaskType of the adapter
 
     @property
     def is_regression(self) -> bool:
@@ -217,12 +220,53 @@ def check_own_files(task: str, train_file, validation_file) -> None:
         raise UserError(f"--task {task} trains on your own data: give --train-file and --validation-file")
 
 
-def get_task(name: str, labels: Iterable[str] | None = None) -> TaskSpec:
-    """The spec of GLUE task `name` (case-insensitive; 'sst-2' and 'sts-b' are accepted too), or of a
-    task on the user's own data (`classification` with its class names, `labels`, once they are known)."""
+
+@dataclass(frozen=True)
+class LMTaskSpec:
+    """A task for a decoder LM, read from the user's --train-file / --validation-file (one dev split).
+
+    causal-lm: the mean negative log-likelihood per completion token ("nll", the main metric, lower
+    is better) and its exp, "perplexity". multiple-choice: "accuracy" of the best-scored choice, plus
+    the calibration metrics of classification over the softmax of the choices' scores.
+    """
+
+    name: str
+    metrics: tuple[str, ...]
+    main_metric: str
+    higher_is_better: bool
+    dev_splits: tuple[str, ...] = ("dev",)
+    peft_task_type = "CAUSAL_LM"
+    is_regression = False  # multiple choice is a classification over the choices
+    num_labels = 0  # no classification head
+    labels = None  # and no classes to name
+    from_data = True  # read from the user's files
+
+    def metric_name(self, split: str, metric: str) -> str:
+        return metric
+
+    def metric_names(self) -> list[str]:
+        return list(self.metrics)
+
+    @property
+    def main_metric_name(self) -> str:
+        return self.main_metric
+
+
+CAUSAL_LM = LMTaskSpec(name="causal-lm", metrics=("nll", "perplexity"), main_metric="nll", higher_is_better=False)
+MULTIPLE_CHOICE = LMTaskSpec(name="multiple-choice", metrics=("accuracy",), main_metric="accuracy",
+                             higher_is_better=True)
+LM_TASKS: dict[str, LMTaskSpec] = {spec.name: spec for spec in (CAUSAL_LM, MULTIPLE_CHOICE)}
+
+
+def get_task(name: str, labels: Iterable[str] | None = None) -> TaskSpec | LMTaskSpec:
+    """The spec of GLUE task `name` (case-insensitive; 'sst-2' and 'sts-b' are accepted too), of a
+    task on the user's own data (`classification` with its class names, `labels`, once they are known),
+    or of a decoder-LM task ('causal-lm', 'multiple-choice')."""
+    if name.lower() in LM_TASKS:
+        return LM_TASKS[name.lower()]
     if is_data_task(name):
         return data_task_spec(name.lower(), labels)
     key = name.lower().replace("-", "")
     if key not in TASKS:
-        raise UserError(f"unknown task {name!r}: choose one of {', '.join((*TASKS, *DATA_TASKS))}")
+        raise UserError(f"unknown task {name!r}: choose one of {', '.join((*TASKS, *DATA_TASKS, *LM_TASKS))}")
     return TASKS[key]

@@ -26,15 +26,24 @@ from transformers import set_seed
 
 from .adapters import POSTERIOR_FILE, adapter_ranks, posterior_state_dict
 from .allocator import CorrelationLog, install_allocator
-from .build import build_trainable_model, lr_multiplier, make_optimizer, make_training_step, resolve_device, set_peak_lr
+from .build import (
+    build_trainable_model,
+    lr_multiplier,
+    make_optimizer,
+    make_training_step,
+    on_device,
+    resolve_device,
+    set_peak_lr,
+)
 from .checkpoint import CHECKPOINTS, checkpoint_dirs, drop_checkpoints_from, load_checkpoint, save_checkpoint
-from .config import RunPlan, TrainConfig, data_dir_of, plan_run, planned_config
-from .data import TaskData, encode, load_task_data, make_loader
+from .config import RunPlan, TrainConfig, plan_run, planned_config
 from .distributed import Processes
 from .errors import TrainingDiverged, UserError
-from .models import LABELS_FILE, default_model_path, label_maps, load_model
-from .predict import evaluate, evaluate_sampled, named_posterior_sigma
+from .kinds import task_kind
+from .models import LABELS_FILE, default_model_path, label_maps
+from .predict import named_posterior_sigma
 from .run_folder import check_output_dir, write_json, write_outputs
+from .tasks import get_task
 from .trackers import sigma_statistics, start_tracker
 
 Figures = Callable[[Path], object]  # draws a finished run folder's figures into it (`plots.plot_run`)
@@ -56,22 +65,6 @@ def resume_checkpoint(out: Path, resume: str | None) -> Path | None:
     if not (path / "state.pt").exists():
         raise UserError(f"--resume {resume}: no checkpoint there (a checkpoint folder holds state.pt)")
     return path
-
-
-def load_data(config: TrainConfig) -> TaskData:
-    """The task's data as the config says, cut to --max-train-samples / --max-eval-samples; `data.spec`
-    is the task's (classification on the user's own data: with the classes of the whole training file)."""
-    data = load_task_data(
-        config.task, data_dir=data_dir_of(config), train_file=config.train_file, validation_file=config.validation_file,
-        text_columns=config.text_columns, label_column=config.label_column,
-    )
-    if config.max_train_samples:
-        n = config.max_train_samples
-        data.train.texts, data.train.labels = data.train.texts[:n], data.train.labels[:n]
-    for ds in data.dev.values():
-        if config.max_eval_samples:
-            ds.texts, ds.labels = ds.texts[: config.max_eval_samples], ds.labels[: config.max_eval_samples]
-    return data
 
 
 def forward_backward(model: nn.Module, batch: dict, autocast) -> torch.Tensor:
@@ -121,9 +114,10 @@ def finite_state(model: nn.Module, optimizer) -> bool:
     return weights and all(torch.isfinite(g["hess"]).all() for g in optimizer.param_groups if "hess" in g)
 
 
-def score(value: float) -> float:
-    """For comparing evaluations: an undefined metric (NaN, e.g. Pearson of constant predictions) ranks last."""
-    return -math.inf if math.isnan(value) else value
+def score(value: float, higher_is_better: bool = True) -> float:
+    """For comparing evaluations, higher is better: an undefined metric (NaN, e.g. Pearson of constant
+    predictions) ranks last; a metric where lower is better (a causal LM's NLL) is negated."""
+    return -math.inf if math.isnan(value) else value if higher_is_better else -value
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -144,10 +138,11 @@ def draw_figures(figures: Figures, folder: Path) -> None:
 
 
 def train(config: TrainConfig, figures: Figures | None = None) -> dict:
-    """Fine-tune on a GLUE task as `config` says; writes the run to `config.output_dir`, returns results.
+    """Fine-tune on the task as `config` says; writes the run to `config.output_dir`, returns results.
 
     `figures` (e.g. `plots.plot_run`) draws the run's PNGs into the folder when `config.plots` is on.
     """
+    kind = task_kind(get_task(config.task))  # what varies with the task: data, model, batches, metrics
     out = Path(config.output_dir)
     check_output_dir(out, config.overwrite, config.resume)
     resume_from = resume_checkpoint(out, config.resume)
@@ -155,22 +150,16 @@ def train(config: TrainConfig, figures: Figures | None = None) -> dict:
     procs = Processes.start(device, config.batch_size)
     device = procs.device or device
 
-    data = load_data(config)
-    spec = data.spec
+    data = kind.read_data(config)
+    spec = data.spec  # classification on the user's own data: with the classes of its training file
     set_seed(config.seed)  # before the model: the seed also fixes the new head's and the adapter's first weights
     model_name = config.model or default_model_path()
-    tokenizer, model, fresh = load_model(model_name, spec, config.trust_remote_code)
-    train_loader = make_loader(encode(data.train, tokenizer, config.max_length), tokenizer, config.batch_size, True,
-                               config.seed, min_last=procs.world)  # an empty shard's loss would be NaN
-    dev_loaders = {
-        split: make_loader(
-            encode(ds, tokenizer, config.max_length), tokenizer, config.eval_batch_size, False, config.seed
-        )
-        for split, ds in data.dev.items()
-    }
+    tokenizer, model, fresh = kind.load_model(model_name, config, device)
+    train_loader = kind.train_loader(data, tokenizer, config, min_last=procs.world)  # an empty shard's loss: NaN
+    dev_loaders = {split: kind.dev_loader(ds, tokenizer, config) for split, ds in data.dev.items()}
     plan = plan_run(config, model_name, len(data.train), len(train_loader), spec)
 
-    model = build_trainable_model(model, config, plan.total_steps, fresh).to(device)
+    model = on_device(build_trainable_model(model, config, plan.total_steps, fresh), device)
     forward_model = procs.wrap(model)  # DDP under accelerate; peft's allocator works on `model`
     model.train()
     optimizer = make_optimizer(model, config, plan.ivon_ess, sync=procs.world > 1)
@@ -238,9 +227,10 @@ def train(config: TrainConfig, figures: Figures | None = None) -> dict:
 
             end_of_epoch = index == len(train_loader) - 1
             if step % plan.eval_steps == 0 or step == plan.total_steps or end_of_epoch:
-                done.final = evaluate(model, dev_loaders, spec, device, autocast)
+                done.final = kind.evaluate(model, dev_loaders, device, autocast)
                 history["eval"].append({"step": step, **done.final})
-                if not done.best or score(done.final[spec.main_metric_name]) > score(done.best[spec.main_metric_name]):
+                main, higher = spec.main_metric_name, spec.higher_is_better
+                if not done.best or score(done.final[main], higher) > score(done.best[main], higher):
                     done.best = {**done.final, "step": step}
                 if tracker is not None:
                     tracker.log({f"eval/{spec.main_metric_name}": done.final[spec.main_metric_name]}, step=step)
@@ -274,8 +264,8 @@ def train(config: TrainConfig, figures: Figures | None = None) -> dict:
 
     mc = {}
     if config.mc_samples:  # once, at the end: K passes over the dev data
-        mc = evaluate_sampled(model, dev_loaders, spec, device, autocast, named_posterior_sigma(model, optimizer),
-                              config.mc_samples, config.seed)
+        mc = kind.evaluate_sampled(model, dev_loaders, device, autocast, named_posterior_sigma(model, optimizer),
+                                   config.mc_samples, config.seed)
     ranks = adapter_ranks(model) if config.method_spec.adapter is not None else {}
     if not procs.same_everywhere(ranks):  # every process must have masked the same triplets
         raise RuntimeError("the processes ended with different rank patterns; please report this as a bug")

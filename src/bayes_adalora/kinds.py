@@ -1,0 +1,189 @@
+"""What varies between kinds of task, behind one small interface that the training loop and `evaluate`
+call: read the data, load the model, batch the data, evaluate at the weights and at posterior draws.
+
+- `ClassifierKind`: GLUE tasks (a sequence-classification head; `data.py`, `predict.py`);
+- `CausalLMKind`: causal-LM tuning on prompt/completion or text files (`lm_data.py`, `lm_predict.py`);
+- `ChoiceKind`: multiple-choice questions, trained with the completion loss of the right answer and
+  scored by the log-likelihood of every choice.
+
+The loss is the model's own in every kind (`model(**batch).loss`: cross-entropy of the labels, over
+completion tokens for the decoder LMs), so peft's AdaLoRA adds its orthogonality penalty to it as usual.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import DataCollatorWithPadding
+
+from .config import TrainConfig, data_dir_of
+from .data import TaskData, encode, load_task_data, make_loader
+from .errors import UserError
+from .lm_data import (
+    ChoiceDataset,
+    CompletionDataset,
+    PadCompletions,
+    completion_loader,
+    encode_completions,
+    read_choice_file,
+    read_completion_file,
+)
+from .lm_predict import (
+    ChoiceSplit,
+    choice_rows,
+    completion_rows,
+    evaluate_causal_lm,
+    evaluate_causal_lm_sampled,
+    evaluate_choices,
+    evaluate_choices_sampled,
+)
+from .models import load_causal_lm, load_model
+from .predict import evaluate, evaluate_sampled
+from .tasks import LMTaskSpec, TaskSpec
+
+
+@dataclass
+class RunData:
+    """A run's task, training examples and dev splits by name, whatever their kind."""
+
+    spec: LMTaskSpec
+    train: object
+    dev: dict
+
+
+class ClassifierKind:
+    """GLUE tasks and the user's own labelled data: a sequence classifier (or regressor) over one or two texts."""
+
+    def __init__(self, spec: TaskSpec):
+        self.spec = spec
+
+    def read_data(self, config: TrainConfig) -> TaskData:
+        """The task's data as the config says, cut to --max-train-samples / --max-eval-samples; `data.spec`
+        is the task's (classification on the user's own data: with the classes of the whole training
+        file, which this kind then uses)."""
+        data = load_task_data(
+            config.task, data_dir=data_dir_of(config), train_file=config.train_file,
+            validation_file=config.validation_file, text_columns=config.text_columns, label_column=config.label_column,
+        )
+        self.spec = data.spec
+        if config.max_train_samples:
+            n = config.max_train_samples
+            data.train.texts, data.train.labels = data.train.texts[:n], data.train.labels[:n]
+        for ds in data.dev.values():
+            if config.max_eval_samples:
+                ds.texts, ds.labels = ds.texts[: config.max_eval_samples], ds.labels[: config.max_eval_samples]
+        return data
+
+    def load_model(self, name: str, config: TrainConfig, device: torch.device):
+        return load_model(name, self.spec, config.trust_remote_code)
+
+    def collator(self, tokenizer):
+        """Pads a batch of encoded examples (the Trainer integration's default `data_collator`)."""
+        return DataCollatorWithPadding(tokenizer)
+
+    def train_loader(self, data, tokenizer, config: TrainConfig, min_last: int):
+        return make_loader(encode(data.train, tokenizer, config.max_length), tokenizer, config.batch_size, True,
+                           config.seed, min_last=min_last)
+
+    def dev_loader(self, dataset, tokenizer, config: TrainConfig):
+        return make_loader(encode(dataset, tokenizer, config.max_length), tokenizer, config.eval_batch_size, False,
+                           config.seed)
+
+    def evaluate(self, model, loaders: dict, device, autocast) -> dict:
+        return evaluate(model, loaders, self.spec, device, autocast)
+
+    def evaluate_sampled(self, model, loaders: dict, device, autocast, sigma, samples: int, seed: int) -> dict:
+        return evaluate_sampled(model, loaders, self.spec, device, autocast, sigma, samples, seed)
+
+
+class CausalLMKind:
+    """Causal-LM tuning: the loss and the metrics count completion tokens (all tokens of a text row)."""
+
+    eos = True  # a completion ends with EOS, so the tuned model learns to stop
+
+    def __init__(self, spec: LMTaskSpec):
+        self.spec = spec
+
+    def read_file(self, path: str):
+        return read_completion_file(path)
+
+    def read_data(self, config: TrainConfig) -> RunData:
+        """--train-file and --validation-file (the decoder-LM tasks read no GLUE folder), cut to
+        --max-train-samples / --max-eval-samples."""
+        if config.train_file is None or config.validation_file is None:
+            raise UserError(f"--task {self.spec.name} reads your own data: give --train-file and --validation-file")
+        if config.data_dir:
+            raise UserError(f"--data-dir names a GLUE folder; --task {self.spec.name} reads --train-file and "
+                            f"--validation-file")
+        if config.text_columns or config.label_column:
+            raise UserError(f"--text-columns and --label-column are for classification; --task {self.spec.name} "
+                            f"reads fixed columns (see README)")
+        train, dev = self.read_file(config.train_file), self.read_file(config.validation_file)
+        return RunData(self.spec, train.head(config.max_train_samples or len(train)),
+                       {self.spec.dev_splits[0]: dev.head(config.max_eval_samples or len(dev))})
+
+    def load_model(self, name: str, config: TrainConfig, device: torch.device):
+        frozen_bf16 = config.bf16 and device.type == "cuda" and config.method_spec.adapter is not None
+        return load_causal_lm(name, config.trust_remote_code, device, config.load_in, bf16_base=frozen_bf16)
+
+    def collator(self, tokenizer) -> PadCompletions:
+        """Pads a batch of `encode_completions` examples (the Trainer integration's default `data_collator`)."""
+        return PadCompletions(tokenizer.pad_token_id)
+
+    def training_sequences(self, train) -> CompletionDataset:
+        return train
+
+    def train_loader(self, data: RunData, tokenizer, config: TrainConfig, min_last: int):
+        encoded = encode_completions(self.training_sequences(data.train), tokenizer, config.max_length, self.eos)
+        return completion_loader(encoded, tokenizer, config.batch_size, True, config.seed, min_last)
+
+    def dev_loader(self, dataset, tokenizer, config: TrainConfig):
+        encoded = encode_completions(dataset, tokenizer, config.max_length, self.eos)
+        return completion_loader(encoded, tokenizer, config.eval_batch_size, False, config.seed)
+
+    def evaluate(self, model, loaders: dict, device, autocast) -> dict:
+        return evaluate_causal_lm(model, loaders, self.spec, device, autocast)
+
+    def evaluate_sampled(self, model, loaders: dict, device, autocast, sigma, samples: int, seed: int) -> dict:
+        return evaluate_causal_lm_sampled(model, loaders, self.spec, device, autocast, sigma, samples, seed)
+
+    def prediction_rows(self, model, loader, dataset, device, autocast, sigma=None, samples: int = 0, seed: int = 0):
+        """(header, rows) of `evaluate --predictions`: one row per example of `dataset`."""
+        return completion_rows(model, loader, device, autocast, sigma, samples, seed)
+
+
+class ChoiceKind(CausalLMKind):
+    """Multiple choice: trained on each question's right answer as a completion (no EOS: the answer is
+    scored as it is trained), evaluated by the softmax over the choices' log-likelihoods."""
+
+    eos = False
+
+    def read_file(self, path: str) -> ChoiceDataset:
+        return read_choice_file(path)
+
+    def training_sequences(self, train: ChoiceDataset) -> CompletionDataset:
+        return train.answer_sequences()
+
+    def dev_loader(self, dataset: ChoiceDataset, tokenizer, config: TrainConfig) -> ChoiceSplit:
+        sequences = dataset.choice_sequences()
+        return ChoiceSplit(super().dev_loader(sequences, tokenizer, config), sequences.owners,
+                           [len(c) for c in dataset.choices], np.asarray(dataset.answers))
+
+    def evaluate(self, model, loaders: dict, device, autocast) -> dict:
+        return evaluate_choices(model, loaders, self.spec, device, autocast)
+
+    def evaluate_sampled(self, model, loaders: dict, device, autocast, sigma, samples: int, seed: int) -> dict:
+        return evaluate_choices_sampled(model, loaders, self.spec, device, autocast, sigma, samples, seed)
+
+    def prediction_rows(self, model, loader, dataset, device, autocast, sigma=None, samples: int = 0, seed: int = 0):
+        return choice_rows(model, loader, dataset.choices, self.spec, device, autocast, sigma, samples, seed)
+
+
+def task_kind(spec: TaskSpec | LMTaskSpec) -> ClassifierKind | CausalLMKind | ChoiceKind:
+    """The kind of task `spec` is: a classifier (GLUE, or the user's own labelled data), causal-lm or
+    multiple-choice."""
+    if isinstance(spec, TaskSpec):
+        return ClassifierKind(spec)
+    return ChoiceKind(spec) if spec.name == "multiple-choice" else CausalLMKind(spec)

@@ -1,0 +1,204 @@
+"""Data of the decoder-LM tasks: reading causal-LM and multiple-choice files, turning them into token
+sequences whose loss counts the completion only, and batching them.
+
+A causal-LM example is a prompt and a completion (a `text` row: an empty prompt). A multiple-choice
+question is scored, and trained, through the same sequences: prompt `"{question}\\nAnswer:"`,
+completion `" {choice}"`. Mistakes in a file raise one `UserError` sentence naming the file and line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .data import make_loader, read_records
+from .errors import UserError
+from .lm_metrics import IGNORE_INDEX
+
+QUESTION_TEMPLATE = "{question}\nAnswer:"
+CHOICE_TEMPLATE = " {choice}"
+CAUSAL_LM_FILES = (".jsonl", ".json", ".csv", ".tsv")
+CHOICE_FILES = (".jsonl", ".json")  # `choices` is a list: JSON only
+
+
+@dataclass
+class CompletionDataset:
+    """Prompt/completion pairs; the loss and the metrics count the completion's tokens only.
+
+    `owners[i]`: for choice sequences, the question that sequence i scores a choice of.
+    """
+
+    prompts: list[str]
+    completions: list[str]
+    source: str
+    owners: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.completions)
+
+    def head(self, n: int) -> CompletionDataset:
+        return CompletionDataset(self.prompts[:n], self.completions[:n], self.source, self.owners[:n])
+
+
+@dataclass
+class ChoiceDataset:
+    """Multiple-choice questions: `choices[i]` (2 or more strings) and the index of the right one."""
+
+    questions: list[str]
+    choices: list[list[str]]
+    answers: list[int]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.answers)
+
+    def head(self, n: int) -> ChoiceDataset:
+        return ChoiceDataset(self.questions[:n], self.choices[:n], self.answers[:n], self.source)
+
+    def answer_sequences(self) -> CompletionDataset:
+        """What training reads: each question with its right answer as the completion."""
+        return CompletionDataset([QUESTION_TEMPLATE.format(question=q) for q in self.questions],
+                                 [CHOICE_TEMPLATE.format(choice=c[a]) for c, a in zip(self.choices, self.answers)],
+                                 self.source)
+
+    def choice_sequences(self) -> CompletionDataset:
+        """What scoring reads: every (question, choice) pair, question by question."""
+        prompts, completions, owners = [], [], []
+        for i, (q, choices) in enumerate(zip(self.questions, self.choices)):
+            for choice in choices:
+                prompts.append(QUESTION_TEMPLATE.format(question=q))
+                completions.append(CHOICE_TEMPLATE.format(choice=choice))
+                owners.append(i)
+        return CompletionDataset(prompts, completions, self.source, owners)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def text_field(record: dict, column: str, where: str) -> str:
+    value = record[column]
+    if not isinstance(value, str):
+        raise UserError(f"{where}: column {column!r} holds {value!r}, not text")
+    return value
+
+
+def checked_records(path: Path, kinds: tuple[str, ...]) -> list[tuple[str, dict]]:
+    records = read_records(path, kinds)
+    if not records:
+        raise UserError(f"{path} has no examples")
+    for where, record in records:
+        if not isinstance(record, dict):
+            raise UserError(f"{where}: expected a JSON object, found {type(record).__name__}")
+    return records
+
+
+def read_completion_file(path: str | Path) -> CompletionDataset:
+    """A causal-LM file (.jsonl, .json, .csv, .tsv): a `text` column, or `prompt` and `completion`."""
+    path = Path(path)
+    prompts, completions = [], []
+    for where, record in checked_records(path, CAUSAL_LM_FILES):
+        if "prompt" in record and "completion" in record:
+            prompt, completion = text_field(record, "prompt", where), text_field(record, "completion", where)
+        elif "text" in record:
+            prompt, completion = "", text_field(record, "text", where)
+        else:
+            raise UserError(f"{where}: a causal-LM example needs a 'text' column, or 'prompt' and 'completion' "
+                            f"columns (it has {', '.join(map(repr, record)) or 'none'})")
+        if not completion.strip():
+            raise UserError(f"{where}: the {'completion' if prompt else 'text'} is empty: there is nothing to learn")
+        prompts.append(prompt)
+        completions.append(completion)
+    return CompletionDataset(prompts, completions, str(path))
+
+
+def answer_index(answer, choices: list[str], where: str) -> int:
+    """The index of `answer` in `choices`: an index as given (a whole number), or the choice's text."""
+    if isinstance(answer, str) and answer in choices:
+        return choices.index(answer)
+    if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices):
+        return answer
+    raise UserError(f"{where}: the answer {answer!r} is not among the {len(choices)} choices (give the choice's "
+                    f"text, or its index 0 to {len(choices) - 1})")
+
+
+def read_choice_file(path: str | Path) -> ChoiceDataset:
+    """A multiple-choice file (.jsonl, .json): `question` (text), `choices` (a list of 2 or more texts) and
+    `answer` (the right choice's index from 0, or its text)."""
+    path = Path(path)
+    questions, choices, answers = [], [], []
+    for where, record in checked_records(path, CHOICE_FILES):
+        for column in ("question", "choices", "answer"):
+            if column not in record:
+                raise UserError(f"{where}: there is no column {column!r} (a multiple-choice example has "
+                                f"'question', 'choices' and 'answer')")
+        options = record["choices"]
+        if not isinstance(options, list) or len(options) < 2 or not all(isinstance(c, str) and c.strip()
+                                                                        for c in options):
+            raise UserError(f"{where}: 'choices' must be a list of 2 or more non-empty texts, got {options!r}")
+        questions.append(text_field(record, "question", where))
+        choices.append(options)
+        answers.append(answer_index(record["answer"], options, where))
+    return ChoiceDataset(questions, choices, answers, str(path))
+
+
+# ----------------------------------------------------------------------------- tokens and batches
+
+
+def fit_to_length(prompt: list[int], completion: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """Cut a sequence to `max_length` tokens: the prompt loses its start first (the completion needs the
+    context just before it), the completion its end only when it alone is too long."""
+    if len(prompt) + len(completion) <= max_length:
+        return prompt, completion
+    keep = min(len(completion), max_length - 1 if prompt else max_length)
+    room = max_length - keep
+    return (prompt[len(prompt) - room:] if room else []), completion[:keep]
+
+
+def encode_completions(data: CompletionDataset, tokenizer, max_length: int, eos: bool) -> list[dict]:
+    """input_ids and labels (the completion's ids, -100 over the prompt) per example, unpadded.
+
+    The prompt is tokenized with the tokenizer's special tokens (e.g. Llama's <s>), the completion
+    without, and with `eos` the EOS token closes the completion (so a tuned model learns to stop).
+    """
+    if len(data) == 0:
+        return []
+    prompts = tokenizer(data.prompts, add_special_tokens=True)["input_ids"]
+    completions = tokenizer(data.completions, add_special_tokens=False)["input_ids"]
+    closing = [tokenizer.eos_token_id] if eos and tokenizer.eos_token_id is not None else []
+    encoded = []
+    for prompt, completion in zip(prompts, completions):
+        prompt, completion = fit_to_length(list(prompt), list(completion) + closing, max_length)
+        encoded.append({"input_ids": prompt + completion, "labels": [IGNORE_INDEX] * len(prompt) + completion})
+    return encoded
+
+
+class PadCompletions:
+    """Pads a batch on the right to its longest sequence: pad ids, attention mask 0, labels -100.
+
+    A class rather than a closure so that DataLoader workers can pickle it.
+    """
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(features), width), dtype=torch.long)
+        for i, f in enumerate(features):
+            n = len(f["input_ids"])
+            ids[i, :n] = torch.tensor(f["input_ids"])
+            labels[i, :n] = torch.tensor(f["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def completion_loader(encoded: Iterable[dict], tokenizer, batch_size: int, shuffle: bool, seed: int,
+                      min_last: int = 1):
+    """`data.make_loader` over encoded completions, padded by `PadCompletions`."""
+    return make_loader(encoded, tokenizer, batch_size, shuffle, seed, min_last,
+                       collate_fn=PadCompletions(tokenizer.pad_token_id))

@@ -1,0 +1,373 @@
+"""Decoder LMs end to end: `--task causal-lm` and `--task multiple-choice` on tiny random Llama, Qwen2 and
+GPT-2 models (built by examples/tiny_lm.py, offline) and its synthetic colour data.
+
+Every metric is checked against a computation written here from the model's logits with stock
+transformers and peft (the saved adapter reloaded by `PeftModel.from_pretrained`), not with the
+package's own scoring code.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from bayes_adalora.cli import main
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import tiny_lm  # examples/tiny_lm.py: the README's offline model and data
+
+MODULES_PER_LAYER = 7  # q k v o gate up down: the llama/qwen2 preset
+LAYERS = 2
+
+
+@pytest.fixture(scope="session")
+def lm_data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("lm-data")
+    tiny_lm.write_data(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_lms(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny-lms")
+    return {kind: tiny_lm.save_tiny_lm(root / kind, kind) for kind in ("llama", "qwen2", "gpt2")}
+
+
+def train_args(model: Path, data: Path, out: Path, task: str, *extra: str, steps: int = 40) -> list[str]:
+    files = "causal-lm" if task == "causal-lm" else "multiple-choice"
+    return ["train", "--task", task, "--model", str(model), "--train-file", str(data / f"{files}-train.jsonl"),
+            "--validation-file", str(data / f"{files}-dev.jsonl"), "--max-steps", str(steps), "--batch-size", "16",
+            "--output-dir", str(out), "--no-progress", "--no-plots", *extra]
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def stock_model(base: Path, run: Path | None):
+    """The base model, with the run's adapter through stock peft when `run` is given, in eval mode."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    return (PeftModel.from_pretrained(model, run / "adapter") if run else model).eval()
+
+
+def completion_nll_by_hand(model, base: Path, examples: list[dict], eos: bool) -> list[torch.Tensor]:
+    """Per example, -log p of each completion token (and EOS), one example at a time, no padding."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    out = []
+    with torch.no_grad():
+        for ex in examples:
+            prompt = tok(ex["prompt"])["input_ids"]
+            completion = tok(ex["completion"], add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if eos
+                                                                                         else [])
+            ids = torch.tensor([prompt + completion])
+            log_probs = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+            positions = range(len(prompt) - 1, len(prompt) + len(completion) - 1)
+            out.append(torch.stack([-log_probs[t, ids[0, t + 1]] for t in positions]))
+    return out
+
+
+def test_causal_lm_run_on_llama_reloads_in_stock_peft_and_lowers_the_nll(tiny_lms, lm_data, tmp_path, capsys):
+    """The issue's must-show: 40 steps of bayes-adalora; results.json's NLL and perplexity equal those of
+    the adapter reloaded by stock peft, computed by hand; below the untrained model's; evaluate gives
+    them back exactly; posterior.safetensors holds a sigma for every trained weight."""
+    base, out = tiny_lms["llama"], tmp_path / "run"
+    assert main(train_args(base, lm_data, out, "causal-lm", "--mc-samples", "4", "--lr", "30")) == 0
+    results = json.loads((out / "results.json").read_text())
+    final = results["metrics"]["final"]
+    dev = rows(lm_data / "causal-lm-dev.jsonl")
+
+    before = torch.cat(completion_nll_by_hand(stock_model(base, None), base, dev, eos=True))
+    after = torch.cat(completion_nll_by_hand(stock_model(base, out), base, dev, eos=True))
+    assert final["tokens"] == len(after) == 2 * len(dev)  # " red" and EOS
+    assert final["nll"] == pytest.approx(float(after.mean()), rel=1e-5)
+    assert final["perplexity"] == pytest.approx(math.exp(float(after.mean())), rel=1e-5)
+    assert final["nll"] < float(before.mean()) - 0.05  # the adapter learned (the untrained model is near log |V|)
+    assert float(before.mean()) == pytest.approx(math.log(len(tiny_lm.VOCAB)), abs=0.1)
+
+    mc = results["metrics"]["mc"]
+    assert mc["samples"] == 4 and mc["tokens"] == final["tokens"] and math.isfinite(mc["nll"])
+    assert mc["nll"] != final["nll"]  # the draws moved the weights
+    with safe_open(str(out / "posterior.safetensors"), framework="pt") as f:
+        sigmas = {k for k in f.keys() if k.endswith(".sigma")}  # noqa: SIM118 (a safetensors file)
+    assert len(sigmas) == 3 * LAYERS * MODULES_PER_LAYER  # P, lambda and Q of every adapted matrix
+
+    capsys.readouterr()
+    predictions = tmp_path / "predictions.csv"
+    assert main(["evaluate", str(out), "--mc-samples", "4", "--predictions", str(predictions)]) == 0
+    evaluated = json.loads(capsys.readouterr().out)["metrics"]
+    assert evaluated["point"] == final and evaluated["mc"] == mc
+    with open(predictions) as f:
+        per_example = list(csv.DictReader(f))
+    assert len(per_example) == len(dev)
+    pooled = sum(int(r["tokens"]) * float(r["nll"]) for r in per_example) / final["tokens"]
+    assert pooled == pytest.approx(mc["nll"], rel=1e-9)  # the rows are the posterior predictive's
+
+
+def test_adalora_meets_its_rank_budget_on_qwen2_and_the_logits_match_stock_peft(tiny_lms, lm_data, tmp_path):
+    base, out = tiny_lms["qwen2"], tmp_path / "run"
+    assert main(train_args(base, lm_data, out, "causal-lm", "--method", "adalora", "--lr", "0.02",
+                           "--target-r", "2", steps=12)) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["final_ranks"]) == LAYERS * MODULES_PER_LAYER
+    assert sum(results["final_ranks"].values()) == 2 * LAYERS * MODULES_PER_LAYER  # target_r per matrix
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM"
+    assert sum(config["rank_pattern"][k].count(True) for k in config["rank_pattern"]) == 2 * LAYERS * MODULES_PER_LAYER
+
+    from bayes_adalora.run_folder import read_run
+    from bayes_adalora.run_io import load_run_model
+
+    _, ours = load_run_model(read_run(out), torch.device("cpu"))
+    ids = torch.tensor([[1, 3, 4, 5, 6, 7, 24, 8, 9, 10, 14]])
+    with torch.no_grad():  # ours keeps pruned triplets as zeros at the initial rank, stock peft trims them
+        torch.testing.assert_close(ours(input_ids=ids).logits, stock_model(base, out)(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-6)
+
+
+def choice_metrics_by_hand(model, base: Path, questions: list[dict]) -> dict:
+    """Accuracy, NLL and Brier of the softmax over each choice's summed log-likelihood given the question."""
+    probabilities, answers = [], []
+    for q in questions:
+        examples = [{"prompt": f"{q['question']}\nAnswer:", "completion": f" {c}"} for c in q["choices"]]
+        scores = torch.stack([-t.sum() for t in completion_nll_by_hand(model, base, examples, eos=False)])
+        probabilities.append(torch.softmax(scores, 0).numpy())
+        answers.append(q["answer"] if isinstance(q["answer"], int) else q["choices"].index(q["answer"]))
+    p, y = np.array(probabilities), np.array(answers)
+    return {"accuracy": float((p.argmax(1) == y).mean()), "nll": float(-np.log(p[np.arange(len(y)), y]).mean()),
+            "brier": float(((p - np.eye(p.shape[1])[y]) ** 2).sum(1).mean())}
+
+
+def test_multiple_choice_beats_chance_and_its_metrics_match_scoring_by_hand(tiny_lms, lm_data, tmp_path):
+    base, out = tiny_lms["llama"], tmp_path / "run"
+    assert main(train_args(base, lm_data, out, "multiple-choice", "--method", "adalora", "--lr", "0.02",
+                           steps=100)) == 0
+    final = json.loads((out / "results.json").read_text())["metrics"]["final"]
+    by_hand = choice_metrics_by_hand(stock_model(base, out), base, rows(lm_data / "multiple-choice-dev.jsonl"))
+    assert final["accuracy"] == by_hand["accuracy"] >= 0.6  # chance: 1/3 (P(>= 15 of 24) < 0.002)
+    assert final["nll"] == pytest.approx(by_hand["nll"], rel=1e-5)
+    assert final["brier"] == pytest.approx(by_hand["brier"], rel=1e-5)
+    assert {"ece", "aurc"} <= set(final)
+
+
+def test_multiple_choice_posterior_predictive_and_evaluate(tiny_lms, lm_data, tmp_path, capsys):
+    base, out = tiny_lms["llama"], tmp_path / "run"
+    assert main(train_args(base, lm_data, out, "multiple-choice", "--mc-samples", "4", steps=8)) == 0
+    metrics = json.loads((out / "results.json").read_text())["metrics"]
+    assert {"accuracy", "ece", "nll", "brier", "aurc"} <= set(metrics["mc"]) and metrics["mc"]["samples"] == 4
+    capsys.readouterr()
+    predictions = tmp_path / "p.csv"
+    assert main(["evaluate", str(out), "--mc-samples", "4", "--predictions", str(predictions)]) == 0
+    evaluated = json.loads(capsys.readouterr().out)["metrics"]
+    assert evaluated["point"] == metrics["final"] and evaluated["mc"] == metrics["mc"]
+    with open(predictions) as f:
+        table = list(csv.DictReader(f))
+    assert [r["choice"] for r in table] == [tiny_lm.COLORS[int(r["prediction"])] for r in table]
+    correct = [int(r["prediction"]) == tiny_lm.COLORS.index(tiny_lm.color_of(w))
+               for r, w in zip(table, tiny_lm.WORDS)]
+    assert np.mean(correct) == metrics["mc"]["accuracy"]
+
+    assert main(["evaluate", str(out), "--data-file", str(lm_data / "multiple-choice-train.jsonl"),
+                 "--max-eval-samples", "10"]) == 0
+    other = json.loads(capsys.readouterr().out)
+    assert other["examples"] == {"dev": 10} and other["data"]["dev"].endswith("multiple-choice-train.jsonl")
+    assert main(["evaluate", str(out), "--data-dir", str(lm_data)]) == 2  # a GLUE folder: one sentence
+    assert "reads no GLUE folder" in capsys.readouterr().err
+
+    from bayes_adalora.plots import plot_run
+
+    drawn = {Path(p).name for p in plot_run(out)}
+    assert {"ranks.png", "training.png", "sigma.png"} <= drawn
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "adalora-ivon", "bayes-adalora"])
+def test_every_method_trains_gpt2_and_evaluate_gives_back_its_metrics(method, tiny_lms, lm_data, tmp_path, capsys):
+    """GPT-2's Conv1D projections take the adapter (fan_in_fan_out); the run reloads as trained (adalora:
+    on Qwen2 above)."""
+    base, out2 = tiny_lms["gpt2"], tmp_path / method
+    assert main(train_args(base, lm_data, out2, "causal-lm", "--method", method, steps=4)) == 0
+    final = json.loads((out2 / "results.json").read_text())["metrics"]["final"]
+    capsys.readouterr()
+    assert main(["evaluate", str(out2)]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"]["point"] == final
+    if method != "full":
+        dev = rows(lm_data / "causal-lm-dev.jsonl")
+        by_hand = torch.cat(completion_nll_by_hand(stock_model(base, out2), base, dev, eos=True))
+        assert final["nll"] == pytest.approx(float(by_hand.mean()), rel=1e-5)
+
+
+def test_resumed_causal_lm_run_equals_the_uninterrupted_one(tiny_lms, lm_data, tmp_path):
+    base = tiny_lms["llama"]
+    reference, saved, resumed = tmp_path / "reference", tmp_path / "saved", tmp_path / "resumed"
+    assert main(train_args(base, lm_data, reference, "causal-lm", steps=16)) == 0  # 192 examples: 12 batches/epoch
+    assert main(train_args(base, lm_data, saved, "causal-lm", "--save-steps", "7", "--save-total-limit", "0",
+                           steps=16)) == 0
+    assert main(train_args(base, lm_data, resumed, "causal-lm", "--resume",
+                           str(saved / "checkpoints" / "step-0000014"), steps=16)) == 0
+    for name in ("adapter/adapter_model.safetensors", "posterior.safetensors"):
+        a, b = load_file(reference / name), load_file(resumed / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    for name in ("results.json", "history.json"):
+        a, b = (json.loads((f / name).read_text()) for f in (reference, resumed))
+        assert a["metrics"] == b["metrics"] if name == "results.json" else a["loss"] == b["loss"]
+
+
+def bad(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("task, content, message", [
+    ("multiple-choice", '{"question": "q", "choices": ["a", "b"]}\n', "there is no column 'answer'"),
+    ("multiple-choice", '{"question": "q", "choices": ["a", "b"], "answer": "c"}\n', "is not among the 2 choices"),
+    ("multiple-choice", '{"question": "q", "choices": ["a", "b"], "answer": 2}\n', "is not among the 2 choices"),
+    ("causal-lm", "", "the file is empty"),
+    ("causal-lm", '{"prompt": "p", "answer": "a"}\n', "needs a 'text' column, or 'prompt' and 'completion'"),
+])
+def test_bad_lm_data_is_refused_in_one_sentence(task, content, message, tiny_lms, tmp_path, capsys):
+    path = bad(tmp_path, "data.jsonl", content)
+    out = tmp_path / "out"
+    args = ["train", "--task", task, "--model", str(tiny_lms["llama"]), "--train-file", str(path),
+            "--validation-file", str(path), "--output-dir", str(out), "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()
+
+
+def test_a_quantized_base_is_refused_off_cuda(tiny_lms, lm_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(train_args(tiny_lms["llama"], lm_data, out, "causal-lm", "--load-in", "8bit", "--device", "cpu"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "needs a CUDA device" in err[0], err
+    assert not (out / "results.json").exists()
+
+
+def test_the_trainer_integration_tunes_a_causal_lm(tiny_lms, lm_data, tmp_path):
+    """make_trainer loads a causal LM for --task causal-lm and pads with the completion collator; IVON
+    trains it and the saved adapter is a CAUSAL_LM adapter that stock peft reads back."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+
+    from bayes_adalora import TrainConfig
+    from bayes_adalora.hf_trainer import IVONTrainer, make_trainer
+    from bayes_adalora.lm_data import encode_completions, read_completion_file
+
+    base = tiny_lms["llama"]
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    train_set = encode_completions(read_completion_file(lm_data / "causal-lm-train.jsonl"), tokenizer, 32, eos=True)
+    args = TrainingArguments(output_dir=str(tmp_path / "t"), report_to=[], use_cpu=True, save_strategy="no",
+                             logging_strategy="no", per_device_train_batch_size=16, learning_rate=30.0,
+                             max_grad_norm=0.0, max_steps=6, disable_tqdm=True)
+    trainer = make_trainer(str(base), train_set, None, TrainConfig(task="causal-lm"), args)
+    assert isinstance(trainer, IVONTrainer)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "adapter"))
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["task_type"] == "CAUSAL_LM" and saved["peft_type"] == "ADALORA"
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "adapter").eval()
+    ids = torch.tensor([train_set[0]["input_ids"]])
+    trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, trainer.model(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_completions_are_cut_from_the_prompt_start_and_label_the_completion_only():
+    from bayes_adalora.lm_data import CompletionDataset, encode_completions, fit_to_length
+
+    assert fit_to_length([1, 2, 3], [7, 8], 5) == ([1, 2, 3], [7, 8])
+    assert fit_to_length([1, 2, 3], [7, 8], 4) == ([2, 3], [7, 8])  # the prompt's start goes first
+    assert fit_to_length([1, 2, 3], [7, 8, 9, 10], 3) == ([3], [7, 8])  # one token of context is kept
+    assert fit_to_length([], [7, 8, 9], 2) == ([], [7, 8])
+    tokenizer = tiny_lm.build_tokenizer()
+    ids = {w: i for i, w in enumerate(tiny_lm.VOCAB)}
+    data = CompletionDataset(["what is w3", ""], [" red", "the color ."], "test")
+    first, text = encode_completions(data, tokenizer, 32, eos=True)
+    assert first["input_ids"] == [ids["<s>"], ids["what"], ids["is"], ids["w3"], ids["red"], ids["</s>"]]
+    assert first["labels"] == [-100] * 4 + [ids["red"], ids["</s>"]]
+    assert text["labels"] == [-100, ids["the"], ids["color"], ids["."], ids["</s>"]]  # <s> is the prompt
+
+
+def test_posterior_predictive_token_probability_by_hand():
+    from bayes_adalora.lm_metrics import mc_token_log_probs, token_nll_metrics
+
+    p = np.array([[0.5, 0.1], [0.25, 0.3]])  # two draws, two tokens
+    assert np.allclose(mc_token_log_probs(np.log(p)), np.log([0.375, 0.2]))
+    got = token_nll_metrics(np.log([0.375, 0.2]))
+    assert got["nll"] == pytest.approx(-(math.log(0.375) + math.log(0.2)) / 2) and got["tokens"] == 2
+    assert got["perplexity"] == pytest.approx(1 / math.sqrt(0.375 * 0.2))
+
+
+# adapted matrices per layer, from each architecture's code: GPT-2 has two `c_proj` (attention and MLP),
+# Phi-3 fuses q/k/v and gate/up, GPT-NeoX fuses q/k/v and names its attention output `dense`
+PER_LAYER = {"llama": 7, "mistral": 7, "qwen2": 7, "qwen3": 7, "gemma": 7, "gemma2": 7, "phi3": 4, "gpt2": 4,
+             "gpt_neox": 4, "opt": 6}
+
+
+@pytest.mark.parametrize("model_type", sorted(PER_LAYER))
+def test_every_decoder_preset_adapts_each_layers_projections(model_type):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bayes_adalora.models import TARGET_MODULE_PRESETS, plan_adapter_modules
+
+    shape = {
+        "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=64),
+        "opt": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64, word_embed_proj_dim=32,
+                    max_position_embeddings=64),
+    }.get(model_type, dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           intermediate_size=64, max_position_embeddings=64, head_dim=8))
+    config = AutoConfig.for_model(model_type, vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, **shape)
+    model = AutoModelForCausalLM.from_config(config)
+    targets, trained_in_full = plan_adapter_modules(model, TARGET_MODULE_PRESETS[model_type], set())
+    assert len(targets) == LAYERS * PER_LAYER[model_type] and trained_in_full == []
+    assert not any("lm_head" in t or "embed" in t for t in targets)
+
+
+def test_the_pad_token_falls_back_to_eos_and_pads_on_the_right(tiny_lms):
+    from bayes_adalora.lm_data import PadCompletions
+    from bayes_adalora.models import load_causal_lm
+
+    tokenizer, model, fresh = load_causal_lm(str(tiny_lms["llama"]), False, torch.device("cpu"))
+    assert tiny_lm.build_tokenizer().pad_token is None  # the saved tokenizer has none
+    assert tokenizer.pad_token == "</s>" and tokenizer.pad_token_id == model.config.pad_token_id == 2
+    assert fresh == set()
+    batch = PadCompletions(tokenizer.pad_token_id)([{"input_ids": [1, 5], "labels": [-100, 5]},
+                                                    {"input_ids": [1], "labels": [-100]}])
+    assert batch["input_ids"].tolist() == [[1, 5], [1, 2]] and batch["attention_mask"].tolist() == [[1, 1], [1, 0]]
+    assert batch["labels"].tolist() == [[-100, 5], [-100, -100]]
+
+
+def test_two_processes_tune_a_decoder_lm_as_one_does(tiny_lms, lm_data, tmp_path):
+    """torchrun with 2 CPU processes (gloo), multiple choice: the same global batches, so the same ranks and, up to the
+    order of float sums, the same adapter and metrics as one process."""
+    import os
+    import subprocess
+
+    base, single, double = tiny_lms["llama"], tmp_path / "single", tmp_path / "double"
+    assert main(train_args(base, lm_data, single, "multiple-choice", "--lr", "30", steps=6)) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              "-m", "bayes_adalora.cli", *train_args(base, lm_data, double, "multiple-choice", "--lr", "30", steps=6)]
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (json.loads((r / "results.json").read_text()) for r in (single, double))
+    assert (one["processes"], two["processes"]) == (1, 2) and one["final_ranks"] == two["final_ranks"]
+    a, b = (load_file(r / "adapter" / "adapter_model.safetensors") for r in (single, double))
+    worst = max((a[k] - b[k]).abs().max().item() / (a[k].abs().max().item() + 1e-12) for k in a if a[k].numel())
+    assert worst < 1e-3, worst
+    assert two["metrics"]["final"]["nll"] == pytest.approx(one["metrics"]["final"]["nll"], rel=1e-4)
