@@ -83,7 +83,8 @@ def completion_nll_by_hand(model, base: Path, examples: list[dict], eos: bool) -
 def test_causal_lm_run_on_llama_reloads_in_stock_peft_and_lowers_the_nll(tiny_lms, lm_data, tmp_path, capsys):
     """The issue's must-show: 40 steps of bayes-adalora; results.json's NLL and perplexity equal those of
     the adapter reloaded by stock peft, computed by hand; below the untrained model's; evaluate gives
-    them back exactly; posterior.safetensors holds a sigma for every trained weight."""
+    them back exactly; posterior.safetensors holds a sigma for every trained weight; `export --merge` gives a
+    plain causal LM with the run's logits."""
     base, out = tiny_lms["llama"], tmp_path / "run"
     assert main(train_args(base, lm_data, out, "causal-lm", "--mc-samples", "4", "--lr", "30")) == 0
     results = json.loads((out / "results.json").read_text())
@@ -115,6 +116,18 @@ def test_causal_lm_run_on_llama_reloads_in_stock_peft_and_lowers_the_nll(tiny_lm
     assert len(per_example) == len(dev)
     pooled = sum(int(r["tokens"]) * float(r["nll"]) for r in per_example) / final["tokens"]
     assert pooled == pytest.approx(mc["nll"], rel=1e-9)  # the rows are the posterior predictive's
+
+    # export --merge: a plain transformers causal LM, with the run's logits, and a card that says how to load it
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merged_dir = tmp_path / "merged"
+    assert main(["export", str(out), "--merge", "--output-dir", str(merged_dir)]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    ids = AutoTokenizer.from_pretrained(merged_dir)([dev[0]["prompt"] + dev[0]["completion"]], return_tensors="pt")
+    with torch.no_grad():
+        diff = (merged(**ids).logits - stock_model(base, out)(**ids).logits).abs().max()
+    assert float(diff) < 1e-5
+    assert "AutoModelForCausalLM.from_pretrained" in (merged_dir / "README.md").read_text()
 
 
 def test_adalora_meets_its_rank_budget_on_qwen2_and_the_logits_match_stock_peft(tiny_lms, lm_data, tmp_path):

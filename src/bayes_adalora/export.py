@@ -65,13 +65,15 @@ def model_card(run, merged: bool) -> str:
     rows += [f"| {k} at coverage {c} | {number(v)} |" for k, sub in final.items() if isinstance(sub, dict)
              for c, v in sub.items()]
     ranks = results.get("final_ranks") or {}
+    causal = run.spec.peft_task_type == "CAUSAL_LM"  # causal-lm and multiple-choice runs
+    auto = "AutoModelForCausalLM" if causal else "AutoModelForSequenceClassification"
     lines = [
         f"# {config.method} on {run.resolved['task']}",
         "",
-        ("A full model: the base model with the run's adapter merged into its weights (`merge_and_unload`); "
-         "load it with `AutoModelForSequenceClassification.from_pretrained`." if merged else
-         "A peft adapter: `PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base, "
-         "num_labels=n), this_folder)`."),
+        (f"A full model: the base model with the run's adapter merged into its weights (`merge_and_unload`); "
+         f"load it with `{auto}.from_pretrained`." if merged else
+         f"A peft adapter: `PeftModel.from_pretrained({auto}.from_pretrained(base"
+         f"{'' if causal else ', num_labels=n'}), this_folder)`."),
         "",
         f"- base model: `{run.resolved.get('model')}`",
         f"- task: {run.resolved['task']}",
