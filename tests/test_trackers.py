@@ -49,3 +49,21 @@ def test_a_tracker_whose_package_is_missing_is_refused_in_one_sentence(tmp_path,
     expected = "bayes-adalora: error: --report-to wandb needs the wandb package: pip install wandb\n"
     assert capsys.readouterr().err == expected
     assert not out.exists()
+
+
+def test_a_failed_run_s_tensorboard_folder_neither_blocks_the_retry_nor_mixes_into_it(tmp_path, glue_dir, tiny_deberta,
+                                                                                       capsys):
+    out = tmp_path / "run"
+    common = ["train", "--task", "sst2", "--data-dir", str(glue_dir), "--model", str(tiny_deberta),
+              "--batch-size", "16", "--max-length", "32", "--no-progress", "--no-plots", "--report-to", "tensorboard",
+              "--output-dir", str(out)]
+    # diverges (exit 1) after the tracker has written its first steps: only tensorboard/ is left
+    assert main([*common, "--max-steps", "6", "--lr", "1e4", "--ivon-clip-radius", "1e6"]) == 1
+    assert [p.name for p in out.iterdir()] == ["tensorboard"]
+    capsys.readouterr()
+    # the same command with a sane lr and no --overwrite runs, and its event file holds only its own steps
+    assert main([*common, "--max-steps", "3"]) == 0
+    event_files = list((out / "tensorboard" / "run").glob("events.out.tfevents.*"))  # (hparams go in a subfolder)
+    assert len(event_files) == 1
+    events = event_accumulator.EventAccumulator(str(event_files[0].parent)).Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]

@@ -22,6 +22,7 @@ from .tasks import TaskSpec, get_task, is_data_task
 RUN_MARKERS = ("results.json", "config.json")
 RUN_FILES = ("adapter", "model", POSTERIOR_FILE, "history.json", "correlations.json",
              "ranks.png", "training.png", "sigma.png", "correlations.png")  # --overwrite replaces them all
+TRACKER_DIR = "tensorboard"  # --report-to tensorboard writes here while the run goes (kept by a resume)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -59,7 +60,7 @@ def check_output_dir(path: Path, overwrite: bool, resume: str | None = None) -> 
     if holds_checkpoints and not holds_run and not (overwrite or resume):
         raise UserError(f"{path} holds an unfinished run: pass --resume to continue it, or --overwrite to start again")
     # refused up front, not after training; and --overwrite only ever deletes a run, never other files
-    others = [p for p in path.iterdir() if p.name not in (*RUN_MARKERS, CHECKPOINTS, *RUN_FILES)]
+    others = [p for p in path.iterdir() if p.name not in (*RUN_MARKERS, CHECKPOINTS, TRACKER_DIR, *RUN_FILES)]
     if not holds_run and not holds_checkpoints and others:
         raise UserError(f"--output-dir {path} holds files that are not a run: choose a new or empty folder")
 

@@ -16,6 +16,7 @@ import torch
 
 from .adapters import parameter_module
 from .errors import UserError
+from .run_folder import TRACKER_DIR
 
 FACTOR_TAGS = {"P": "P", "λ": "lambda", "Q": "Q"}  # adapters.parameter_module's roles -> tag names
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
@@ -49,7 +50,7 @@ def start_tracker(kind: str, output_dir: Path, config: dict):
         raise UserError(f"--report-to {kind} needs the {PACKAGES[kind]} package: pip install {PACKAGES[kind]}")
     run_name = Path(output_dir).name
     if kind == "tensorboard":
-        tracker = LOGGER_TYPE_TO_CLASS[kind](run_name, Path(output_dir) / "tensorboard")
+        tracker = LOGGER_TYPE_TO_CLASS[kind](run_name, Path(output_dir) / TRACKER_DIR)
     elif kind == "mlflow":
         tracker = LOGGER_TYPE_TO_CLASS[kind](experiment_name=run_name)
     else:

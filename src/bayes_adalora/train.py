@@ -42,7 +42,7 @@ from .errors import TrainingDiverged, UserError
 from .kinds import task_kind
 from .models import LABELS_FILE, default_model_path, label_maps
 from .predict import named_posterior_sigma
-from .run_folder import check_output_dir, write_json, write_outputs
+from .run_folder import TRACKER_DIR, check_output_dir, write_json, write_outputs
 from .tasks import get_task
 from .trackers import sigma_statistics, start_tracker
 
@@ -183,6 +183,8 @@ def train(config: TrainConfig, figures: Figures | None = None) -> dict:
             set_peak_lr(scheduler, optimizer, plan.lr)
     elif (out / CHECKPOINTS).is_dir() and procs.is_main:
         shutil.rmtree(out / CHECKPOINTS)  # --overwrite (checked above): the old run's checkpoints go
+    if resume_from is None and procs.is_main:  # a new run's curves are not mixed into an old run's (or a failed one's)
+        shutil.rmtree(out / TRACKER_DIR, ignore_errors=True)
 
     history = done.history
     tracker = start_tracker(config.report_to, out, planned_config(config, plan)) if procs.is_main else None
