@@ -436,7 +436,8 @@ def make_trainer(model, train_dataset, eval_dataset, config: TrainConfig, traini
     `AdaLoraTrainer` (AdamW from `training_args`) for `adalora`, else a `transformers.Trainer`.
     """
     set_seed(training_args.seed)  # the new head and the adapter start from the run's seed
-    if isinstance(model, str):
+    if isinstance(model, (str, os.PathLike)):
+        model = str(model)
         kind = task_kind(get_task(config.task))  # a classifier, or a causal LM for the decoder-LM tasks
         tokenizer, model, fresh = kind.load_model(model, config, training_args.device)
         trainer_kwargs.setdefault("processing_class", tokenizer)

@@ -105,14 +105,15 @@ def posterior_predictive(model: nn.Module, optimizer, inputs: dict, samples: int
     inputs = {k: v for k, v in inputs.items() if k != "labels"}
     was_training = model.training
     model.eval()
-    log_probs = []
+    total = None  # log sum_k p_k, accumulated draw by draw: one (N, C) or (N, T, V) tensor, not K of them
     try:
         for _ in range(samples):
             with posterior_draw(model, sigma, generator):
-                log_probs.append(torch.log_softmax(model(**inputs).logits.double(), dim=-1))
+                log_probs = torch.log_softmax(model(**inputs).logits.double(), dim=-1)
+            total = log_probs if total is None else torch.logaddexp(total, log_probs)
     finally:
         model.train(was_training)
-    return (torch.logsumexp(torch.stack(log_probs), dim=0) - math.log(samples)).exp().float()
+    return (total - math.log(samples)).exp().float()
 
 
 def named_posterior_sigma(model: nn.Module, optimizer) -> dict[str, torch.Tensor]:
