@@ -71,8 +71,11 @@ def completion_nll_by_hand(model, base: Path, examples: list[dict], eos: bool) -
     with torch.no_grad():
         for ex in examples:
             prompt = tok(ex["prompt"])["input_ids"]
-            completion = tok(ex["completion"], add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if eos
-                                                                                         else [])
+            joint = tok(ex["prompt"] + ex["completion"])["input_ids"]
+            # the completion's tokens are the joint text's after the prompt's, where the prompt's are a prefix
+            completion = (joint[len(prompt):] if joint[:len(prompt)] == prompt
+                          else tok(ex["completion"], add_special_tokens=False)["input_ids"])
+            completion = completion + ([tok.eos_token_id] if eos else [])
             ids = torch.tensor([prompt + completion])
             log_probs = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
             positions = range(len(prompt) - 1, len(prompt) + len(completion) - 1)
@@ -314,6 +317,101 @@ def test_completions_are_cut_from_the_prompt_start_and_label_the_completion_only
     assert first["input_ids"] == [ids["<s>"], ids["what"], ids["is"], ids["w3"], ids["red"], ids["</s>"]]
     assert first["labels"] == [-100] * 4 + [ids["red"], ids["</s>"]]
     assert text["labels"] == [-100, ids["the"], ids["color"], ids["."], ids["</s>"]]  # <s> is the prompt
+
+
+def word_tokenizer(words: list[str], bos: bool, legacy: bool = False):
+    """A word-level tokenizer over <unk> <s> </s> and `words`: with `bos` it starts every text with <s>
+    (Llama), without it adds nothing (GPT-2, Qwen2; then it has no BOS token either). `legacy`: SentencePiece
+    "legacy" style (Llama-2, Mistral v0.1): every space becomes '▁', one more '▁' starts the text, and the
+    text splits before each '▁', so `" red"` alone is ['▁', '▁red'] but "Answer: red" ends in '▁red'."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = ["<unk>", "<s>", "</s>", *words]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    if legacy:
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>" if bos else None, eos_token="</s>",
+                                   unk_token="<unk>"), {w: i for i, w in enumerate(vocab)}
+
+
+def test_a_cut_prompt_keeps_its_bos_token_first_and_the_completion_whole():
+    from bayes_adalora.lm_data import CompletionDataset, encode_completions, fit_to_length
+
+    assert fit_to_length([1, 2, 3, 4], [7, 8], 4, head=1) == ([1, 4], [7, 8])  # <s>, then the prompt's end
+    assert fit_to_length([1, 2, 3], [7, 8, 9, 10], 3, head=1) == ([1, 3], [7])  # <s> and one token of context
+    assert fit_to_length([1], [7, 8, 9], 2, head=1) == ([1], [7])  # a text row: <s> is its context
+    tokenizer = tiny_lm.build_tokenizer()
+    ids = {w: i for i, w in enumerate(tiny_lm.VOCAB)}
+    data = CompletionDataset(["what is the color of w1 ?\nAnswer:"], [" red"], "test")
+    [cut] = encode_completions(data, tokenizer, 5, eos=True)
+    assert cut["input_ids"] == [ids["<s>"], ids["Answer"], ids[":"], ids["red"], ids["</s>"]]
+    assert cut["labels"] == [-100, -100, -100, ids["red"], ids["</s>"]]
+
+
+def test_a_text_row_is_scored_from_its_first_token_when_the_tokenizer_adds_no_bos():
+    """Without a BOS token, the EOS token is the text's context: "red" and EOS are both predicted (the
+    labels are shifted by one, so a first token with nothing before it would never be)."""
+    from bayes_adalora.lm_data import CompletionDataset, encode_completions
+    from bayes_adalora.lm_metrics import completion_log_probs
+
+    tokenizer, ids = word_tokenizer(["red", "green"], bos=False)
+    assert tokenizer("red")["input_ids"] == [ids["red"]] and tokenizer.bos_token_id is None
+    [row] = encode_completions(CompletionDataset([""], ["red"], "test"), tokenizer, 32, eos=True)
+    assert row["input_ids"] == [ids["</s>"], ids["red"], ids["</s>"]]
+    assert row["labels"] == [-100, ids["red"], ids["</s>"]]
+    logits = torch.randn(1, 3, len(ids), generator=torch.Generator().manual_seed(0))
+    [scored] = completion_log_probs(logits, torch.tensor([row["labels"]]))
+    by_hand = torch.log_softmax(logits[0].double(), -1)
+    assert len(scored) == 2  # "red" (after EOS) and the closing EOS (after "red")
+    torch.testing.assert_close(scored.double(), torch.stack([by_hand[0, ids["red"]], by_hand[1, ids["</s>"]]]),
+                               rtol=1e-6, atol=1e-6)
+    bos_tokenizer, bos_ids = word_tokenizer(["red"], bos=True)  # with a BOS token, BOS is the context
+    [row] = encode_completions(CompletionDataset([""], ["red"], "test"), bos_tokenizer, 32, eos=True)
+    assert row["input_ids"] == [bos_ids["<s>"], bos_ids["red"], bos_ids["</s>"]]
+
+
+def test_a_completion_is_tokenized_as_it_reads_after_its_prompt():
+    """A legacy SentencePiece-style tokenizer gives " red" alone a stray '▁' token; the labelled
+    completion is the joint text's tail ['▁red'], in training (the right answer) and in scoring alike."""
+    from bayes_adalora.lm_data import ChoiceDataset, CompletionDataset, encode_completions
+
+    words = ["▁", "▁what", "▁is", "▁w3", "▁Answer:", "▁red", "▁blue", "▁w3\nAnswer:"]  # "\n" is no split
+    tokenizer, ids = word_tokenizer(words, bos=True, legacy=True)
+    assert tokenizer(" red", add_special_tokens=False)["input_ids"] == [ids["▁"], ids["▁red"]]  # apart: 2 tokens
+    question = [ids["<s>"], ids["▁what"], ids["▁is"], ids["▁w3"], ids["▁Answer:"]]
+    data = CompletionDataset(["what is w3 Answer:", "what is w3 Answer: "], [" red", "red"], "test")
+    joint, apart = encode_completions(data, tokenizer, 32, eos=True)
+    assert joint["input_ids"] == [*question, ids["▁red"], ids["</s>"]]
+    assert joint["labels"] == [-100] * 5 + [ids["▁red"], ids["</s>"]]
+    # "...Answer:▁" + "red": the prompt's last '▁' merges into '▁red', so the two are encoded apart
+    assert apart["input_ids"] == [*question, ids["▁"], ids["▁red"], ids["</s>"]]
+    assert apart["labels"] == [-100] * 6 + [ids["▁red"], ids["</s>"]]
+
+    choices = ChoiceDataset(["what is w3"], [["blue", "red"]], [1], "test")
+    [trained] = encode_completions(choices.answer_sequences(), tokenizer, 32, eos=False)
+    scored = encode_completions(choices.choice_sequences(), tokenizer, 32, eos=False)
+    assert trained == scored[1]
+    assert trained["input_ids"] == [ids["<s>"], ids["▁what"], ids["▁is"], ids["▁w3\nAnswer:"], ids["▁red"]]
+    assert trained["labels"] == [-100] * 4 + [ids["▁red"]] and scored[0]["labels"] == [-100] * 4 + [ids["▁blue"]]
+
+
+def test_a_digit_string_answer_is_an_index_unless_a_choice_has_that_text(tmp_path):
+    from bayes_adalora.errors import UserError
+    from bayes_adalora.lm_data import answer_index, read_choice_file
+
+    assert answer_index("3", ["a", "b", "c", "d"], "x") == 3  # HellaSwag's "label": "3"
+    assert answer_index("3", ["1", "2", "3"], "x") == 2  # the choice's text wins
+    assert answer_index(1, ["a", "b"], "x") == 1 and answer_index("b", ["a", "b"], "x") == 1
+    with pytest.raises(UserError, match="is not among the 2 choices"):
+        answer_index("2", ["a", "b"], "x")
+    path = bad(tmp_path, "mc.jsonl", '{"question": "q", "choices": ["a", "b", "c"], "answer": "2"}\n')
+    assert read_choice_file(path).answers == [2]
 
 
 def test_posterior_predictive_token_probability_by_hand():

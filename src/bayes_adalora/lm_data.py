@@ -115,9 +115,12 @@ def read_completion_file(path: str | Path) -> CompletionDataset:
 
 
 def answer_index(answer, choices: list[str], where: str) -> int:
-    """The index of `answer` in `choices`: an index as given (a whole number), or the choice's text."""
+    """The index of `answer` in `choices`: the choice's text, or an index as given (a whole number, or its
+    digits as text when no choice is that text)."""
     if isinstance(answer, str) and answer in choices:
         return choices.index(answer)
+    if isinstance(answer, str) and answer.strip().isascii() and answer.strip().isdigit():
+        answer = int(answer)  # an index given as text ("3", as HellaSwag's files give it)
     if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices):
         return answer
     raise UserError(f"{where}: the answer {answer!r} is not among the {len(choices)} choices (give the choice's "
@@ -126,7 +129,7 @@ def answer_index(answer, choices: list[str], where: str) -> int:
 
 def read_choice_file(path: str | Path) -> ChoiceDataset:
     """A multiple-choice file (.jsonl, .json): `question` (text), `choices` (a list of 2 or more texts) and
-    `answer` (the right choice's index from 0, or its text)."""
+    `answer` (the right choice's index from 0, as a number or as digits, or its text)."""
     path = Path(path)
     questions, choices, answers = [], [], []
     for where, record in checked_records(path, CHOICE_FILES):
@@ -147,30 +150,73 @@ def read_choice_file(path: str | Path) -> ChoiceDataset:
 # ----------------------------------------------------------------------------- tokens and batches
 
 
-def fit_to_length(prompt: list[int], completion: list[int], max_length: int) -> tuple[list[int], list[int]]:
+def fit_to_length(prompt: list[int], completion: list[int], max_length: int,
+                  head: int = 0) -> tuple[list[int], list[int]]:
     """Cut a sequence to `max_length` tokens: the prompt loses its start first (the completion needs the
-    context just before it), the completion its end only when it alone is too long."""
+    context just before it), the completion its end only when it alone is too long. The prompt's first
+    `head` tokens (the tokenizer's leading special tokens, e.g. Llama's <s>) are kept: the cut is after
+    them, so a model that was pretrained with a BOS token still sees it first."""
     if len(prompt) + len(completion) <= max_length:
         return prompt, completion
-    keep = min(len(completion), max_length - 1 if prompt else max_length)
-    room = max_length - keep
-    return (prompt[len(prompt) - room:] if room else []), completion[:keep]
+    head = min(head, len(prompt), max_length - 1)  # at least one completion token stays
+    start, body = prompt[:head], prompt[head:]
+    keep = min(len(completion), max(max_length - head - 1 if body else max_length - head, 1))
+    room = max(max_length - head - keep, 0)
+    return start + (body[len(body) - room:] if room else []), completion[:keep]
+
+
+def leading_special_count(ids: list[int], special: set[int]) -> int:
+    """How many of `ids`' first tokens are special tokens (what the tokenizer put before the text)."""
+    n = 0
+    while n < len(ids) and ids[n] in special:
+        n += 1
+    return n
+
+
+def split_encodings(data: CompletionDataset, tokenizer) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, completion ids) per example.
+
+    The prompt and the completion are encoded together, `prompt + completion` with the tokenizer's
+    special tokens, and the completion's ids are the joint ids after the prompt's own: a tokenizer
+    encodes a completion differently alone than after its prompt (SentencePiece "legacy" tokenizers,
+    Llama-2's and Mistral v0.1's, turn `" red"` alone into ['▁', '▁red'], a token that `"Answer: red"`
+    never has). Training and scoring both read these sequences, so they see the same tokens. Where the
+    prompt's ids are not a prefix of the joint ids (the last prompt token merges with the completion's
+    first, e.g. a prompt ending in a space, or the tokenizer closes every text with a special token)
+    there is no token boundary between them: the prompt and the completion are then encoded apart, the
+    completion without special tokens.
+    """
+    prompts = tokenizer(data.prompts, add_special_tokens=True)["input_ids"]
+    joint = tokenizer([p + c for p, c in zip(data.prompts, data.completions)], add_special_tokens=True)["input_ids"]
+    apart = [i for i, (p, j) in enumerate(zip(prompts, joint)) if list(j[:len(p)]) != list(p)]
+    alone = tokenizer([data.completions[i] for i in apart], add_special_tokens=False)["input_ids"] if apart else []
+    completions = [list(j[len(p):]) for p, j in zip(prompts, joint)]
+    for i, ids in zip(apart, alone):
+        completions[i] = list(ids)
+    return [(list(p), c) for p, c in zip(prompts, completions)]
 
 
 def encode_completions(data: CompletionDataset, tokenizer, max_length: int, eos: bool) -> list[dict]:
     """input_ids and labels (the completion's ids, -100 over the prompt) per example, unpadded.
 
-    The prompt is tokenized with the tokenizer's special tokens (e.g. Llama's <s>), the completion
-    without, and with `eos` the EOS token closes the completion (so a tuned model learns to stop).
+    The prompt carries the tokenizer's special tokens (e.g. Llama's <s>), the completion's ids are
+    those that follow the prompt's in the joint encoding (see `split_encodings`), and with `eos` the EOS
+    token closes the completion (so a tuned model learns to stop). A prompt that encodes to no token (a
+    `text` row, with a tokenizer that adds no BOS: GPT-2, Qwen2) gets the BOS token (else the EOS token)
+    as its context, so that the completion's first token is predicted and learned too. A sequence longer
+    than `max_length` loses the start of its prompt after the leading special tokens.
     """
     if len(data) == 0:
         return []
-    prompts = tokenizer(data.prompts, add_special_tokens=True)["input_ids"]
-    completions = tokenizer(data.completions, add_special_tokens=False)["input_ids"]
     closing = [tokenizer.eos_token_id] if eos and tokenizer.eos_token_id is not None else []
+    context = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    special = set(tokenizer.all_special_ids)
     encoded = []
-    for prompt, completion in zip(prompts, completions):
-        prompt, completion = fit_to_length(list(prompt), list(completion) + closing, max_length)
+    for prompt, completion in split_encodings(data, tokenizer):
+        if not prompt and context is not None:
+            prompt = [context]
+        head = leading_special_count(prompt, special)
+        prompt, completion = fit_to_length(prompt, completion + closing, max_length, head)
         encoded.append({"input_ids": prompt + completion, "labels": [IGNORE_INDEX] * len(prompt) + completion})
     return encoded
 
