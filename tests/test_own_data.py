@@ -188,6 +188,15 @@ def test_integer_labels_in_csv_json_and_parquet_are_the_same_classes(tmp_path):
     assert again.train.texts == data.train.texts
 
 
+def test_json_true_false_labels_are_the_classes_a_csv_spells_true_and_false(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "a", "label": True}, {"text": "b", "label": False},
+                                                   {"text": "c", "label": True}])
+    dev = write_csv(tmp_path / "dev.csv", ["text", "label"], [("d", "false"), ("e", "true")])
+    data = load_task_data("classification", train_file=train, validation_file=dev)
+    assert data.spec.labels == ("false", "true")  # code-point order
+    assert data.train.labels == [1, 0, 1] and data.dev["dev"].labels == [0, 1]
+
+
 def test_two_text_columns_given_as_a_b_or_a_comma_b(tmp_path):
     rows = [("x y", "z", "p"), ("u", "v w", "q")]
     path = write_csv(tmp_path / "pairs.csv", ["first", "second", "label"], rows)

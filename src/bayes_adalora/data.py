@@ -128,7 +128,9 @@ def label_name(value, where: str) -> str:
         raise UserError(f"{where}: the label is missing")
     if isinstance(value, float) and value.is_integer():  # e.g. a Parquet column with nulls is float
         value = int(value)
-    if isinstance(value, int) and not isinstance(value, bool):
+    if isinstance(value, bool):  # a JSON or Parquet true/false column: as a CSV would spell it
+        return "true" if value else "false"
+    if isinstance(value, int):
         return str(value)
     if isinstance(value, str) and value.strip():
         return value.strip()

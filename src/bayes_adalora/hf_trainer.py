@@ -40,6 +40,7 @@ from .checkpoint import allocator_state, load_allocator_state
 from .config import TrainConfig, adalora_phases, check_field
 from .evaluation import Predictive, calibration_metrics
 from .kinds import task_kind
+from .lm_metrics import IGNORE_INDEX
 from .methods import IVON_METHODS, METHODS, get_method
 from .steps import IVONStep
 from .tasks import get_task
@@ -157,7 +158,7 @@ def compute_metrics(eval_prediction) -> dict[str, float]:
     logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels)
     if logits.ndim == 3:  # causal LM: shift, then keep the scored tokens
         logits, labels = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
-    scored = labels != -100
+    scored = labels != IGNORE_INDEX
     logits, labels = logits[scored], labels[scored].astype(np.int64)
     predictive = Predictive(logits.argmax(axis=-1), log_softmax(logits, axis=-1))
     metrics = calibration_metrics(predictive, labels)
