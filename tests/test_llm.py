@@ -300,6 +300,48 @@ def test_the_trainer_integration_tunes_a_causal_lm(tiny_lms, lm_data, tmp_path):
                                    rtol=1e-5, atol=1e-6)
 
 
+def test_trainer_gradient_accumulation_weighs_a_causal_lms_tokens_as_one_batch(tiny_lms, tmp_path):
+    """One IVONTrainer step over 8 text rows of 1 to 11 sentences as 2 micro-batches of 4 (their token counts differ:
+    35 sentences in all): IVON's momentum, (1 - beta1) * its averaged gradient, must equal (1 - beta1) * the gradient
+    of the per-token mean loss over all 8 rows (and the orthogonality penalty once) by one plain backward. (Each
+    micro-batch's own token mean, averaged, weighs the shorter micro-batch's tokens more.) A huge initial Hessian
+    makes the posterior samples the mean weights."""
+    import copy
+
+    from torch import nn
+    from transformers import AutoTokenizer, TrainingArguments
+
+    from bayes_adalora import TrainConfig
+    from bayes_adalora.hf_trainer import make_trainer
+    from bayes_adalora.lm_data import encode_completions, read_completion_file
+
+    base = tiny_lms["llama"]
+    texts = [" ".join([f"the color of {w} is {tiny_lm.color_of(w)} ."] * n)
+             for w, n in zip(tiny_lm.WORDS, (1, 9, 2, 1, 6, 1, 11, 4))]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    train_set = encode_completions(read_completion_file(tmp_path / "train.jsonl"), tokenizer, 128, eos=True)
+    config = TrainConfig(task="causal-lm", method="bayes-adalora", init_r=4, target_r=2, tinit=0, tfinal=0,
+                         delta_t=1, ivon_hess_init=1e16)
+    args = TrainingArguments(output_dir=str(tmp_path / "t"), report_to=[], use_cpu=True, save_strategy="no",
+                             logging_strategy="no", per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                             learning_rate=0.5, max_grad_norm=0.0, max_steps=1, seed=0, disable_tqdm=True)
+    trainer = make_trainer(str(base), train_set, None, config, args)
+    for module in trainer.model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    reference = copy.deepcopy(trainer.model)
+    trainer.train()
+
+    reference.train()
+    batch = trainer.data_collator([train_set[i] for i in range(len(train_set))])  # the run's PadCompletions
+    reference(**batch).loss.backward()
+    full_batch_grad = torch.cat([p.grad.reshape(-1) for p in reference.parameters() if p.requires_grad])
+    momentum = trainer.ivon_optimizer.param_groups[0]["momentum"]
+    expected = (1 - config.ivon_beta1) * full_batch_grad
+    assert torch.allclose(momentum, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+
+
 def test_completions_are_cut_from_the_prompt_start_and_label_the_completion_only():
     from bayes_adalora.lm_data import CompletionDataset, encode_completions, fit_to_length
 
