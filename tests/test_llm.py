@@ -303,6 +303,48 @@ def test_the_trainer_integration_tunes_a_causal_lm(tiny_lms, lm_data, tmp_path):
                                    rtol=1e-5, atol=1e-6)
 
 
+def test_trainer_gradient_accumulation_weighs_a_causal_lms_tokens_as_one_batch(tiny_lms, tmp_path):
+    """One IVONTrainer step over 8 text rows of 1 to 11 sentences as 2 micro-batches of 4 (their token counts differ:
+    35 sentences in all): IVON's momentum, (1 - beta1) * its averaged gradient, must equal (1 - beta1) * the gradient
+    of the per-token mean loss over all 8 rows (and the orthogonality penalty once) by one plain backward. (Each
+    micro-batch's own token mean, averaged, weighs the shorter micro-batch's tokens more.) A huge initial Hessian
+    makes the posterior samples the mean weights."""
+    import copy
+
+    from torch import nn
+    from transformers import AutoTokenizer, TrainingArguments
+
+    from bayes_adalora import TrainConfig
+    from bayes_adalora.hf_trainer import make_trainer
+    from bayes_adalora.lm_data import encode_completions, read_completion_file
+
+    base = tiny_lms["llama"]
+    texts = [" ".join([f"the color of {w} is {tiny_lm.color_of(w)} ."] * n)
+             for w, n in zip(tiny_lm.WORDS, (1, 9, 2, 1, 6, 1, 11, 4))]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    train_set = encode_completions(read_completion_file(tmp_path / "train.jsonl"), tokenizer, 128, eos=True)
+    config = TrainConfig(task="causal-lm", method="bayes-adalora", init_r=4, target_r=2, tinit=0, tfinal=0,
+                         delta_t=1, ivon_hess_init=1e16)
+    args = TrainingArguments(output_dir=str(tmp_path / "t"), report_to=[], use_cpu=True, save_strategy="no",
+                             logging_strategy="no", per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                             learning_rate=0.5, max_grad_norm=0.0, max_steps=1, seed=0, disable_tqdm=True)
+    trainer = make_trainer(str(base), train_set, None, config, args)
+    for module in trainer.model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    reference = copy.deepcopy(trainer.model)
+    trainer.train()
+
+    reference.train()
+    batch = trainer.data_collator([train_set[i] for i in range(len(train_set))])  # the run's PadCompletions
+    reference(**batch).loss.backward()
+    full_batch_grad = torch.cat([p.grad.reshape(-1) for p in reference.parameters() if p.requires_grad])
+    momentum = trainer.ivon_optimizer.param_groups[0]["momentum"]
+    expected = (1 - config.ivon_beta1) * full_batch_grad
+    assert torch.allclose(momentum, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+
+
 def test_completions_are_cut_from_the_prompt_start_and_label_the_completion_only():
     from bayes_adalora.lm_data import CompletionDataset, encode_completions, fit_to_length
 
@@ -463,17 +505,37 @@ def test_the_pad_token_falls_back_to_eos_and_pads_on_the_right(tiny_lms):
     assert batch["labels"].tolist() == [[-100, 5], [-100, -100]]
 
 
-def test_two_processes_tune_a_decoder_lm_as_one_does(tiny_lms, lm_data, tmp_path):
-    """torchrun with 2 CPU processes (gloo), multiple choice: the same global batches, so the same ranks and, up to the
-    order of float sums, the same adapter and metrics as one process."""
+def test_two_processes_tune_a_decoder_lm_as_one_does(tiny_lms, tmp_path):
+    """torchrun with 2 CPU processes (gloo), causal-lm `text` rows of very unequal lengths, so the two halves of a
+    batch hold unequal numbers of scored tokens: the same global batches, so the same ranks and, up to the order of
+    float sums, the same adapter and metrics as one process (worst 7e-5 relative). Each process averaging its own
+    tokens, and DDP averaging those means, would weigh the shorter half's tokens more: the adapters then differ by
+    2.0 relative (tried). lr 3, not 30: at 30 IVON amplifies the float-sum order to 1.1e-3 in 6 steps."""
     import os
     import subprocess
 
-    base, single, double = tiny_lms["llama"], tmp_path / "single", tmp_path / "double"
-    assert main(train_args(base, lm_data, single, "multiple-choice", "--lr", "30", steps=6)) == 0
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, n in (("train", 16), ("dev", 8)):
+        words = [tiny_lm.WORDS[(3 * i + len(split)) % len(tiny_lm.WORDS)] for i in range(n)]
+        # 1 to 11 sentences a row: 7 to 77 scored tokens (and EOS)
+        texts = [" ".join([f"the color of {w} is {tiny_lm.color_of(w)} ."] * (1, 9, 2, 1, 6, 1, 11, 3)[i % 8])
+                 for i, w in enumerate(words)]
+        (data / f"{split}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    counts = sorted({row["text"].count(".") for row in rows(data / "train.jsonl")})
+    assert counts == [1, 2, 3, 6, 9, 11], counts
+
+    def args(out: Path) -> list[str]:
+        return ["train", "--task", "causal-lm", "--model", str(tiny_lms["llama"]), "--train-file",
+                str(data / "train.jsonl"), "--validation-file", str(data / "dev.jsonl"), "--max-steps", "6",
+                "--batch-size", "16", "--max-length", "128", "--lr", "3", "--output-dir", str(out), "--no-progress",
+                "--no-plots"]
+
+    single, double = tmp_path / "single", tmp_path / "double"
+    assert main(args(single)) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-              "-m", "bayes_adalora.cli", *train_args(base, lm_data, double, "multiple-choice", "--lr", "30", steps=6)]
+              "-m", "bayes_adalora.cli", *args(double)]
     done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     one, two = (json.loads((r / "results.json").read_text()) for r in (single, double))
@@ -481,4 +543,7 @@ def test_two_processes_tune_a_decoder_lm_as_one_does(tiny_lms, lm_data, tmp_path
     a, b = (load_file(r / "adapter" / "adapter_model.safetensors") for r in (single, double))
     worst = max((a[k] - b[k]).abs().max().item() / (a[k].abs().max().item() + 1e-12) for k in a if a[k].numel())
     assert worst < 1e-3, worst
-    assert two["metrics"]["final"]["nll"] == pytest.approx(one["metrics"]["final"]["nll"], rel=1e-4)
+    assert two["metrics"]["final"]["nll"] == pytest.approx(one["metrics"]["final"]["nll"], rel=1e-5)
+    # the logged loss is the global batch's per-token mean too
+    hist = [json.loads((r / "history.json").read_text())["loss"] for r in (single, double)]
+    assert hist[1] == pytest.approx(hist[0], rel=1e-4)

@@ -409,20 +409,41 @@ class IVONTrainer(AdaLoraCheckpoints, Trainer):
         """Forward and backward at `train_mc_samples` posterior samples; IVON collects each sample's gradient.
 
         Returns the mean loss divided by the number of micro-batches of this step, as the Trainer
-        expects for logging. Each sample's loss is its micro-batch mean (`num_items_in_batch` is not
-        used): IVON averages over samples instead of summing accumulated gradients.
+        expects for logging. IVON averages its gradients over the samples and the step's micro-batches
+        (and over processes: DDP, `sync=True`), where the Trainer sums micro-batches. A loss that is a
+        micro-batch mean (a classifier's) is back-propagated as it is. A causal LM's token loss is the
+        summed token NLL / `num_items_in_batch`, which the Trainer counts over the step's micro-batches
+        (and over the processes with `average_tokens_across_devices`, when `compute_loss` multiplies the
+        loss by the process count): it gets that count / the micro-batch count, so IVON's average is the
+        gradient of the step's per-token mean even when micro-batches or processes hold unequal numbers
+        of tokens, and the AdaLoRA orthogonality penalty, added to each forward's loss, counts once
+        (times the process count under `average_tokens_across_devices`, as in a stock Trainer).
         """
         model.train()
         inputs = self._prepare_inputs(inputs)
+        micro_batches = self.current_gradient_accumulation_steps
+        per_token = num_items_in_batch is not None and causal_lm_token_loss(self.accelerator.unwrap_model(model))
+        items = num_items_in_batch / micro_batches if per_token else None
 
         def forward_backward():
             with self.compute_loss_context_manager():
-                loss = self.compute_loss(model, dict(inputs))  # a copy: compute_loss may pop the labels
+                loss = self.compute_loss(model, dict(inputs), num_items_in_batch=items)  # a copy: may pop the labels
             self.accelerator.backward(loss)
             return loss
 
         step = IVONStep(self.ivon_optimizer, self.ivon_args.train_mc_samples)
-        return step.gradients(forward_backward) / self.current_gradient_accumulation_steps
+        return step.gradients(forward_backward) / micro_batches
+
+
+def causal_lm_token_loss(model) -> bool:
+    """Whether `model` (a peft model or a transformers one) computes transformers' causal-LM loss, a mean
+    over the shifted labels' tokens that divides by `num_items_in_batch` when given. A classifier's loss
+    (e.g. DeBERTa's `CrossEntropyLoss()`) ignores `num_items_in_batch` even where its forward takes it."""
+    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    loss_type = getattr(base, "loss_type", None)
+    return loss_type in LOSS_MAPPING and LOSS_MAPPING[loss_type] is ForCausalLMLoss
 
 
 def make_trainer(model, train_dataset, eval_dataset, config: TrainConfig, training_args: TrainingArguments,

@@ -8,6 +8,8 @@ call: read the data, load the model, batch the data, evaluate at the weights and
 
 The loss is the model's own in every kind (`model(**batch).loss`: cross-entropy of the labels, over
 completion tokens for the decoder LMs), so peft's AdaLoRA adds its orthogonality penalty to it as usual.
+How a kind weighs that loss across processes is `loss_kwargs`: the decoder LMs' loss is a mean over
+tokens, which several processes must divide by the global batch's token count, not each by its own.
 """
 
 from __future__ import annotations
@@ -91,6 +93,11 @@ class ClassifierKind:
         return make_loader(encode(dataset, tokenizer, config.max_length), tokenizer, config.eval_batch_size, False,
                            config.seed)
 
+    def loss_kwargs(self, batch: dict, world: int) -> dict:
+        """Extra forward arguments for the training loss of `batch` (the global batch) shared among `world`
+        processes: none, the loss is the model's mean over this process's rows."""
+        return {}
+
     def evaluate(self, model, loaders: dict, device, autocast) -> dict:
         return evaluate(model, loaders, self.spec, device, autocast)
 
@@ -142,6 +149,18 @@ class CausalLMKind:
     def dev_loader(self, dataset, tokenizer, config: TrainConfig):
         encoded = encode_completions(dataset, tokenizer, config.max_length, self.eos)
         return completion_loader(encoded, tokenizer, config.eval_batch_size, False, config.seed)
+
+    def loss_kwargs(self, batch: dict, world: int) -> dict:
+        """Extra forward arguments for the training loss of `batch` (the global batch) shared among `world`
+        processes. One process: none (the model's mean over the batch's scored tokens). Several: each one's
+        loss is its summed token NLL / (the global batch's scored tokens / world) (transformers' causal-LM
+        loss divides by `num_items_in_batch`), so DDP's mean over processes is the global per-token mean
+        even when the processes hold unequal numbers of scored tokens (rows of unequal length). Counted on
+        the global batch, which every process holds (`distributed`): no collective needed."""
+        if world == 1:
+            return {}
+        scored = int((batch["labels"][..., 1:] != -100).sum())  # the shifted labels the loss scores
+        return {"num_items_in_batch": scored / world}
 
     def evaluate(self, model, loaders: dict, device, autocast) -> dict:
         return evaluate_causal_lm(model, loaders, self.spec, device, autocast)

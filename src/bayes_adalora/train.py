@@ -67,9 +67,10 @@ def resume_checkpoint(out: Path, resume: str | None) -> Path | None:
     return path
 
 
-def forward_backward(model: nn.Module, batch: dict, autocast) -> torch.Tensor:
+def forward_backward(model: nn.Module, batch: dict, autocast, loss_kwargs: dict | None = None) -> torch.Tensor:
+    """Forward and backward of `batch`; `loss_kwargs` (the kind's, e.g. `num_items_in_batch`) go to the forward."""
     with autocast:
-        loss = model(**batch).loss
+        loss = model(**batch, **(loss_kwargs or {})).loss
     loss.backward()
     return loss
 
@@ -196,8 +197,10 @@ def train(config: TrainConfig, figures: Figures | None = None) -> dict:
             if index < done.batch_in_epoch:
                 continue
             t0 = time.perf_counter()
+            loss_kwargs = kind.loss_kwargs(batch, procs.world)  # of the global batch: the same in every process
             batch = {k: v.to(device) for k, v in procs.shard(batch).items()}
-            loss = training_step.gradients(partial(forward_backward, forward_model, batch, autocast))
+            # every IVON sample runs the same partial, so each gets the same loss_kwargs
+            loss = training_step.gradients(partial(forward_backward, forward_model, batch, autocast, loss_kwargs))
             training_step.update()
             loss = procs.mean(loss.item())  # the batch's loss; one device sync per step
             done.step += 1
