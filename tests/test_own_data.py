@@ -351,3 +351,17 @@ def test_evaluate_refuses_a_glue_folder_and_unseen_classes_for_a_classification_
     other = write_csv(tmp_path / "other.csv", ["sentence", "colour"], [("the sky is here .", "purple")])
     with pytest.raises(UserError, match="label 'purple' does not occur in the training data"):
         evaluate_run(colour_run, data_file=str(other))
+
+
+def test_make_trainer_reads_the_classes_of_the_users_training_file(colour_files, tiny_deberta, tmp_path):
+    from transformers import TrainingArguments
+
+    from bayes_adalora.hf_trainer import make_trainer
+
+    train, dev = colour_files
+    config = TrainConfig(task="classification", method="adalora", train_file=str(train), validation_file=str(dev),
+                         text_columns=["sentence"], label_column="colour", init_r=4, target_r=2)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, report_to=[], use_cpu=True)
+    trainer = make_trainer(tiny_deberta, [{"input_ids": [1, 2], "labels": 0}], None, config, args)  # a Path
+    labels = trainer.model.base_model.model.config.id2label
+    assert [labels[i] for i in range(len(labels))] == COLOUR_ORDER

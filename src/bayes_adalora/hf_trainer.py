@@ -461,6 +461,8 @@ def make_trainer(model, train_dataset, eval_dataset, config: TrainConfig, traini
     if isinstance(model, (str, os.PathLike)):
         model = str(model)
         kind = task_kind(get_task(config.task))  # a classifier, or a causal LM for the decoder-LM tasks
+        if kind.spec.labels == ():  # classification on the user's own data: the classes of config.train_file
+            kind.read_data(config)
         tokenizer, model, fresh = kind.load_model(model, config, training_args.device)
         trainer_kwargs.setdefault("processing_class", tokenizer)
         trainer_kwargs.setdefault("data_collator", kind.collator(tokenizer))
