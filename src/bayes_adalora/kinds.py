@@ -32,6 +32,7 @@ from .lm_data import (
     read_choice_file,
     read_completion_file,
 )
+from .lm_metrics import IGNORE_INDEX
 from .lm_predict import (
     ChoiceSplit,
     choice_rows,
@@ -159,7 +160,7 @@ class CausalLMKind:
         the global batch, which every process holds (`distributed`): no collective needed."""
         if world == 1:
             return {}
-        scored = int((batch["labels"][..., 1:] != -100).sum())  # the shifted labels the loss scores
+        scored = int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())  # the shifted labels the loss scores
         return {"num_items_in_batch": scored / world}
 
     def evaluate(self, model, loaders: dict, device, autocast) -> dict:
