@@ -298,19 +298,7 @@ def read_user_records(path: str | Path, text_columns: Sequence[str], label_colum
         raise UserError(f"give 1 or 2 text columns, not {len(text_columns)}")
     columns = (*text_columns, label_column)
     checked = columns if labels_required else tuple(text_columns)
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        records = _table_records(path, ",", csv.QUOTE_MINIMAL, checked)
-    elif suffix == ".tsv":
-        records = _table_records(path, "\t", csv.QUOTE_NONE, checked)
-    elif suffix == ".json":
-        records = _json_records(path)
-    elif suffix == ".jsonl":
-        records = _jsonl_records(path)
-    elif suffix == ".parquet":
-        records = _parquet_records(path, checked, optional=label_column)
-    else:
-        raise UserError(f"{path}: unknown file type {suffix or '(none)'!r}; use .csv, .tsv, .json, .jsonl or .parquet")
+    records = read_records(path, USER_FILE_TYPES, checked, optional=label_column)
     if not records:
         raise UserError(f"{path} has no examples")
     labeled = labels_required or any(isinstance(r, dict) and label_column in r for _, r in records)
@@ -365,15 +353,22 @@ def spec_from_labels(task: str, train: UserRecords, label_column: str) -> TaskSp
     return data_task_spec(task, classes)
 
 
-def read_records(path: Path, kinds: Sequence[str] = (".csv", ".tsv", ".json", ".jsonl")) -> list[tuple[str, dict]]:
-    """(where, record) for every example of a .csv, .tsv, .json or .jsonl file (of the `kinds` allowed),
-    columns unchecked: for readers that check their own (the decoder-LM tasks)."""
+USER_FILE_TYPES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
+TABLE_FORMATS = {".csv": (",", csv.QUOTE_MINIMAL), ".tsv": ("\t", csv.QUOTE_NONE)}  # TSV unquoted, as GLUE's
+
+
+def read_records(path: Path, kinds: Sequence[str] = (".csv", ".tsv", ".json", ".jsonl"), columns: Sequence[str] = (),
+                 optional: str | None = None) -> list[tuple[str, dict]]:
+    """(where, record) for every example of a file of one of the `kinds` allowed, chosen by its suffix: the
+    one place that maps a suffix to its reader. A table's header (and a Parquet file's schema) must name
+    `columns`; `optional` may be missing from a Parquet file; other checks are the caller's."""
     suffix = path.suffix.lower()
     if suffix not in kinds:
         raise UserError(f"{path}: unknown file type {suffix or '(none)'!r}; use {', '.join(kinds)}")
-    if suffix in (".csv", ".tsv"):
-        return _table_records(path, "," if suffix == ".csv" else "\t",
-                              csv.QUOTE_MINIMAL if suffix == ".csv" else csv.QUOTE_NONE, ())
+    if suffix in TABLE_FORMATS:
+        return _table_records(path, *TABLE_FORMATS[suffix], columns)
+    if suffix == ".parquet":
+        return _parquet_records(path, columns, optional=optional)
     return _json_records(path) if suffix == ".json" else _jsonl_records(path)
 
 
