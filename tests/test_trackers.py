@@ -67,3 +67,36 @@ def test_a_failed_run_s_tensorboard_folder_neither_blocks_the_retry_nor_mixes_in
     assert len(event_files) == 1
     events = event_accumulator.EventAccumulator(str(event_files[0].parent)).Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
+
+
+def test_a_run_that_fails_ends_its_tracker_run_as_failed_and_a_finished_one_as_finished(tmp_path, glue_dir,
+                                                                                       tiny_deberta, capsys,
+                                                                                       monkeypatch):
+    import bayes_adalora.trackers as trackers
+
+    ended = []
+
+    class FakeWandbRun:
+        def finish(self, exit_code=None):
+            ended.append(("run.finish", exit_code))
+
+    class FakeWandb:  # what accelerate's WandBTracker offers: name, run, log, finish
+        name = "wandb"
+        run = FakeWandbRun()
+
+        def log(self, values, step):
+            ended.append(("log", step))
+
+        def finish(self):
+            ended.append(("finish", None))
+
+    monkeypatch.setattr(trackers, "start_tracker", lambda kind, out, config: FakeWandb())
+    common = ["train", "--task", "sst2", "--data-dir", str(glue_dir), "--model", str(tiny_deberta),
+              "--batch-size", "16", "--max-length", "32", "--no-progress", "--no-plots", "--report-to", "wandb"]
+    assert main([*common, "--max-steps", "6", "--lr", "1e4", "--ivon-clip-radius", "1e6",
+                 "--output-dir", str(tmp_path / "diverges")]) == 1
+    assert ended[-1] == ("run.finish", 1) and ("finish", None) not in ended  # after its logged steps
+    assert any(e[0] == "log" for e in ended)
+    ended.clear()
+    assert main([*common, "--max-steps", "2", "--output-dir", str(tmp_path / "ok")]) == 0
+    assert ended[-1] == ("finish", None) and [e for e in ended if e[0] != "log"] == [("finish", None)]

@@ -9,6 +9,8 @@ entry of that factor in the model).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +37,33 @@ def sigma_statistics(sigma: dict[str, torch.Tensor]) -> dict[str, float]:
         out.update({f"sigma/{factor}/p01": float(p01), f"sigma/{factor}/median": float(median),
                     f"sigma/{factor}/p99": float(p99)})
     return out
+
+
+@contextmanager
+def tracking(kind: str, output_dir: Path, config: dict) -> Iterator:
+    """`start_tracker`'s tracker for the block, ended when the block ends: as failed (W&B exit code 1,
+    MLflow status FAILED) when it raises, so an interrupted or diverged run is not left "running" with
+    its last events unflushed."""
+    tracker = start_tracker(kind, output_dir, config)
+    try:
+        yield tracker
+    except BaseException:
+        if tracker is not None:
+            end_tracker(tracker, failed=True)
+        raise
+    if tracker is not None:
+        end_tracker(tracker, failed=False)
+
+
+def end_tracker(tracker, failed: bool) -> None:
+    if failed and tracker.name == "wandb":
+        tracker.run.finish(exit_code=1)
+    elif failed and tracker.name == "mlflow":
+        import mlflow
+
+        mlflow.end_run(status="FAILED")
+    else:
+        tracker.finish()
 
 
 def start_tracker(kind: str, output_dir: Path, config: dict):

@@ -13,7 +13,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -44,7 +44,7 @@ from .models import LABELS_FILE, default_model_path, label_maps
 from .predict import named_posterior_sigma
 from .run_folder import TRACKER_DIR, check_output_dir, write_json, write_outputs
 from .tasks import get_task
-from .trackers import sigma_statistics, start_tracker
+from .trackers import sigma_statistics, tracking
 
 Figures = Callable[[Path], object]  # draws a finished run folder's figures into it (`plots.plot_run`)
 
@@ -143,6 +143,11 @@ def train(config: TrainConfig, figures: Figures | None = None) -> dict:
 
     `figures` (e.g. `plots.plot_run`) draws the run's PNGs into the folder when `config.plots` is on.
     """
+    with ExitStack() as closing:  # what the run opened (its tracker) is closed, as failed when it raises
+        return _train(config, figures, closing)
+
+
+def _train(config: TrainConfig, figures: Figures | None, closing: ExitStack) -> dict:
     kind = task_kind(get_task(config.task))  # what varies with the task: data, model, batches, metrics
     out = Path(config.output_dir)
     check_output_dir(out, config.overwrite, config.resume)
@@ -188,7 +193,8 @@ def train(config: TrainConfig, figures: Figures | None = None) -> dict:
         shutil.rmtree(out / TRACKER_DIR, ignore_errors=True)
 
     history = done.history
-    tracker = start_tracker(config.report_to, out, planned_config(config, plan)) if procs.is_main else None
+    tracker = (closing.enter_context(tracking(config.report_to, out, planned_config(config, plan)))
+               if procs.is_main else None)
     bar = tqdm(total=plan.total_steps, initial=done.step, disable=not (config.progress and procs.is_main),
                desc=f"{config.method} {spec.name}", dynamic_ncols=True)
     while done.step < plan.total_steps:
@@ -261,8 +267,6 @@ def train(config: TrainConfig, figures: Figures | None = None) -> dict:
                 break
         done.batch_in_epoch = 0
     bar.close()
-    if tracker is not None:
-        tracker.finish()
     if not finite_state(model, optimizer):  # the last update is checked too, before anything is written
         raise diverged(out, done.step, "the weights are not finite after the last update", first_bad=done.step,
                        procs=procs)
