@@ -21,7 +21,15 @@ from transformers import DataCollatorWithPadding, EvalPrediction, LlamaConfig, L
 from bayes_adalora import UserError
 from bayes_adalora.build import build_trainable_model
 from bayes_adalora.config import TrainConfig
-from bayes_adalora.hf_trainer import ADALORA_STATE, AdaLoraTrainer, IVONArguments, IVONTrainer, compute_metrics
+from bayes_adalora.hf_trainer import (
+    ADALORA_STATE,
+    AdaLoraTrainer,
+    IVONArguments,
+    IVONTrainer,
+    compute_lm_metrics,
+    compute_metrics,
+    reduce_lm_logits,
+)
 from bayes_adalora.models import load_model
 from bayes_adalora.predict import posterior_predictive
 from conftest import save_tiny_deberta
@@ -96,6 +104,11 @@ def test_ivon_trainer_trains_a_causal_lm_built_with_peft_and_allocates(method, t
     assert after["eval_loss"] < before["eval_loss"] - 0.05
     # compute_metrics scored the 11 next tokens of each of the 8 sequences: its nll is the model's own loss
     assert after["eval_nll"] == pytest.approx(after["eval_loss"], rel=1e-4)
+    # the same evaluation with the logits reduced on the way (4 numbers a token gathered, not the vocabulary)
+    trainer.preprocess_logits_for_metrics, trainer.compute_metrics = reduce_lm_logits, compute_lm_metrics
+    reduced = trainer.evaluate()
+    numbers = [k for k in after if k.startswith("eval_") and not k.endswith(("runtime", "per_second"))]
+    assert len(numbers) == 10 and {k: reduced[k] for k in numbers} == pytest.approx({k: after[k] for k in numbers})
 
 
 # ----------------------------------------------------------------------------- compute_metrics
@@ -121,6 +134,27 @@ def test_compute_metrics_by_hand_for_a_classifier_and_a_causal_lm():
     lm_logits = np.concatenate([logits, [[5.0, -5.0]]])[None]  # (1, 4, 2); the last position predicts nothing
     lm_labels = np.array([[-100, 1, 1, 0]])
     assert compute_metrics(EvalPrediction(predictions=lm_logits, label_ids=lm_labels)) == pytest.approx(got)
+
+
+def test_reduced_lm_logits_give_compute_metrics_numbers_across_batches_the_trainer_padded():
+    from transformers.trainer_pt_utils import nested_concat
+
+    rng = np.random.default_rng(0)
+    batches = []
+    for length in (5, 3):  # the Trainer pads the shorter batch's predictions and labels with -100
+        logits = torch.as_tensor(rng.normal(size=(2, length, 7)) * 3, dtype=torch.float32)
+        labels = torch.as_tensor(rng.integers(0, 7, size=(2, length)))
+        labels[0, :2] = -100  # a prompt
+        batches.append((logits, labels))
+    gather = lambda parts: nested_concat(parts[0], parts[1], padding_index=-100)  # noqa: E731
+    logits, labels = (gather([b[i] for b in batches]).numpy() for i in (0, 1))
+    full = compute_metrics(EvalPrediction(logits, labels))
+    reduced = gather([reduce_lm_logits(*b) for b in batches])
+    assert reduced.shape == (4, 4, 4)
+    got = compute_lm_metrics(EvalPrediction(reduced.numpy(), labels))
+    assert got == pytest.approx(full, rel=1e-5) and 0 < got["accuracy"] < 1
+    with pytest.raises(ValueError, match=r"reduce_lm_logits' \(N, T - 1, 4\) statistics"):
+        compute_lm_metrics(EvalPrediction(logits, labels))
 
 
 # ----------------------------------------------------------------------------- posterior predictive

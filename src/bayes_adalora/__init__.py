@@ -17,6 +17,8 @@ LAZY = {
     "IVONTrainer": "hf_trainer",
     "RankAllocationCallback": "hf_trainer",
     "compute_metrics": "hf_trainer",
+    "compute_lm_metrics": "hf_trainer",
+    "reduce_lm_logits": "hf_trainer",
 }
 
 __all__ = [

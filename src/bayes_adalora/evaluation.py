@@ -159,8 +159,29 @@ def calibration_metrics(predictive: Predictive, labels) -> dict:
         "ece": expected_calibration_error(confidence, correct),
         "nll": negative_log_likelihood(predictive.log_probs, labels),
         "brier": brier_score(predictive.probabilities, labels),
+        **selective_metrics(confidence, correct),
+    }
+
+
+def selective_metrics(confidence, correct) -> dict:
+    """aurc and accuracy_at_coverage {"0.5", "0.8", "1.0"}."""
+    return {
         "aurc": area_under_risk_coverage(confidence, correct),
         "accuracy_at_coverage": {str(c): accuracy_at_coverage(confidence, correct, c) for c in COVERAGES},
+    }
+
+
+def calibration_from_statistics(confidence, correct, label_log_probs, squared_probabilities) -> dict:
+    """`calibration_metrics` from four numbers per example instead of its whole distribution (for a
+    vocabulary-sized one): the predicted class's probability, whether it is right, log p(label) and
+    sum_c p_c^2. Brier is sum_c p_c^2 - 2 p(label) + 1, the same sum expanded."""
+    label_log_probs = np.asarray(label_log_probs, dtype=np.float64)
+    squared = np.asarray(squared_probabilities, dtype=np.float64)
+    return {
+        "ece": expected_calibration_error(confidence, correct),
+        "nll": float(-label_log_probs.mean()),
+        "brier": float((squared - 2 * np.exp(label_log_probs) + 1).mean()),
+        **selective_metrics(confidence, correct),
     }
 
 
