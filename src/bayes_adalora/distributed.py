@@ -1,8 +1,9 @@
 """Multi-process training through accelerate (DDP): what each process trains on and who writes.
 
 Every process reads the same global batch (same seed, same order) and trains on its contiguous
-share of it, DDP averages the gradients (a kind whose loss is a per-token mean weighs each process's
-loss by the global token count: `kinds.CausalLMKind.loss_kwargs`), and IVON runs with `sync=True`. Every process
+share of it, DDP averages the gradients (each process's loss is weighed so that the mean is the global
+batch's: by its share of the rows, `kinds.ClassifierKind.loss_scale`, or of the scored tokens,
+`kinds.CausalLMKind.loss_kwargs`), and IVON runs with `sync=True`. Every process
 therefore holds the same weights and the same IVON state, and so computes the same rank masks; this is
 checked at the end of a run. Only the main process writes files and shows progress.
 """

@@ -99,6 +99,12 @@ class ClassifierKind:
         processes: none, the loss is the model's mean over this process's rows."""
         return {}
 
+    def loss_scale(self, rows: int, shard_rows: int, world: int) -> float:
+        """What this process's loss is multiplied by before backward, so that DDP's mean over processes is
+        the global batch's mean: the model's loss is a mean over the process's `shard_rows` of the batch's
+        `rows`, and an epoch's short last batch is shared unequally (33 rows: 16 and 17)."""
+        return 1.0 if shard_rows * world == rows else shard_rows * world / rows
+
     def evaluate(self, model, loaders: dict, device, autocast) -> dict:
         return evaluate(model, loaders, self.spec, device, autocast)
 
@@ -162,6 +168,10 @@ class CausalLMKind:
             return {}
         scored = int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())  # the shifted labels the loss scores
         return {"num_items_in_batch": scored / world}
+
+    def loss_scale(self, rows: int, shard_rows: int, world: int) -> float:
+        """1: `loss_kwargs` already weighs each process's loss by the global token count."""
+        return 1.0
 
     def evaluate(self, model, loaders: dict, device, autocast) -> dict:
         return evaluate_causal_lm(model, loaders, self.spec, device, autocast)

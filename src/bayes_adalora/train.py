@@ -67,10 +67,14 @@ def resume_checkpoint(out: Path, resume: str | None) -> Path | None:
     return path
 
 
-def forward_backward(model: nn.Module, batch: dict, autocast, loss_kwargs: dict | None = None) -> torch.Tensor:
-    """Forward and backward of `batch`; `loss_kwargs` (the kind's, e.g. `num_items_in_batch`) go to the forward."""
+def forward_backward(model: nn.Module, batch: dict, autocast, loss_kwargs: dict | None = None,
+                     scale: float = 1.0) -> torch.Tensor:
+    """Forward and backward of `batch`; `loss_kwargs` (the kind's, e.g. `num_items_in_batch`) go to the forward,
+    and the loss is multiplied by `scale` (the kind's `loss_scale`) before backward; returns what was backpropagated."""
     with autocast:
         loss = model(**batch, **(loss_kwargs or {})).loss
+    if scale != 1.0:
+        loss = loss * scale
     loss.backward()
     return loss
 
@@ -204,9 +208,12 @@ def _train(config: TrainConfig, figures: Figures | None, closing: ExitStack) -> 
                 continue
             t0 = time.perf_counter()
             loss_kwargs = kind.loss_kwargs(batch, procs.world)  # of the global batch: the same in every process
-            batch = {k: v.to(device) for k, v in procs.shard(batch).items()}
-            # every IVON sample runs the same partial, so each gets the same loss_kwargs
-            loss = training_step.gradients(partial(forward_backward, forward_model, batch, autocast, loss_kwargs))
+            shard = procs.shard(batch)
+            scale = kind.loss_scale(len(batch["input_ids"]), len(shard["input_ids"]), procs.world)
+            batch = {k: v.to(device) for k, v in shard.items()}
+            # every IVON sample runs the same partial, so each gets the same loss_kwargs and scale
+            loss = training_step.gradients(partial(forward_backward, forward_model, batch, autocast, loss_kwargs,
+                                                   scale))
             training_step.update()
             loss = procs.mean(loss.item())  # the batch's loss; one device sync per step
             done.step += 1
