@@ -552,6 +552,17 @@ def test_help_prints_every_flag_and_exits_zero(command, capsys):
         assert "6% of the run" in out and "--ivon-beta2" in out and "[default: 0.99999]" in out
 
 
+def test_version_is_the_package_s_and_pyproject_s(capsys):
+    import tomllib
+
+    import bayes_adalora
+
+    assert main(["--version"]) == 0
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert capsys.readouterr().out == f"bayes-adalora {pyproject['project']['version']}\n"
+    assert bayes_adalora.__version__ == pyproject["project"]["version"]
+
+
 def test_config_file_reruns_a_run_and_explicit_flags_win(trained, tmp_path):
     """`train --config run/config.json` gives the same run again (every default was resolved in the file)."""
     first = trained("bayes-adalora")

@@ -9,6 +9,7 @@ import typing
 import warnings
 from pathlib import Path
 
+from . import __version__
 from .config import config_fields, field_type, make_config
 from .errors import TrainingDiverged, UserError
 
@@ -46,8 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bayes-adalora",
         description="Bayesian adaptive low-rank fine-tuning: AdaLoRA ranks allocated from IVON's posterior.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="fine-tune a model on a GLUE task and save the run",
+    train = commands.add_parser("train", help="fine-tune a model (a GLUE task, your own labelled files, a causal LM "
+                                "or multiple choice) and save the run",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for field in config_fields():
         train.add_argument("--" + field.name.replace("_", "-"), dest=field.name, **flag_kwargs(field))
