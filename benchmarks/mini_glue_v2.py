@@ -19,8 +19,10 @@ within 1.5 standard errors of zero.
 Tuning, equal effort and not on what is reported: each optimizer family (IVON, AdaLoRA+AdamW,
 LoRA+AdamW) gets the same number of learning rates, on a doubling ladder, trained with seed 100
 on a held-out 10% of the *training* file of SST-2 (written under --work); the rung with the best
-held-out score is kept for every task. A rung chosen at a ladder's edge is flagged in the
-table.
+held-out score is kept for every task. While some family's best sits at its ladder's edge, every
+family gets one more rung, by one rule (`next_rung`: past the edge by a doubling, else halfway, in
+log scale, towards the better neighbour of the best), up to EXTRA_ROUNDS rounds; a choice still at
+an edge after them is flagged in the table.
 """
 
 from __future__ import annotations
@@ -96,6 +98,7 @@ ABLATION_TASKS = ("sst2", "stsb")
 TUNE_TASKS = ("sst2",)  # one task keeps the sweep at about 12 x 4 CPU-minutes
 TUNE_SEED = 100
 LADDERS = {"ivon": (1.5, 3.0, 6.0, 12.0), "adalora": (1e-3, 2e-3, 4e-3, 8e-3), "lora": (5e-4, 1e-3, 2e-3, 4e-3)}
+EXTRA_ROUNDS = 2  # rounds of one more rung per family while some family's best is at its ladder's edge
 TUNE_CELL = {"ivon": CELLS["bayes-adalora"], "adalora": CELLS["adalora"], "lora": CELLS["lora"]}
 # what "learned" means (issue 9): AdaLoRA+AdamW's mean clears the trivial baseline by this margin,
 # or reaches an absolute floor
@@ -207,28 +210,75 @@ def score(record: dict | None) -> float | None:
 # ---------------------------------------------------------------- tuning
 
 
-def tuning_table(results: Path) -> dict[str, dict[float, float | None]]:
-    """Per family and lr, the mean over TUNE_TASKS of the held-out score (None: missing or diverged)."""
+def family_scores(results: Path, family: str, rungs) -> dict[float, float | None]:
+    """lr -> the mean over TUNE_TASKS of the held-out score (None: diverged), for the rungs that have run."""
     table = {}
-    for family, ladder in LADDERS.items():
-        table[family] = {}
-        for lr in ladder:
-            records = [load(tune_path(results, t, family, lr)) for t in TUNE_TASKS]
-            if all(r is not None for r in records):
-                scores = [score(r) for r in records]
-                table[family][lr] = None if None in scores else statistics.fmean(scores)
+    for lr in rungs:
+        records = [load(tune_path(results, t, family, lr)) for t in TUNE_TASKS]
+        if all(r is not None for r in records):
+            scores = [score(r) for r in records]
+            table[lr] = None if None in scores else statistics.fmean(scores)
     return table
+
+
+def best_rung(scores: dict[float, float | None]) -> float | None:
+    ok = {lr: v for lr, v in scores.items() if v is not None}
+    return max(ok, key=ok.get) if ok else None
+
+
+def at_edge(rungs, best: float | None) -> bool:
+    return best is not None and len(rungs) > 1 and best in (min(rungs), max(rungs))
+
+
+def next_rung(scores: dict[float, float]) -> float:
+    """One more rung for a family whose rungs have all run: a doubling past the best if it is the
+    ladder's top (a halving if its bottom), else the log-scale midpoint between the best and its
+    better-scoring neighbour (3 significant digits). A family whose every rung diverged goes lower."""
+    rungs = sorted(scores)
+    best = best_rung(scores)
+    if best is None:
+        return float(f"{rungs[0] / 2:.3g}")
+    if best == rungs[-1]:
+        return float(f"{best * 2:.3g}")
+    if best == rungs[0]:
+        return float(f"{best / 2:.3g}")
+    i = rungs.index(best)
+    below, above = scores[rungs[i - 1]], scores[rungs[i + 1]]
+    neighbour = rungs[i + 1] if (above if above is not None else -math.inf) > (below if below is not None else
+                                                                              -math.inf) else rungs[i - 1]
+    return float(f"{math.sqrt(best * neighbour):.3g}")
+
+
+def ladders(results: Path) -> tuple[dict[str, tuple[float, ...]], bool]:
+    """Every family's rungs so far (LADDERS plus the extra rounds that the finished rungs call for), and
+    whether the sweep is complete: every rung has run and no further round is due."""
+    rungs = {f: tuple(ladder) for f, ladder in LADDERS.items()}
+    for round_ in range(EXTRA_ROUNDS + 1):
+        scores = {f: family_scores(results, f, r) for f, r in rungs.items()}
+        if any(len(scores[f]) < len(rungs[f]) for f in rungs):
+            return rungs, False
+        if round_ == EXTRA_ROUNDS or not any(at_edge(r, best_rung(scores[f])) for f, r in rungs.items()):
+            return rungs, True
+        rungs = {f: (*r, next_rung(scores[f])) for f, r in rungs.items()}
+    raise AssertionError("unreachable")
+
+
+def tuning_table(results: Path) -> dict[str, dict[float, float | None]]:
+    """Per family and lr (in the order the rungs were added), the mean over TUNE_TASKS of the held-out score
+    (None: missing or diverged)."""
+    rungs, _ = ladders(results)
+    return {f: family_scores(results, f, r) for f, r in rungs.items()}
 
 
 def chosen_lrs(results: Path) -> dict[str, float] | None:
     """The best rung per family, or None while the sweep is unfinished."""
-    table = tuning_table(results)
-    if any(len(table[f]) < len(LADDERS[f]) for f in LADDERS):
+    rungs, complete = ladders(results)
+    if not complete:
         return None
     chosen = {}
-    for family, scores in table.items():
-        ok = {lr: v for lr, v in scores.items() if v is not None}
-        chosen[family] = max(ok, key=ok.get) if ok else LADDERS[family][0]
+    for family, r in rungs.items():
+        best = best_rung(family_scores(results, family, r))
+        chosen[family] = best if best is not None else r[0]
     return chosen
 
 
@@ -269,7 +319,7 @@ def needs_more_seeds(results: Path, task: str) -> bool:
 
 def jobs(results: Path, work: Path, glue_dir: Path, lrs: dict | None, extra: list[str]):
     """(path, args, record) of every cell in priority order; cells already on disk are skipped by the caller."""
-    for family, ladder in LADDERS.items():
+    for family, ladder in ladders(results)[0].items():
         for lr in ladder:
             for task in TUNE_TASKS:
                 cell = TUNE_CELL[family]
@@ -360,7 +410,8 @@ def summarize(results: Path, glue_dir: str) -> dict:
                        for name in CELLS if name not in ("adalora",) and name in methods},
             "seeds": seeds_done,
         }
-    edges = {f: lr in (LADDERS[f][0], LADDERS[f][-1]) for f, lr in (lrs or {}).items()}
+    rungs, _ = ladders(results)
+    edges = {f: at_edge(rungs[f], lr) for f, lr in (lrs or {}).items()}
     commits = sorted({r["commit"] for p in (results / "cells").rglob("*.json") if (r := load(p))}) \
         if (results / "cells").is_dir() else []
     return {"machine": machine(), "learning_rates": lrs, "at_ladder_edge": edges, "tuning": tuning_table(results),

@@ -48,6 +48,43 @@ def test_more_seeds_only_where_the_difference_is_within_one_and_a_half_standard_
     assert not grid.needs_more_seeds(tmp_path, "rte")
 
 
+def write_tune(results: Path, family: str, lr: float, best: float | None) -> None:
+    path = grid.tune_path(results, "sst2", family, lr)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"lr": lr, **({"best": best} if best is not None else {"diverged": "at step 3"})}))
+
+
+def test_a_best_rung_at_a_ladder_s_edge_gives_every_family_one_more_rung_by_one_rule(tmp_path, glue_dir,
+                                                                                     monkeypatch):
+    monkeypatch.setattr(grid, "TUNE_TASKS", ("sst2",))
+    monkeypatch.setattr(grid, "LADDERS", {"ivon": (1.5, 3.0, 6.0, 12.0), "adalora": (1e-3, 2e-3, 4e-3, 8e-3)})
+    monkeypatch.setattr(grid, "EXTRA_ROUNDS", 2)
+    for lr, v in zip(grid.LADDERS["ivon"], (0.82, 0.85, 0.86, 0.55)):
+        write_tune(tmp_path, "ivon", lr, v)
+    for lr, v in zip(grid.LADDERS["adalora"][:3], (0.85, 0.86, 0.87)):
+        write_tune(tmp_path, "adalora", lr, v)
+    assert grid.chosen_lrs(tmp_path) is None  # adalora's 8e-3 has not run
+    write_tune(tmp_path, "adalora", 8e-3, 0.874)
+    # adalora's best is its top rung: a round for both, a doubling for adalora, for ivon (best 6, inside)
+    # the log midpoint towards its better neighbour 3
+    assert grid.ladders(tmp_path) == ({"ivon": (1.5, 3.0, 6.0, 12.0, 4.24), "adalora": (1e-3, 2e-3, 4e-3, 8e-3, 0.016)},
+                                      False)
+    assert grid.chosen_lrs(tmp_path) is None
+    jobs = [r for _, _, r in grid.jobs(tmp_path, tmp_path / "w", glue_dir, None, []) if "lr" in r]
+    assert {(r["family"], r["lr"]) for r in jobs} >= {("ivon", 4.24), ("adalora", 0.016)}
+    write_tune(tmp_path, "ivon", 4.24, 0.861)
+    write_tune(tmp_path, "adalora", 0.016, None)  # diverged: 8e-3 stays the best, no longer the edge
+    assert grid.chosen_lrs(tmp_path) == {"ivon": 4.24, "adalora": 8e-3}
+    assert grid.tuning_table(tmp_path)["adalora"] == {1e-3: 0.85, 2e-3: 0.86, 4e-3: 0.87, 8e-3: 0.874, 0.016: None}
+    # had 0.016 won, one more round (the last of EXTRA_ROUNDS = 2); then a choice at an edge stands, flagged
+    write_tune(tmp_path, "adalora", 0.016, 0.88)
+    assert grid.ladders(tmp_path)[0]["adalora"][-1] == 0.032 and grid.ladders(tmp_path)[0]["ivon"][-1] == 5.04
+    write_tune(tmp_path, "adalora", 0.032, 0.89)
+    write_tune(tmp_path, "ivon", 5.04, 0.85)
+    assert grid.chosen_lrs(tmp_path) == {"ivon": 4.24, "adalora": 0.032}
+    assert grid.at_edge(grid.ladders(tmp_path)[0]["adalora"], 0.032)
+
+
 def test_heldout_split_partitions_the_training_file_and_keeps_the_header(tmp_path, glue_dir):
     root = grid.heldout_dir(tmp_path, glue_dir, "sst2")
     original = (glue_dir / "SST-2" / "train.tsv").read_text().splitlines()
