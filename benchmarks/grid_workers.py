@@ -1,0 +1,114 @@
+"""Run a pinned Mini-GLUE v2 grid N cells at a time (one thread each) on a machine with N free cores.
+
+The cells, their commands and their order are the pinned checkout's own: this imports that checkout's
+`benchmarks/mini_glue_v2.py` unchanged and calls its `jobs()` and `run_cell()`, so every cell's JSON
+(with the pinned commit) is what `mini_glue_v2.py` itself would write. Only the scheduling differs:
+workers take the first cell that is neither on disk nor taken by another worker, and an extra seed
+(3, 4) starts only once seeds 0-2 of adalora and bayes-adalora are all on disk, as the sequential
+script would see them. Interrupted, it resumes from the cells on disk like the script.
+
+    python benchmarks/grid_workers.py --pinned /work/grid --workers 2 --glue-dir ../shared/data/glue \
+        --results /work/main/benchmarks/results/mini-glue-v2 --work /work/grid-runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import threading
+import time
+import traceback
+from datetime import datetime
+from pathlib import Path
+
+IDLE_SECONDS = 30  # how often a worker with nothing to start looks again (a tuning cell may be running)
+
+
+def load_pinned(checkout: Path):
+    """The pinned checkout's mini_glue_v2 module (its own `baselines` beside it)."""
+    sys.path.insert(0, str(checkout / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("pinned_mini_glue_v2", checkout / "benchmarks" / "mini_glue_v2.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Scheduler:
+    """Hands out the pinned grid's cells to workers, each cell once."""
+
+    def __init__(self, grid, results: Path, work: Path, glue_dir: Path):
+        self.grid, self.results, self.work, self.glue_dir = grid, results, work, glue_dir
+        self.taken: set[Path] = set()
+        self.lock = threading.Lock()
+
+    def decided(self, record: dict) -> bool:
+        """Whether a cell may start now: an extra seed only once the first seeds it depends on are on disk."""
+        g = self.grid
+        if record.get("seed") not in g.EXTRA_SEEDS:
+            return True
+        return all(g.cell_path(self.results, record["task"], c, s).exists()
+                   for c in ("adalora", "bayes-adalora") for s in g.SEEDS)
+
+    def take(self):
+        """(path, args, record) of the next cell, "wait" while only taken cells remain, or None when done."""
+        g = self.grid
+        with self.lock:
+            lrs = g.chosen_lrs(self.results)
+            for path, args, record in g.jobs(self.results, self.work, self.glue_dir, lrs, []):
+                if not path.exists() and path not in self.taken and self.decided(record):
+                    self.taken.add(path)
+                    return path, args, record
+            return "wait" if self.taken else None
+
+    def done(self, path: Path) -> None:
+        with self.lock:
+            self.taken.discard(path)
+
+
+def worker(scheduler: Scheduler, index: int, threads: int, failures: list) -> None:
+    while True:
+        job = scheduler.take()
+        if job is None:
+            return
+        if job == "wait":
+            time.sleep(IDLE_SECONDS)
+            continue
+        path, args, record = job
+        try:
+            cell = scheduler.grid.run_cell(args, record, path, threads)
+            outcome = cell.get("diverged") or (f"best {cell['metric']} {cell['best']:.4f} "
+                                               f"({cell['train_seconds']:.0f} s)")
+            print(f"{datetime.now():%H:%M} w{index} {path.relative_to(scheduler.results)}: {outcome}", flush=True)
+        except Exception:
+            traceback.print_exc()
+            failures.append(path)
+            return
+        finally:
+            scheduler.done(path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pinned", type=Path, required=True, help="the pinned checkout (a git worktree)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="threads per cell")
+    parser.add_argument("--glue-dir", type=Path, required=True)
+    parser.add_argument("--results", type=Path, required=True)
+    parser.add_argument("--work", type=Path, required=True)
+    args = parser.parse_args(argv)
+    grid = load_pinned(args.pinned.resolve())
+    # the glue folder resolved as mini_glue_v2.main resolves it: the cells' commands are the script's own
+    scheduler = Scheduler(grid, args.results, args.work, args.glue_dir.resolve())
+    failures: list = []
+    threads = [threading.Thread(target=worker, args=(scheduler, i, args.threads, failures))
+               for i in range(args.workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""benchmarks/grid_workers.py: a pinned grid's cells, each run once, by several workers."""
+
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import grid_workers
+
+
+def fake_grid(results: Path, log: list):
+    """A grid of 2 tuning cells (the sweep), then adalora and bayes-adalora with seeds 0-2 and 3-4."""
+    seeds, extra = (0, 1, 2), (3, 4)
+
+    def cell_path(results, task, cell, seed):
+        return results / task / f"{cell}-{seed}.json"
+
+    def chosen_lrs(results):
+        return {"lr": 1} if all((results / f"tune{i}.json").exists() for i in (0, 1)) else None
+
+    def jobs(results, work, glue_dir, lrs, extra_args):
+        for i in (0, 1):
+            yield results / f"tune{i}.json", ["tune", str(i)], {"tune": i}
+        if lrs is None:
+            return
+        for seed in (*seeds, *extra):
+            for cell in ("adalora", "bayes-adalora"):
+                yield cell_path(results, "mrpc", cell, seed), [cell, str(seed)], {"task": "mrpc", "seed": seed}
+
+    lock = threading.Lock()
+
+    def run_cell(args, record, path, threads):
+        with lock:
+            log.append(("start", path.name, sorted(p.name for p in results.rglob("*.json"))))
+        time.sleep(0.05)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}")
+        return {"metric": "f1", "best": 0.8, "train_seconds": 1}
+
+    return SimpleNamespace(SEEDS=seeds, EXTRA_SEEDS=extra, cell_path=cell_path, chosen_lrs=chosen_lrs, jobs=jobs,
+                           run_cell=run_cell)
+
+
+def test_workers_run_every_cell_once_and_an_extra_seed_only_after_the_first_three(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(grid_workers, "IDLE_SECONDS", 0.01)
+    log = []
+    scheduler = grid_workers.Scheduler(fake_grid(tmp_path, log), tmp_path, tmp_path / "work", tmp_path)
+    failures = []
+    workers = [threading.Thread(target=grid_workers.worker, args=(scheduler, i, 1, failures)) for i in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    started = [name for _, name, _ in log]
+    assert not failures and len(started) == len(set(started)) == 2 + 10  # every cell once
+    assert capsys.readouterr().out.count(": best f1 0.8000") == 12
+    for _, name, on_disk in log:
+        if name.startswith("adalora-") or name.startswith("bayes-adalora-"):
+            assert {"tune0.json", "tune1.json"} <= set(on_disk)  # the sweep came first
+        if name.endswith(("-3.json", "-4.json")):  # the three first seeds of both cells were on disk
+            assert {f"{c}-{s}.json" for c in ("adalora", "bayes-adalora") for s in (0, 1, 2)} <= set(on_disk)
