@@ -30,6 +30,7 @@ def load_pinned(checkout: Path):
     sys.path.insert(0, str(checkout / "benchmarks"))
     spec = importlib.util.spec_from_file_location("pinned_mini_glue_v2", checkout / "benchmarks" / "mini_glue_v2.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

@@ -61,3 +61,11 @@ def test_workers_run_every_cell_once_and_an_extra_seed_only_after_the_first_thre
             assert {"tune0.json", "tune1.json"} <= set(on_disk)  # the sweep came first
         if name.endswith(("-3.json", "-4.json")):  # the three first seeds of both cells were on disk
             assert {f"{c}-{s}.json" for c in ("adalora", "bayes-adalora") for s in (0, 1, 2)} <= set(on_disk)
+
+
+def test_the_pinned_checkout_s_script_loads_as_a_module_of_its_own():
+    checkout = Path(__file__).resolve().parents[1]  # this checkout stands in for the pinned one
+    grid = grid_workers.load_pinned(checkout)
+    assert grid.__file__ == str(checkout / "benchmarks" / "mini_glue_v2.py")
+    assert grid.TaskPlan(steps=3, max_length=8).eval_times == 4  # its dataclasses work (they need sys.modules)
+    assert callable(grid.jobs) and callable(grid.run_cell) and grid.SEEDS == (0, 1, 2)
