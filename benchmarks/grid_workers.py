@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import shlex
 import sys
 import threading
-import time
 import traceback
 from datetime import datetime
 from pathlib import Path
@@ -38,10 +38,12 @@ def load_pinned(checkout: Path):
 class Scheduler:
     """Hands out the pinned grid's cells to workers, each cell once."""
 
-    def __init__(self, grid, results: Path, work: Path, glue_dir: Path):
+    def __init__(self, grid, results: Path, work: Path, glue_dir: Path, extra: list[str] | None = None):
         self.grid, self.results, self.work, self.glue_dir = grid, results, work, glue_dir
+        self.extra = extra or []  # more `train` flags for every cell, as mini_glue_v2's --extra-args
         self.taken: set[Path] = set()
         self.lock = threading.Lock()
+        self.stop = threading.Event()  # set when a worker fails: the others start no new cell
 
     def decided(self, record: dict) -> bool:
         """Whether a cell may start now: an extra seed only once the first seeds it depends on are on disk."""
@@ -56,7 +58,7 @@ class Scheduler:
         g = self.grid
         with self.lock:
             lrs = g.chosen_lrs(self.results)
-            for path, args, record in g.jobs(self.results, self.work, self.glue_dir, lrs, []):
+            for path, args, record in g.jobs(self.results, self.work, self.glue_dir, lrs, self.extra):
                 if not path.exists() and path not in self.taken and self.decided(record):
                     self.taken.add(path)
                     return path, args, record
@@ -68,25 +70,28 @@ class Scheduler:
 
 
 def worker(scheduler: Scheduler, index: int, threads: int, failures: list) -> None:
-    while True:
-        job = scheduler.take()
-        if job is None:
-            return
-        if job == "wait":
-            time.sleep(IDLE_SECONDS)
-            continue
-        path, args, record = job
+    """Run cells until none is left, or until a worker fails (a failed cell is a bug to look at, as in
+    mini_glue_v2: the grid stops, and the cells already written stay)."""
+    while not scheduler.stop.is_set():
         try:
+            job = scheduler.take()
+            if job is None:
+                return
+            if job == "wait":
+                scheduler.stop.wait(IDLE_SECONDS)
+                continue
+            path, args, record = job
             cell = scheduler.grid.run_cell(args, record, path, threads)
             outcome = cell.get("diverged") or (f"best {cell['metric']} {cell['best']:.4f} "
                                                f"({cell['train_seconds']:.0f} s)")
             print(f"{datetime.now():%H:%M} w{index} {path.relative_to(scheduler.results)}: {outcome}", flush=True)
-        except Exception:
-            traceback.print_exc()
-            failures.append(path)
-            return
-        finally:
             scheduler.done(path)
+        except BaseException as exc:  # a bad --glue-dir, a broken cell file, a failed run, Ctrl-C
+            scheduler.stop.set()
+            if not isinstance(exc, KeyboardInterrupt):
+                traceback.print_exc()
+            failures.append(exc)
+            return
 
 
 def main(argv=None) -> int:
@@ -97,17 +102,22 @@ def main(argv=None) -> int:
     parser.add_argument("--glue-dir", type=Path, required=True)
     parser.add_argument("--results", type=Path, required=True)
     parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--extra-args", default="", help="as mini_glue_v2.py's: more `train` flags for every cell")
     args = parser.parse_args(argv)
     grid = load_pinned(args.pinned.resolve())
     # the glue folder resolved as mini_glue_v2.main resolves it: the cells' commands are the script's own
-    scheduler = Scheduler(grid, args.results, args.work, args.glue_dir.resolve())
+    scheduler = Scheduler(grid, args.results, args.work, args.glue_dir.resolve(), shlex.split(args.extra_args))
     failures: list = []
     threads = [threading.Thread(target=worker, args=(scheduler, i, args.threads, failures))
                for i in range(args.workers)]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
+    try:
+        for t in threads:
+            t.join()
+    except KeyboardInterrupt:
+        scheduler.stop.set()  # the running cells finish (their subprocesses got the signal too)
+        return 130
     return 1 if failures else 0
 
 

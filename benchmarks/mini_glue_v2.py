@@ -265,7 +265,7 @@ def ladders(results: Path) -> tuple[dict[str, tuple[float, ...]], bool]:
 
 def tuning_table(results: Path) -> dict[str, dict[float, float | None]]:
     """Per family and lr (in the order the rungs were added), the mean over TUNE_TASKS of the held-out score
-    (None: missing or diverged)."""
+    (None: diverged; rungs that have not run are left out)."""
     rungs, _ = ladders(results)
     return {f: family_scores(results, f, r) for f, r in rungs.items()}
 

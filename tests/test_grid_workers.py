@@ -69,3 +69,38 @@ def test_the_pinned_checkout_s_script_loads_as_a_module_of_its_own():
     assert grid.__file__ == str(checkout / "benchmarks" / "mini_glue_v2.py")
     assert grid.TaskPlan(steps=3, max_length=8).eval_times == 4  # its dataclasses work (they need sys.modules)
     assert callable(grid.jobs) and callable(grid.run_cell) and grid.SEEDS == (0, 1, 2)
+
+
+def test_a_failure_anywhere_stops_every_worker_and_is_reported(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(grid_workers, "IDLE_SECONDS", 0.01)
+    log = []
+    grid = fake_grid(tmp_path, log)
+    run_cell = grid.run_cell
+
+    def failing(args, record, path, threads):
+        if path.name == "adalora-1.json":
+            raise RuntimeError("cell adalora-1.json failed (exit 3)")
+        return run_cell(args, record, path, threads)
+
+    grid.run_cell = failing
+    scheduler = grid_workers.Scheduler(grid, tmp_path, tmp_path / "work", tmp_path)
+    failures = []
+    workers = [threading.Thread(target=grid_workers.worker, args=(scheduler, i, 1, failures)) for i in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert [str(f) for f in failures] == ["cell adalora-1.json failed (exit 3)"]
+    started = [name for _, name, _ in log]
+    assert len(started) <= 2 + 4 and "adalora-3.json" not in started  # nothing new after the failure
+    assert "RuntimeError: cell adalora-1.json failed" in capsys.readouterr().err
+
+    # a failure while choosing the next cell (a wrong --glue-dir, a broken cell file) too
+    def broken_jobs(*args):
+        raise FileNotFoundError("../nowhere/SST-2/train.tsv")
+        yield
+
+    grid.jobs = broken_jobs
+    scheduler, failures = grid_workers.Scheduler(grid, tmp_path, tmp_path / "work", tmp_path), []
+    grid_workers.worker(scheduler, 0, 1, failures)
+    assert isinstance(failures[0], FileNotFoundError) and scheduler.stop.is_set()

@@ -27,9 +27,12 @@ def package_imports(path: Path) -> list[tuple[ast.AST, str, list[str], bool]]:
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
-            if node.level == 1:
-                module = (node.module or "").split(".")[0] or "__init__"  # `from . import __version__`
-                found.append((node, module, [a.name for a in node.names], id(node) in top))
+            if node.level == 1 and node.module:
+                found.append((node, node.module.split(".")[0], [a.name for a in node.names], id(node) in top))
+            elif node.level == 1:  # `from . import x`: module x, or a name of the package's __init__
+                for alias in node.names:
+                    module = alias.name if (PACKAGE / f"{alias.name}.py").exists() else "__init__"
+                    found.append((node, module, [] if module == alias.name else [alias.name], id(node) in top))
             elif (node.module or "").startswith("bayes_adalora"):
                 module = node.module.split(".")[1] if "." in node.module else "__init__"
                 found.append((node, module, [a.name for a in node.names], id(node) in top))

@@ -100,3 +100,22 @@ def test_a_run_that_fails_ends_its_tracker_run_as_failed_and_a_finished_one_as_f
     ended.clear()
     assert main([*common, "--max-steps", "2", "--output-dir", str(tmp_path / "ok")]) == 0
     assert ended[-1] == ("finish", None) and [e for e in ended if e[0] != "log"] == [("finish", None)]
+
+
+def test_a_tracker_that_fails_to_close_does_not_hide_the_run_s_own_error(tmp_path, monkeypatch):
+    import bayes_adalora.trackers as trackers
+    from bayes_adalora.errors import TrainingDiverged
+
+    class BrokenRun:
+        def finish(self, exit_code=None):
+            raise OSError("network down")
+
+    class BrokenWandb:
+        name = "wandb"
+        run = BrokenRun()
+
+    monkeypatch.setattr(trackers, "start_tracker", lambda kind, out, config: BrokenWandb())
+    with (pytest.warns(UserWarning, match=r"run was not closed \(OSError: network down\)"),
+          pytest.raises(TrainingDiverged, match="diverged at step 3"),
+          trackers.tracking("wandb", tmp_path, {})):
+        raise TrainingDiverged("training diverged at step 3: the loss is NaN")

@@ -136,6 +136,34 @@ def test_compute_metrics_by_hand_for_a_classifier_and_a_causal_lm():
     assert compute_metrics(EvalPrediction(predictions=lm_logits, label_ids=lm_labels)) == pytest.approx(got)
 
 
+def test_causal_lm_metrics_match_a_float64_reference_over_a_real_vocabulary():
+    from scipy.special import log_softmax
+
+    from bayes_adalora.evaluation import Predictive, calibration_metrics
+
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(3, 6, 11)) * 2
+    labels = rng.integers(0, 11, size=(3, 6))
+    labels[0, :3] = labels[2, 4:] = -100  # a prompt, padding
+    # by hand: position t predicts label t + 1; -100 left out; float64 throughout
+    flat, targets = logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1)
+    flat, targets = flat[targets != -100], targets[targets != -100]
+    predictive = Predictive(flat.argmax(axis=-1), log_softmax(flat, axis=-1))
+    expected = calibration_metrics(predictive, targets)
+    at = expected.pop("accuracy_at_coverage")
+    expected.update(accuracy=float((predictive.predictions == targets).mean()),
+                    **{f"accuracy_at_coverage_{c}": v for c, v in at.items()})
+    got = compute_metrics(EvalPrediction(logits.astype(np.float32), labels))
+    assert got == pytest.approx(expected, rel=1e-5) and len(got) == 8
+    reduced = reduce_lm_logits(torch.as_tensor(logits, dtype=torch.float32), torch.as_tensor(labels)).numpy()
+    assert compute_lm_metrics(EvalPrediction(reduced, labels)) == pytest.approx(expected, rel=1e-5)
+    nothing = np.full_like(labels, -100)
+    with pytest.raises(ValueError, match="no scored label"):
+        compute_lm_metrics(EvalPrediction(reduced, nothing))
+    with pytest.raises(ValueError, match="no scored label"):
+        compute_metrics(EvalPrediction(logits, nothing))
+
+
 def test_reduced_lm_logits_give_compute_metrics_numbers_across_batches_the_trainer_padded():
     from transformers.trainer_pt_utils import nested_concat
 

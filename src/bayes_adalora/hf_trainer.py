@@ -167,6 +167,7 @@ def compute_metrics(eval_prediction) -> dict[str, float]:
         return compute_lm_metrics(EvalPrediction(np.concatenate(statistics), labels))
     logits = np.asarray(logits, dtype=np.float64)
     scored = labels != IGNORE_INDEX
+    check_scored(scored)
     logits, labels = logits[scored], labels[scored].astype(np.int64)
     predictive = Predictive(logits.argmax(axis=-1), log_softmax(logits, axis=-1))
     return flat_metrics(float((predictive.predictions == labels).mean()), calibration_metrics(predictive, labels))
@@ -204,10 +205,17 @@ def compute_lm_metrics(eval_prediction) -> dict[str, float]:
     width = min(statistics.shape[1], targets.shape[1])  # the Trainer pads both to its longest batch
     statistics, targets = statistics[:, :width], targets[:, :width]
     scored = targets != IGNORE_INDEX
+    check_scored(scored)
     predicted, log_confidence, label_log_prob, squared = np.moveaxis(statistics[scored].astype(np.float64), -1, 0)
     correct = predicted.astype(np.int64) == targets[scored]
     metrics = calibration_from_statistics(np.exp(log_confidence), correct, label_log_prob, squared)
     return flat_metrics(float(correct.mean()), metrics)
+
+
+def check_scored(scored: np.ndarray) -> None:
+    if not scored.any():
+        raise ValueError("the evaluation set has no scored label (every label is -100): nothing to compute "
+                         "metrics on")
 
 
 def flat_metrics(accuracy: float, metrics: dict) -> dict[str, float]:

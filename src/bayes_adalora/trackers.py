@@ -9,6 +9,7 @@ entry of that factor in the model).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,7 +50,11 @@ def tracking(kind: str, output_dir: Path, config: dict) -> Iterator:
         yield tracker
     except BaseException:
         if tracker is not None:
-            end_tracker(tracker, failed=True)
+            try:
+                end_tracker(tracker, failed=True)
+            except Exception as exc:  # the run's own error is the one to report (e.g. "diverged", exit 1)
+                warnings.warn(f"--report-to {kind}: the tracker's run was not closed ({type(exc).__name__}: {exc})",
+                              stacklevel=1)
         raise
     if tracker is not None:
         end_tracker(tracker, failed=False)
