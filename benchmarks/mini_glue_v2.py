@@ -412,11 +412,19 @@ def summarize(results: Path, glue_dir: str) -> dict:
         }
     rungs, _ = ladders(results)
     edges = {f: at_edge(rungs[f], lr) for f, lr in (lrs or {}).items()}
-    commits = sorted({r["commit"] for p in (results / "cells").rglob("*.json") if (r := load(p))}) \
-        if (results / "cells").is_dir() else []
+    commits = cell_commits(results / "cells")
+    planned = [cell_path(results, task, c.name, seed)
+               for cells, task_list in ((CORE, TASKS), (ABLATION, ABLATION_TASKS))
+               for task in task_list for c in cells for seed in SEEDS]
     return {"machine": machine(), "learning_rates": lrs, "at_ladder_edge": edges, "tuning": tuning_table(results),
             "tasks": tasks,
-            "commits": commits, "plans": {t: vars(p) for t, p in TASKS.items()}, "batch": BATCH}
+            "commits": commits, "tuning_commits": cell_commits(results / "tune"),
+            "cells_done": sum(p.exists() for p in planned), "cells_planned": len(planned),
+            "plans": {t: vars(p) for t, p in TASKS.items()}, "batch": BATCH}
+
+
+def cell_commits(folder: Path) -> list[str]:
+    return sorted({r["commit"] for p in folder.rglob("*.json") if (r := load(p))}) if folder.is_dir() else []
 
 
 def machine() -> str:
@@ -432,10 +440,14 @@ def fmt(x: float | None, digits: int = 4) -> str:
 
 def markdown(summary: dict) -> str:
     lines = ["# Mini-GLUE v2: MiniLM, best dev score over a run, paired seeds", "",
-             f"Commit(s) the cells ran at: {', '.join(summary['commits']) or 'none yet'}. "
+             f"Commit(s) the cells ran at: {', '.join(summary['commits']) or 'none yet'}; the tuning cells: "
+             f"{', '.join(summary.get('tuning_commits', [])) or 'none yet'}. "
              f"Batch {summary['batch']}, fp32, one thread per cell, {summary['machine']}.", "",
              "Run lengths: " + ", ".join(f"{t} {p['steps']} steps (max length {p['max_length']})"
                                           for t, p in summary["plans"].items()) + ".", ""]
+    if summary["cells_done"] < summary["cells_planned"]:
+        lines += [f"**Partial:** {summary['cells_done']} of the {summary['cells_planned']} planned cells (seeds 0-2; "
+                  "seeds 3-4 come after, where needed) have run; the grid goes on from the committed cells.", ""]
     lrs = summary["learning_rates"]
     if lrs:
         edge = [f for f, e in summary["at_ladder_edge"].items() if e]
@@ -454,7 +466,9 @@ def markdown(summary: dict) -> str:
                 cells.append(f"no score (n={m['n']})")
             else:
                 cells.append(f"{m['mean']:.4f} ± {fmt(m['std'])} (n={len(m['scores'])})")
-        status = "yes" if t["learned"] else ("no" if "adalora" in t["methods"] else "not run")
+        n_adalora = t["methods"].get("adalora", {}).get("n", 0)
+        status = ("not run" if not n_adalora else f"pending ({n_adalora} of {len(SEEDS)} seeds)"
+                  if n_adalora < len(SEEDS) else "yes" if t["learned"] else "no")
         lines.append(f"| {task} | {t['metric']} | {t['baseline']:.4f} | {status} | {len(t['seeds'])} | "
                      + " | ".join(cells) + " |")
     lines += ["", "Paired differences against adalora (same seeds), mean and 95% t interval over seeds:", "",
