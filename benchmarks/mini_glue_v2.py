@@ -438,6 +438,14 @@ def fmt(x: float | None, digits: int = 4) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
+def learned_status(task: dict) -> str:
+    """"yes" / "no" once adalora has its seeds; before that "not run" or "pending (k of 3 seeds)"."""
+    n_adalora = task["methods"].get("adalora", {}).get("n", 0)
+    if n_adalora < len(SEEDS):
+        return f"pending ({n_adalora} of {len(SEEDS)} seeds)" if n_adalora else "not run"
+    return "yes" if task["learned"] else "no"
+
+
 def markdown(summary: dict) -> str:
     lines = ["# Mini-GLUE v2: MiniLM, best dev score over a run, paired seeds", "",
              f"Commit(s) the cells ran at: {', '.join(summary['commits']) or 'none yet'}; the tuning cells: "
@@ -466,9 +474,7 @@ def markdown(summary: dict) -> str:
                 cells.append(f"no score (n={m['n']})")
             else:
                 cells.append(f"{m['mean']:.4f} ± {fmt(m['std'])} (n={len(m['scores'])})")
-        n_adalora = t["methods"].get("adalora", {}).get("n", 0)
-        status = ("not run" if not n_adalora else f"pending ({n_adalora} of {len(SEEDS)} seeds)"
-                  if n_adalora < len(SEEDS) else "yes" if t["learned"] else "no")
+        status = learned_status(t)
         lines.append(f"| {task} | {t['metric']} | {t['baseline']:.4f} | {status} | {len(t['seeds'])} | "
                      + " | ".join(cells) + " |")
     lines += ["", "Paired differences against adalora (same seeds), mean and 95% t interval over seeds:", "",
@@ -506,7 +512,9 @@ def figure(summary: dict, path: Path) -> None:
         ax.errorbar(range(len(names)), means, yerr=errs, fmt="o", capsize=3)
         ax.axhline(t["baseline"], color="grey", linestyle="--", linewidth=1, label="trivial baseline")
         ax.set_xticks(range(len(names)), names, rotation=70, fontsize=7)
-        ax.set_title(f"{task} ({t['metric']}){'' if t['learned'] else ', not learned'}", fontsize=9)
+        status = learned_status(t)
+        note = {"yes": "", "no": ", not learned"}.get(status, f", {status}")
+        ax.set_title(f"{task} ({t['metric']}){note}", fontsize=9)
     axes[0][0].legend(fontsize=7)
     fig.suptitle("Mini-GLUE v2: mean and 95% t interval over seeds", fontsize=10)
     fig.tight_layout()
