@@ -94,6 +94,17 @@ def worker(scheduler: Scheduler, index: int, threads: int, failures: list) -> No
             return
 
 
+def run_workers(scheduler: Scheduler, workers: int, threads: int) -> list:
+    """`workers` workers until the grid is done or one fails; what failed (empty when all went well)."""
+    failures: list = []
+    pool = [threading.Thread(target=worker, args=(scheduler, i, threads, failures)) for i in range(workers)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return failures
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pinned", type=Path, required=True, help="the pinned checkout (a git worktree)")
@@ -107,14 +118,8 @@ def main(argv=None) -> int:
     grid = load_pinned(args.pinned.resolve())
     # the glue folder resolved as mini_glue_v2.main resolves it: the cells' commands are the script's own
     scheduler = Scheduler(grid, args.results, args.work, args.glue_dir.resolve(), shlex.split(args.extra_args))
-    failures: list = []
-    threads = [threading.Thread(target=worker, args=(scheduler, i, args.threads, failures))
-               for i in range(args.workers)]
-    for t in threads:
-        t.start()
     try:
-        for t in threads:
-            t.join()
+        failures = run_workers(scheduler, args.workers, args.threads)
     except KeyboardInterrupt:
         scheduler.stop.set()  # the running cells finish (their subprocesses got the signal too)
         return 130

@@ -47,12 +47,7 @@ def test_workers_run_every_cell_once_and_an_extra_seed_only_after_the_first_thre
     monkeypatch.setattr(grid_workers, "IDLE_SECONDS", 0.01)
     log = []
     scheduler = grid_workers.Scheduler(fake_grid(tmp_path, log), tmp_path, tmp_path / "work", tmp_path)
-    failures = []
-    workers = [threading.Thread(target=grid_workers.worker, args=(scheduler, i, 1, failures)) for i in range(3)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
+    failures = grid_workers.run_workers(scheduler, 3, 1)
     started = [name for _, name, _ in log]
     assert not failures and len(started) == len(set(started)) == 2 + 10  # every cell once
     assert capsys.readouterr().out.count(": best f1 0.8000") == 12
@@ -84,12 +79,7 @@ def test_a_failure_anywhere_stops_every_worker_and_is_reported(tmp_path, monkeyp
 
     grid.run_cell = failing
     scheduler = grid_workers.Scheduler(grid, tmp_path, tmp_path / "work", tmp_path)
-    failures = []
-    workers = [threading.Thread(target=grid_workers.worker, args=(scheduler, i, 1, failures)) for i in range(2)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
+    failures = grid_workers.run_workers(scheduler, 2, 1)
     assert [str(f) for f in failures] == ["cell adalora-1.json failed (exit 3)"]
     started = [name for _, name, _ in log]
     assert len(started) <= 2 + 4 and "adalora-3.json" not in started  # nothing new after the failure
