@@ -103,3 +103,12 @@ def test_the_reference_triplet_score_hand_worked():
     score_q = torch.tensor([[1.0, 1.0, 4.0, 2.0], [0.0, 0.0, 0.0, 8.0]])  # (r=2, in=4)
     # k=0: 10 + mean(1,3,5) + mean(1,1,4,2) = 10 + 3 + 2 = 15; k=1: 20 + 4 + 2 = 26
     assert torch.equal(triplet_scores(score_p, score_lambda, score_q), torch.tensor([15.0, 26.0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sigma_of_a_half_precision_hessian_is_computed_in_float32(dtype):
+    from bayes_adalora.posterior import posterior_sigma_from_hessian
+
+    sigma = posterior_sigma_from_hessian(torch.ones(4, dtype=dtype), 67349.0, 1e-8)  # SST-2's ess; fp16 overflows
+    assert sigma.dtype == torch.float32
+    torch.testing.assert_close(sigma, torch.full((4,), 67349.0**-0.5))

@@ -93,11 +93,27 @@ def allocator_state(tuner) -> dict:
 
 
 def load_allocator_state(tuner, state: dict) -> None:
+    """Restore peft's allocator EMAs (each onto its parameter's device: a checkpoint is read onto the CPU)
+    and the rank pattern."""
     if tuner is None or not state:
         return
     alloc = tuner.rankallocator
-    alloc.ipt, alloc.exp_avg_ipt, alloc.exp_avg_unc = state["ipt"], state["exp_avg_ipt"], state["exp_avg_unc"]
+    devices = {n: p.device for n, p in tuner.model.named_parameters()}
+    alloc.ipt, alloc.exp_avg_ipt, alloc.exp_avg_unc = (
+        {n: t.to(devices.get(n, t.device)) for n, t in state[key].items()}
+        for key in ("ipt", "exp_avg_ipt", "exp_avg_unc"))
     tuner.peft_config[tuner.trainable_adapter_name].rank_pattern = state["rank_pattern"]
+
+
+def place_ivon_state(optimizer) -> None:
+    """Move IVON's Hessian and momentum, which it keeps in the param groups, onto the groups' parameters'
+    device: `Optimizer.load_state_dict` moves the per-parameter state but leaves the groups' tensors where
+    the file had them (the CPU, for a checkpoint read with `map_location="cpu"` or by the Trainer)."""
+    for group in optimizer.param_groups:
+        device = next((p.device for p in group["params"] if p is not None), None)
+        for key in ("hess", "momentum"):
+            if device is not None and isinstance(group.get(key), torch.Tensor):
+                group[key] = group[key].to(device)
 
 
 def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, tuner, extra: dict, keep: int) -> Path:
@@ -139,7 +155,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     except (SafetensorError, OSError):
         raise damaged("weights.safetensors") from None
     try:
-        state = torch.load(path / "state.pt", weights_only=True)
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)  # a GPU run's, on any machine
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError):
         raise damaged("state.pt") from None
     if not isinstance(state, dict) or not {"step", "optimizer", "scheduler", "rng"} <= set(state):
@@ -171,9 +187,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, tuner) -> dict:
     optimizer.load_state_dict(state["optimizer"])
     if state.get("ivon_current_step") is not None:
         optimizer.current_step = state["ivon_current_step"]
-        device = next(p.device for p in params.values() if p.requires_grad)
-        for group in optimizer.param_groups:  # IVON keeps its Hessian and momentum in the groups
-            group["hess"], group["momentum"] = group["hess"].to(device), group["momentum"].to(device)
+        place_ivon_state(optimizer)
     scheduler.load_state_dict(state["scheduler"])
     load_allocator_state(tuner, state["allocator"])
     set_rng_state(state["rng"])

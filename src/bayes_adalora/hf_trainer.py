@@ -37,7 +37,7 @@ from transformers import EvalPrediction, Trainer, TrainerCallback, TrainingArgum
 from .adapters import adalora_tuner
 from .allocator import PosteriorRankAllocator, install_allocator
 from .build import build_trainable_model, make_optimizer, use_fast_path
-from .checkpoint import allocator_state, load_allocator_state
+from .checkpoint import allocator_state, load_allocator_state, place_ivon_state
 from .config import TrainConfig, adalora_phases, check_field
 from .evaluation import Predictive, calibration_from_statistics, calibration_metrics
 from .kinds import task_kind
@@ -340,7 +340,9 @@ class AdaLoraCheckpoints:
         state = read_adalora_state(checkpoint)
         load_allocator_state(self.tuner, state["allocator"])
         if state["ivon_current_step"] is not None:
-            unwrap_optimizer(self.optimizer).current_step = state["ivon_current_step"]
+            optimizer = unwrap_optimizer(self.optimizer)
+            optimizer.current_step = state["ivon_current_step"]
+            place_ivon_state(optimizer)  # one process: the Trainer loaded the optimizer's state onto the CPU
 
     def _load_best_model(self):
         with self.untrimmed():  # peft would resize the live layers to the in-memory pattern before loading
@@ -356,7 +358,7 @@ def read_adalora_state(checkpoint: str) -> dict:
     if not os.path.isfile(path):
         raise ValueError(f"{checkpoint} has no {ADALORA_STATE}: it was not written by AdaLoraTrainer or IVONTrainer, "
                          "and its adapter may be trimmed")
-    return torch.load(path, weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def unwrap_optimizer(optimizer):

@@ -14,7 +14,10 @@ from torch import Tensor, nn
 
 
 def posterior_sigma_from_hessian(hess: Tensor, ess: float, weight_decay: float) -> Tensor:
-    """sigma = 1 / sqrt(ess * (h + weight_decay)), IVON's posterior standard deviation."""
+    """sigma = 1 / sqrt(ess * (h + weight_decay)), IVON's posterior standard deviation; in float32 at least
+    (in fp16, ess * h overflows past 65504 for any training set of that size, and sigma would be 0)."""
+    if hess.dtype in (torch.float16, torch.bfloat16):
+        hess = hess.float()
     return torch.rsqrt(ess * (hess + weight_decay))
 
 

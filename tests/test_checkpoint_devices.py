@@ -1,0 +1,32 @@
+"""Checkpoints read onto the CPU go back to the parameters' device (tested with parameters on the meta device)."""
+
+from types import SimpleNamespace
+
+import ivon
+import torch
+from torch import nn
+
+from bayes_adalora.checkpoint import load_allocator_state, place_ivon_state
+
+
+def test_ivon_groups_follow_their_parameters_after_load_state_dict():
+    here = ivon.IVON([nn.Parameter(torch.zeros(3))], lr=0.1, ess=10)
+    elsewhere = ivon.IVON([nn.Parameter(torch.zeros(3, device="meta"))], lr=0.1, ess=10)
+    elsewhere.load_state_dict(here.state_dict())
+    assert elsewhere.param_groups[0]["hess"].device.type == "cpu"  # what torch leaves: the file's device
+    place_ivon_state(elsewhere)
+    assert {elsewhere.param_groups[0][k].device.type for k in ("hess", "momentum")} == {"meta"}
+
+
+def test_allocator_emas_go_to_their_parameters_devices():
+    model = nn.Module()
+    model.a = nn.Parameter(torch.zeros(2, device="meta"))
+    model.b = nn.Parameter(torch.zeros(2))
+    alloc = SimpleNamespace(ipt={}, exp_avg_ipt={}, exp_avg_unc={})
+    tuner = SimpleNamespace(model=model, rankallocator=alloc, trainable_adapter_name="default",
+                            peft_config={"default": SimpleNamespace(rank_pattern=None)})
+    saved = {"a": torch.ones(2), "b": torch.ones(2)}
+    load_allocator_state(tuner, {"ipt": saved, "exp_avg_ipt": saved, "exp_avg_unc": saved, "rank_pattern": {"x": [1]}})
+    for ema in (alloc.ipt, alloc.exp_avg_ipt, alloc.exp_avg_unc):
+        assert (ema["a"].device.type, ema["b"].device.type) == ("meta", "cpu")
+    assert tuner.peft_config["default"].rank_pattern == {"x": [1]}
