@@ -84,12 +84,46 @@ def test_config_json_reruns_the_same_plan_and_explicit_values_win():
     saved = planned_config(config, plan)
     again, explicit = make_config({}, base=saved)
     assert explicit == set() and plan_run(again, "some/model", 500, 16) == plan
-    # every default was written down: other data changes only the step count (the epochs decide it)
+    # what was derived is derived again: on other data, as a fresh run with the same flags
+    assert saved["derived"] == ["model", "data_dir", "lr", "warmup_steps", "eval_steps", "ivon_ess", "tinit",
+                                "tfinal", "delta_t"]
     other = plan_run(again, "some/model", train_examples=999, batches_per_epoch=99)
-    assert other.total_steps != plan.total_steps
-    assert dataclasses.replace(other, total_steps=plan.total_steps) == plan
+    assert other == plan_run(config, "some/model", 999, 99) and other.tinit != plan.tinit
     changed, explicit = make_config({"seed": 4}, base=saved)
     assert changed.seed == 4 and changed.method == "adalora" and explicit == {"seed"}
+    # another method takes its own default lr, another length its own phases
+    ivon, _ = make_config({"method": "bayes-adalora"}, base=saved)
+    assert ivon.resolved_lr() == TrainConfig(method="bayes-adalora").resolved_lr()
+    longer, _ = make_config({"max_steps": 3000}, base=saved)
+    assert plan_run(longer, "m", 500, 16).tinit == plan_run(TrainConfig(method="adalora", max_steps=3000), "m", 500,
+                                                              16).tinit
+    # a setting that was given stays given
+    given = dataclasses.replace(config, tinit=5)
+    fixed, _ = make_config({"max_steps": 3000}, base=planned_config(given, plan_run(given, "m", 500, 16)))
+    assert fixed.tinit == 5
+
+
+def test_a_checkpoint_refuses_a_resume_with_other_settings_but_takes_a_new_lr(tmp_path):
+    config, _ = make_config({"method": "adalora", "max_steps": 300})
+    settings = planned_config(config, plan_run(config, "m", 1000, 32))
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    path = save_checkpoint(tmp_path, 3, model, optimizer, scheduler, None, {"settings": settings}, keep=2)
+
+    def resume(**given):
+        again, _ = make_config({"method": "adalora", "max_steps": 300, **given})
+        return load_checkpoint(path, model, optimizer, scheduler, None, planned_config(again, plan_run(again, "m", 1000,
+                                                                                                       32)))
+
+    with pytest.raises(UserError, match=r"other settings \(--max-steps 300 there, 3000 here\)"):
+        resume(max_steps=3000)
+    with pytest.raises(UserError, match=r"--method 'adalora' there, 'bayes-adalora' here"):
+        resume(method="bayes-adalora")
+    assert resume(lr=1e-4, eval_steps=7, output_dir="elsewhere")["step"] == 3
+    # a checkpoint from before the settings were kept in it is resumed as before
+    old = save_checkpoint(tmp_path / "old", 3, model, optimizer, scheduler, None, {}, keep=2)
+    assert load_checkpoint(old, model, optimizer, scheduler, None, settings)["step"] == 3
 
 
 def test_a_checkpoint_restores_weights_optimizer_schedule_and_rng(tmp_path):

@@ -121,8 +121,19 @@ def test_a_resume_with_other_adapter_shapes_is_refused(capfd, tmp_path, run_with
     checkpoint = run_with_checkpoint / "checkpoints" / "step-0000002"
     out = tmp_path / "resumed"
     line = refused(capfd, argv(glue_dir, tiny_deberta, out, "--init-r", "8", "--resume", str(checkpoint)))
-    assert "trained with other settings" in line and "--init-r" in line
-    assert "(6, " in line.split(" there and ")[0] and line.split(" there and ")[1].startswith("(8, ")
+    assert "trained with other settings (--init-r 6 there, 8 here)" in line and "--overwrite" in line
+    assert not out.exists()
+
+
+def test_a_resume_with_another_method_or_length_is_refused(capfd, tmp_path, run_with_checkpoint, glue_dir,
+                                                            tiny_deberta):
+    """AdamW's state in IVON (a KeyError mid-run before), or schedules that change half-way, are refused."""
+    checkpoint = run_with_checkpoint / "checkpoints" / "step-0000002"
+    out = tmp_path / "resumed"
+    line = refused(capfd, argv(glue_dir, tiny_deberta, out, "--method", "adalora", "--resume", str(checkpoint)))
+    assert "(--method 'bayes-adalora' there, 'adalora' here)" in line
+    line = refused(capfd, argv(glue_dir, tiny_deberta, out, "--max-steps", "5", "--resume", str(checkpoint)))
+    assert "(--max-steps 4 there, 5 here)" in line and "only --lr" in line
     assert not out.exists()
 
 

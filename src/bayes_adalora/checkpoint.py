@@ -163,12 +163,43 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return weights, state
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, tuner) -> dict:
-    """Restore a checkpoint into the run's objects; returns the state (step, loader position, extras)."""
+# the settings (config.json's keys) a resumed run may change: where it runs and reads from; how it is
+# evaluated, saved, logged or shown; and --lr and --ivon-clip-radius (a diverged run is resumed with a
+# lower learning rate or a tighter bound on IVON's step). Any other difference would change the run
+# half-way (its schedules, its optimizer, its data), so it is refused.
+MAY_CHANGE_ON_RESUME = frozenset({
+    "model", "data_dir", "train_file", "validation_file", "trust_remote_code", "device", "bf16", "fast_path",
+    "lr", "ivon_clip_radius", "eval_steps", "max_eval_samples", "eval_batch_size", "mc_samples",
+    "log_correlations", "plots", "report_to", "progress", "output_dir", "divergence_factor", "save_steps",
+    "save_total_limit", "resume", "overwrite", "recipe", "derived",
+})
+PLAN_ONLY = {"total_steps": "the step count", "num_labels": "the number of classes", "labels": "the classes"}
+
+
+def check_same_settings(path: Path, saved: dict | None, now: dict) -> None:
+    """Refuse to resume a checkpoint whose run was planned with other settings (`saved`, config.json's
+    form, kept in the checkpoint) than this run (`now`), naming the first that differs."""
+    if saved is None:  # a checkpoint written before the settings were kept in it
+        return
+    for name, value in now.items():
+        if name in MAY_CHANGE_ON_RESUME or name not in saved or saved[name] == value:
+            continue
+        what = PLAN_ONLY.get(name, "--" + name.replace("_", "-"))
+        raise UserError(
+            f"the checkpoint {path} was trained with other settings ({what} {saved[name]!r} there, {value!r} "
+            f"here): resume with the checkpoint's settings (only --lr, --ivon-clip-radius and how the run is "
+            f"evaluated, saved, logged or shown may change), or start again with --overwrite")
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, tuner, settings: dict | None = None) -> dict:
+    """Restore a checkpoint into the run's objects; returns the state (step, loader position, extras).
+    `settings`: this run's config.json, refused where it differs from the checkpoint's run."""
     path = Path(path)
     if not (path / "state.pt").exists() or not (path / "weights.safetensors").exists():
         raise UserError(f"{path} is not a complete checkpoint (weights.safetensors and state.pt are needed)")
     weights, state = read_checkpoint(path)
+    if settings is not None:
+        check_same_settings(path, state.get("settings"), settings)
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
     unknown = [n for n in weights if n not in params]

@@ -301,7 +301,9 @@ def config_fields() -> list[dataclasses.Field]:
 
 def make_config(given: dict, base: dict | None = None) -> tuple[TrainConfig, set[str]]:
     """A TrainConfig from defaults, then the recipe if asked for, then `base` (e.g. a run's config.json,
-    `--config`), then the explicitly `given` values, which win.
+    `--config`), then the explicitly `given` values, which win. The settings a config.json lists as
+    `derived` (left unset in its run) are left unset again, so they follow the new run's length, data
+    and method.
 
     Returns the config and the names given explicitly.
     """
@@ -309,7 +311,9 @@ def make_config(given: dict, base: dict | None = None) -> tuple[TrainConfig, set
     unknown = set(given) - names
     if unknown:
         raise UserError(f"unknown setting {sorted(unknown)[0]!r}")
-    stated = {**{k: v for k, v in (base or {}).items() if k in names}, **given}
+    base = base or {}
+    derived = base.get("derived") if isinstance(base.get("derived"), list) else []  # derived again, not frozen
+    stated = {**{k: v for k, v in base.items() if k in names and k not in derived}, **given}
     recipe = stated.get("recipe")
     values = {**(paper_recipe(get_task(stated.get("task", "sst2")).name, stated.get("method", "bayes-adalora"))
                  if recipe == "paper" else {}), **stated}
@@ -392,9 +396,17 @@ def plan_run(config: TrainConfig, model: str, train_examples: int, batches_per_e
     )
 
 
-def planned_config(config: TrainConfig, plan: RunPlan) -> dict:
-    """config.json: every field with its resolved value, plus the plan's step count and classes.
+# settings that, left unset, the plan derives from the run: its method, length and data
+DERIVED = ("model", "data_dir", "lr", "warmup_steps", "eval_steps", "ivon_ess", "tinit", "tfinal", "delta_t")
 
-    Fed back with `--config`, it reruns the same plan: the resolved values are explicit there.
+
+def planned_config(config: TrainConfig, plan: RunPlan) -> dict:
+    """config.json: every field with its resolved value, plus the plan's step count and classes, and
+    `derived`: the settings that were left unset and took the plan's value.
+
+    Fed back with `--config`, it reruns the same plan on the same data; the derived settings are derived
+    again, so `--config run/config.json --max-steps 3000` (or another method or data) scales the warm-up,
+    the evaluations, the AdaLoRA phases, IVON's ess and the learning rate as a fresh run would.
     """
-    return {**config.to_dict(), **dataclasses.asdict(plan)}
+    derived = [name for name in DERIVED if getattr(config, name) is None]
+    return {**config.to_dict(), **dataclasses.asdict(plan), "derived": derived}

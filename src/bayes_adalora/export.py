@@ -28,11 +28,13 @@ METADATA_PREFIX = "bayes_adalora."
 
 
 def train_command(resolved: dict) -> str:
-    """The `bayes-adalora train` command of a run's config.json: every setting that differs from its default."""
+    """The `bayes-adalora train` command of a run's config.json: every setting that was given and differs
+    from its default (those the run derived, such as its phases, it derives again)."""
     words = ["bayes-adalora", "train"]
+    derived = set(resolved.get("derived", ()))
     for f in config_fields():
         value = resolved.get(f.name, f.default)
-        if f.name in ("resume", "overwrite") or value == f.default or value is None:
+        if f.name in ("resume", "overwrite") or f.name in derived or value == f.default or value is None:
             continue
         if isinstance(value, bool):
             words.append(flag(f.name) if value else "--no-" + flag(f.name)[2:])

@@ -182,7 +182,7 @@ def _train(config: TrainConfig, figures: Figures | None, closing: ExitStack) -> 
 
     done = Progress()
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, scheduler, tuner)
+        state = load_checkpoint(resume_from, model, optimizer, scheduler, tuner, planned_config(config, plan))
         done = Progress(state["step"], state["history"], state["best"], state["final"], state["train_seconds"],
                         state["batch_in_epoch"])
         train_loader.generator.set_state(state["loader_generator"])
@@ -191,6 +191,9 @@ def _train(config: TrainConfig, figures: Figures | None, closing: ExitStack) -> 
             correlations.entries.extend(state.get("correlations", older))
         if any(base != plan.lr for base in scheduler.base_lrs):  # e.g. resuming a diverged run with a lower --lr
             set_peak_lr(scheduler, optimizer, plan.lr)
+        if config.uses_ivon:  # the checkpoint's groups came with its bound on IVON's step; this run's wins
+            for group in optimizer.param_groups:
+                group["clip_radius"] = config.ivon_clip_radius
     elif (out / CHECKPOINTS).is_dir() and procs.is_main:
         shutil.rmtree(out / CHECKPOINTS)  # --overwrite (checked above): the old run's checkpoints go
     if resume_from is None and procs.is_main:  # a new run's curves are not mixed into an old run's (or a failed one's)
@@ -259,6 +262,7 @@ def _train(config: TrainConfig, figures: Figures | None, closing: ExitStack) -> 
                 # (at an epoch's last batch the sampler has yet to draw once more from the generator,
                 # so the next epoch's start is not known here: a resume replays this epoch's order)
                 extra = {
+                    "settings": planned_config(config, plan),  # a resume with other settings is refused
                     "history": history,
                     "best": done.best,
                     "final": done.final,
