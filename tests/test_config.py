@@ -55,6 +55,25 @@ def test_every_number_outside_its_bounds_is_refused_naming_the_flag(f):
             TrainConfig(**{f.name: 2.5})
 
 
+def test_values_from_a_json_file_are_checked_for_their_type_in_one_sentence():
+    """A --config file or the Python API can give any JSON value; each field takes only its own type."""
+    config = TrainConfig(seed=1.0, batch_size=32.0, target_modules=("query", "value"))
+    assert (type(config.seed), type(config.batch_size), config.target_modules) == (int, int, ["query", "value"])
+    refused = {
+        "plots": ("no", "--plots must be true or false, got 'no'"),
+        "task": (5, "--task must be a string, got 5"),
+        "text_columns": ("sentence", """--text-columns must be a list of names, got the string 'sentence' """
+                                     """(write ["sentence"] for one name)"""),
+        "target_modules": (["query", 1], "--target-modules must be a list of names, got ['query', 1]"),
+    }
+    for name, (value, message) in refused.items():
+        with pytest.raises(UserError) as err:
+            TrainConfig(**{name: value})
+        assert str(err.value) == message
+    kinds = {field_type(f) for f in config_fields()}
+    assert kinds == {str, int, float, bool, list[str]}  # a new kind of field needs its check here
+
+
 def test_every_number_field_has_bounds():
     numbers = [f.name for f in config_fields() if field_type(f) in (int, float)]
     assert numbers == [f.name for f in NUMERIC]

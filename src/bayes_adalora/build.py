@@ -20,7 +20,7 @@ from .errors import UserError
 from .fast_adalora import enable_fast_model, enable_fast_optimizer
 from .models import FAN_IN_FAN_OUT_TYPES, plan_adapter_modules, target_module_suffixes
 from .schedules import constant_warmup, linear_warmup_decay, two_phase
-from .steps import make_step
+from .steps import NoiseStream, make_step
 from .tasks import get_task
 
 
@@ -107,8 +107,12 @@ def make_optimizer(model: nn.Module, config: TrainConfig, ess: float, sync: bool
 
 
 def make_training_step(optimizer, config: TrainConfig):
-    """The method's step (`steps.py`): IVON's sampled step with `train_mc_samples` draws, or AdamW's."""
-    return make_step(optimizer, config.uses_ivon, config.train_mc_samples)
+    """The method's step (`steps.py`): IVON's sampled step with `train_mc_samples` draws, its noise from a
+    `NoiseStream` of the run's seed (the same in every process), or AdamW's."""
+    if not config.uses_ivon:
+        return make_step(optimizer, False)
+    device = next(p.device for group in optimizer.param_groups for p in group["params"] if p is not None)
+    return make_step(optimizer, True, config.train_mc_samples, NoiseStream(config.seed, device))
 
 
 def lr_multiplier(config: TrainConfig, total_steps: int, warmup: int):

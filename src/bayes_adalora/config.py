@@ -9,6 +9,7 @@ fields against each other, so a config that exists is valid, whether built by th
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -196,6 +197,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if field_type(f) is int and isinstance(value, float) and value.is_integer():
+                setattr(self, f.name, int(value))  # 32.0 from a JSON file or the Python API is 32
+            elif isinstance(value, tuple) and typing.get_origin(field_type(f)) is list:
+                setattr(self, f.name, list(value))
             check_field(f, getattr(self, f.name))
         self._check_together()
 
@@ -275,6 +281,15 @@ def check_field(f: dataclasses.Field, value, owner: type | None = None) -> None:
         if type(None) not in typing.get_args(typing.get_type_hints(owner or TrainConfig)[f.name]):
             raise UserError(f"{flag(f.name)} needs a value, got none")
         return
+    kind = field_type(f, owner)
+    if kind is bool and not isinstance(value, bool):
+        raise UserError(f"{flag(f.name)} must be true or false, got {value!r}")
+    if kind is str and not isinstance(value, str):
+        raise UserError(f"{flag(f.name)} must be a string, got {value!r}")
+    if typing.get_origin(kind) is list and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        shown = f"the string {value!r} (write [{json.dumps(value)}] for one name)" if isinstance(value, str) else repr(
+            value)
+        raise UserError(f"{flag(f.name)} must be a list of names, got {shown}")
     if "choices" in f.metadata and value not in f.metadata["choices"]:
         raise UserError(
             f"unknown {f.name.replace('_', ' ')} {value!r}: choose one of {', '.join(f.metadata['choices'])}"
@@ -282,7 +297,7 @@ def check_field(f: dataclasses.Field, value, owner: type | None = None) -> None:
     bounds = f.metadata.get("bounds")
     if bounds is None:
         return
-    integer = field_type(f, owner) is int
+    integer = kind is int
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise UserError(f"{flag(f.name)} must be a number, got {value!r}")
     if not math.isfinite(value):

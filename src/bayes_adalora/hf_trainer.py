@@ -43,7 +43,7 @@ from .evaluation import Predictive, calibration_from_statistics, calibration_met
 from .kinds import task_kind
 from .lm_metrics import IGNORE_INDEX
 from .methods import IVON_METHODS, METHODS, get_method
-from .steps import IVONStep
+from .steps import IVONStep, NoiseStream
 from .tasks import get_task
 
 # Below this, a learning rate is on AdamW's scale: IVON's step is lr * clip((m + wd mu) / (h + wd)).
@@ -329,8 +329,10 @@ class AdaLoraCheckpoints:
         super()._save_optimizer_and_scheduler(output_dir)
         if self.args.should_save:
             optimizer = unwrap_optimizer(self.optimizer)
+            noise = getattr(self, "_ivon_noise", None)  # IVONTrainer's, once it has stepped
             torch.save({"allocator": allocator_state(self.tuner),
-                        "ivon_current_step": getattr(optimizer, "current_step", None)},
+                        "ivon_current_step": getattr(optimizer, "current_step", None),
+                        "ivon_noise": noise.state if noise is not None else None},
                        os.path.join(output_dir, ADALORA_STATE))
 
     def _load_optimizer_and_scheduler(self, checkpoint):
@@ -343,6 +345,8 @@ class AdaLoraCheckpoints:
             optimizer = unwrap_optimizer(self.optimizer)
             optimizer.current_step = state["ivon_current_step"]
             place_ivon_state(optimizer)  # one process: the Trainer loaded the optimizer's state onto the CPU
+        if state.get("ivon_noise") is not None and isinstance(self, IVONTrainer):
+            self.ivon_noise.state = state["ivon_noise"]
 
     def _load_best_model(self):
         with self.untrimmed():  # peft would resize the live layers to the in-memory pattern before loading
@@ -391,8 +395,9 @@ class IVONTrainer(AdaLoraCheckpoints, Trainer):
     gradients, so with equal micro-batches it steps on the batch's mean gradient whatever
     `gradient_accumulation_steps` is. Evaluation and saving use the posterior mean.
 
-    Several processes (`torchrun`, DDP): every process samples the same noise (the Trainer seeds them
-    alike), DDP averages the gradients and IVON runs with `sync=True`, so all hold the same posterior and
+    Several processes (`torchrun`, DDP): every process samples the same noise (from `ivon_noise`, a
+    stream of its own seeded from `args.seed`, which dropout on unequally padded micro-batches cannot
+    shift), DDP averages the gradients and IVON runs with `sync=True`, so all hold the same posterior and
     mask the same triplets. Gradient clipping does not apply (IVON clips its own update,
     `ivon_clip_radius`): a nonzero `max_grad_norm` is set to 0 with a warning. Refused: fp16 (its loss
     scaling changes the gradients IVON reads; use bf16 or fp32), DeepSpeed and several devices in one
@@ -447,6 +452,14 @@ class IVONTrainer(AdaLoraCheckpoints, Trainer):
         except TypeError as exc:
             raise ValueError("the training set has no length: set IVONArguments.ivon_ess") from exc
 
+    @property
+    def ivon_noise(self) -> NoiseStream:
+        """IVON's noise stream (`steps.NoiseStream`), seeded from `args.seed`: the same in every process."""
+        if getattr(self, "_ivon_noise", None) is None:
+            device = next(p.device for g in self.ivon_optimizer.param_groups for p in g["params"] if p is not None)
+            self._ivon_noise = NoiseStream(self.args.seed, device)
+        return self._ivon_noise
+
     def create_optimizer(self, model=None):
         """IVON over the trainable parameters (unless one was passed in), with `sync=True` under several
         processes; for bayes-adalora, the posterior allocator; the fast path where the arguments ask for
@@ -490,7 +503,7 @@ class IVONTrainer(AdaLoraCheckpoints, Trainer):
             self.accelerator.backward(loss)
             return loss
 
-        step = IVONStep(self.ivon_optimizer, self.ivon_args.train_mc_samples)
+        step = IVONStep(self.ivon_optimizer, self.ivon_args.train_mc_samples, self.ivon_noise)
         return step.gradients(forward_backward) / micro_batches
 
 

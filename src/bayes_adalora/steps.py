@@ -9,8 +9,10 @@ times inside `forward_backward`. `IVONStep.gradients` is the one place that ente
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
 
+import numpy as np
 import torch
 
 ForwardBackward = Callable[[], torch.Tensor]  # runs forward and backward, returns the loss
@@ -38,21 +40,71 @@ class AdamWStep:
         self.optimizer.step()
 
 
+class NoiseStream:
+    """A random stream of IVON's own for its posterior samples, apart from the one dropout draws from.
+
+    Under several processes IVON (`sync=True`) needs the same noise in every process: its Hessian
+    estimate averages noise x the all-reduced gradient, and noise that differs between processes would
+    shrink it by about the process count. Seeding the processes alike is not enough: dropout draws as
+    many numbers as its input has elements, so shards of unequal size (an epoch's short last batch, or
+    the Trainer's per-process padding) leave the global generators at different places. IVON's draws
+    therefore come from this stream, seeded from the run's seed alike everywhere and advanced only by
+    them; the global generators are left as they were. It is the same in one process, so one process and
+    several draw the same noise, and its `state` goes into checkpoints for an exact resume.
+    """
+
+    def __init__(self, seed: int, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        # not `seed` itself: the first draws would repeat those that initialised the new weights
+        own_seed = int(np.random.SeedSequence([seed, 0x1F0]).generate_state(1, np.uint64)[0] >> 1)
+        with self._forked():
+            torch.manual_seed(own_seed)
+            self.state = self._current()
+
+    def _cuda(self) -> list[int]:
+        if self.device.type != "cuda":
+            return []
+        return [self.device.index if self.device.index is not None else torch.cuda.current_device()]
+
+    def _forked(self):
+        return torch.random.fork_rng(devices=self._cuda())
+
+    def _current(self) -> dict[str, torch.Tensor]:
+        state = {"cpu": torch.get_rng_state()}
+        for index in self._cuda():
+            state["cuda"] = torch.cuda.get_rng_state(index)
+        return state
+
+    @contextmanager
+    def drawing(self) -> Iterator[None]:
+        """Inside: the global generators (the CPU's and the device's) are this stream; after: as before."""
+        with self._forked():
+            torch.set_rng_state(self.state["cpu"])
+            for index in self._cuda():
+                torch.cuda.set_rng_state(self.state["cuda"], index)
+            yield
+            self.state = self._current()
+
+
 class IVONStep:
     """IVON's step: gradients at `samples` draws from the posterior, which IVON averages.
 
     For each draw: weights := a sample of N(mu, sigma^2), forward and backward there, the weights
-    restored to mu. The returned loss is the mean over the draws.
+    restored to mu. The returned loss is the mean over the draws. With a `NoiseStream`, the draws come
+    from it (the CLI and the Trainer always pass one); without, from the global generator.
     """
 
-    def __init__(self, optimizer, samples: int):
+    def __init__(self, optimizer, samples: int, noise: NoiseStream | None = None):
         self.optimizer = optimizer
         self.samples = samples
+        self.noise = noise
 
     def gradients(self, forward_backward: ForwardBackward) -> torch.Tensor:
         losses = []
         for _ in range(self.samples):
-            with self.optimizer.sampled_params(train=True):
+            with ExitStack() as sampled:
+                with self.noise.drawing() if self.noise is not None else nullcontext():
+                    sampled.enter_context(self.optimizer.sampled_params(train=True))  # draws the noise
                 self.optimizer.zero_grad(set_to_none=True)
                 loss = forward_backward()
                 fill_missing_grads(self.optimizer)
@@ -63,5 +115,5 @@ class IVONStep:
         self.optimizer.step()
 
 
-def make_step(optimizer, uses_ivon: bool, samples: int = 1) -> AdamWStep | IVONStep:
-    return IVONStep(optimizer, samples) if uses_ivon else AdamWStep(optimizer)
+def make_step(optimizer, uses_ivon: bool, samples: int = 1, noise: NoiseStream | None = None) -> AdamWStep | IVONStep:
+    return IVONStep(optimizer, samples, noise) if uses_ivon else AdamWStep(optimizer)

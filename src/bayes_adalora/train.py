@@ -194,6 +194,8 @@ def _train(config: TrainConfig, figures: Figures | None, closing: ExitStack) -> 
         if config.uses_ivon:  # the checkpoint's groups came with its bound on IVON's step; this run's wins
             for group in optimizer.param_groups:
                 group["clip_radius"] = config.ivon_clip_radius
+            if state.get("ivon_noise") is not None:
+                training_step.noise.state = state["ivon_noise"]
     elif (out / CHECKPOINTS).is_dir() and procs.is_main:
         shutil.rmtree(out / CHECKPOINTS)  # --overwrite (checked above): the old run's checkpoints go
     if resume_from is None and procs.is_main:  # a new run's curves are not mixed into an old run's (or a failed one's)
@@ -263,6 +265,7 @@ def _train(config: TrainConfig, figures: Figures | None, closing: ExitStack) -> 
                 # so the next epoch's start is not known here: a resume replays this epoch's order)
                 extra = {
                     "settings": planned_config(config, plan),  # a resume with other settings is refused
+                    "ivon_noise": training_step.noise.state if config.uses_ivon else None,
                     "history": history,
                     "best": done.best,
                     "final": done.final,

@@ -1,0 +1,61 @@
+"""IVON's noise from a stream of its own: the same draws whatever else used the global generator."""
+
+import ivon
+import torch
+from torch import nn
+
+from bayes_adalora.steps import IVONStep, NoiseStream
+
+
+def train(noise: NoiseStream | None, dropout_draws: int, steps: int = 5) -> ivon.IVON:
+    """IVON on a quadratic; before each sample, 'dropout' takes `dropout_draws` numbers from the global generator."""
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.linspace(-1, 1, 6))
+    optimizer = ivon.IVON([weight], lr=0.1, ess=100)
+    step = IVONStep(optimizer, samples=2, noise=noise)
+
+    def forward_backward():
+        torch.rand(dropout_draws)
+        loss = (weight - 0.5).pow(2).sum()
+        loss.backward()
+        return loss
+
+    for _ in range(steps):
+        step.gradients(forward_backward)
+        step.update()
+    return optimizer
+
+
+def test_processes_whose_dropout_draws_differ_still_sample_the_same_noise():
+    one, other = train(NoiseStream(7), dropout_draws=10), train(NoiseStream(7), dropout_draws=11)
+    assert torch.equal(one.param_groups[0]["hess"], other.param_groups[0]["hess"])
+    assert torch.equal(one.param_groups[0]["params"][0], other.param_groups[0]["params"][0])
+    # from the global generator (seeded alike), the same two runs part ways
+    one, other = train(None, dropout_draws=10), train(None, dropout_draws=11)
+    assert not torch.equal(one.param_groups[0]["hess"], other.param_groups[0]["hess"])
+
+
+def test_drawing_leaves_the_global_generator_where_it_was_and_the_stream_advances():
+    stream = NoiseStream(3)
+    start = stream.state["cpu"].clone()
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    with stream.drawing():
+        first = torch.randn(4)
+    assert torch.equal(torch.get_rng_state(), before)
+    with stream.drawing():
+        second = torch.randn(4)
+    assert not torch.equal(first, second)
+    stream.state = {"cpu": start}  # a checkpoint's state, restored: the draws repeat
+    with stream.drawing():
+        assert torch.equal(torch.randn(4), first)
+
+
+def test_the_stream_is_not_the_seeds_own_sequence_and_depends_on_the_seed():
+    torch.manual_seed(3)
+    seeds_own = torch.randn(4)  # what initialised the run's new weights
+    draws = {}
+    for seed in (3, 4):
+        with NoiseStream(seed).drawing():
+            draws[seed] = torch.randn(4)
+    assert not torch.equal(draws[3], seeds_own) and not torch.equal(draws[3], draws[4])
