@@ -46,7 +46,8 @@ def test_drawing_leaves_the_global_generator_where_it_was_and_the_stream_advance
     with stream.drawing():
         second = torch.randn(4)
     assert not torch.equal(first, second)
-    stream.state = {"cpu": start}  # a checkpoint's state, restored: the draws repeat
+    stream.load_state({"cpu": start, "cuda": torch.zeros(1)})  # a GPU checkpoint on the CPU: the draws repeat
+    assert set(stream.state) == {"cpu"}
     with stream.drawing():
         assert torch.equal(torch.randn(4), first)
 

@@ -346,7 +346,7 @@ class AdaLoraCheckpoints:
             optimizer.current_step = state["ivon_current_step"]
             place_ivon_state(optimizer)  # one process: the Trainer loaded the optimizer's state onto the CPU
         if state.get("ivon_noise") is not None and isinstance(self, IVONTrainer):
-            self.ivon_noise.state = state["ivon_noise"]
+            self.ivon_noise.load_state(state["ivon_noise"])
 
     def _load_best_model(self):
         with self.untrimmed():  # peft would resize the live layers to the in-memory pattern before loading

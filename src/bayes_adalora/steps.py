@@ -57,9 +57,17 @@ class NoiseStream:
         self.device = torch.device(device)
         # not `seed` itself: the first draws would repeat those that initialised the new weights
         own_seed = int(np.random.SeedSequence([seed, 0x1F0]).generate_state(1, np.uint64)[0] >> 1)
-        with self._forked():
-            torch.manual_seed(own_seed)
+        with self._forked():  # seeds only this stream's generators, then puts them back
+            torch.default_generator.manual_seed(own_seed)
+            for index in self._cuda():
+                with torch.cuda.device(index):
+                    torch.cuda.manual_seed(own_seed)
             self.state = self._current()
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Continue from a checkpoint's `state` (for the generators this stream draws from; a CPU run's
+        checkpoint resumed on a GPU keeps the GPU's freshly seeded state)."""
+        self.state = {key: state.get(key, current) for key, current in self.state.items()}
 
     def _cuda(self) -> list[int]:
         if self.device.type != "cuda":

@@ -195,7 +195,7 @@ def _train(config: TrainConfig, figures: Figures | None, closing: ExitStack) -> 
             for group in optimizer.param_groups:
                 group["clip_radius"] = config.ivon_clip_radius
             if state.get("ivon_noise") is not None:
-                training_step.noise.state = state["ivon_noise"]
+                training_step.noise.load_state(state["ivon_noise"])
     elif (out / CHECKPOINTS).is_dir() and procs.is_main:
         shutil.rmtree(out / CHECKPOINTS)  # --overwrite (checked above): the old run's checkpoints go
     if resume_from is None and procs.is_main:  # a new run's curves are not mixed into an old run's (or a failed one's)
