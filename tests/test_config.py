@@ -4,6 +4,7 @@ checkpoint round-trips: fast unit tests, no training run."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from bayes_adalora.checkpoint import load_checkpoint, save_checkpoint
+from bayes_adalora.checkpoint import checkpoint_settings, load_checkpoint, save_checkpoint
 from bayes_adalora.config import TrainConfig, config_fields, field_type, make_config, plan_run, planned_config
 from bayes_adalora.errors import UserError
 from bayes_adalora.methods import METHODS
@@ -122,6 +123,30 @@ def test_config_json_reruns_the_same_plan_and_explicit_values_win():
     assert fixed.tinit == 5
 
 
+def test_a_config_file_read_by_the_cli_re_derives_what_its_run_derived(tmp_path):
+    from bayes_adalora.cli import read_config_file
+
+    config, _ = make_config({"method": "adalora", "max_steps": 300})
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(planned_config(config, plan_run(config, "m", 1000, 32))))
+    longer, _ = make_config({"max_steps": 3000}, base=read_config_file(str(path)))
+    assert plan_run(longer, "m", 1000, 32) == plan_run(TrainConfig(method="adalora", max_steps=3000), "m", 1000, 32)
+
+
+def test_what_the_paper_recipe_filled_in_it_fills_in_again_for_another_method():
+    config, _ = make_config({"task": "mrpc", "method": "bayes-adalora", "recipe": "paper", "seed": 3})
+    saved = planned_config(config, plan_run(config, "m", 3668, 115))
+    adamw, _ = make_config({"method": "adalora"}, base=saved)
+    fresh, _ = make_config({"task": "mrpc", "method": "adalora", "recipe": "paper", "seed": 3})
+    assert adamw == fresh and adamw.lr != config.lr
+
+
+def test_ivon_arguments_take_whole_floats_as_the_config_does():
+    from bayes_adalora.hf_trainer import IVONArguments
+
+    assert type(IVONArguments(init_r=6.0, target_r=4.0).init_r) is int
+
+
 def test_a_checkpoint_refuses_a_resume_with_other_settings_but_takes_a_new_lr(tmp_path):
     config, _ = make_config({"method": "adalora", "max_steps": 300})
     settings = planned_config(config, plan_run(config, "m", 1000, 32))
@@ -135,11 +160,12 @@ def test_a_checkpoint_refuses_a_resume_with_other_settings_but_takes_a_new_lr(tm
         return load_checkpoint(path, model, optimizer, scheduler, None, planned_config(again, plan_run(again, "m", 1000,
                                                                                                        32)))
 
-    with pytest.raises(UserError, match=r"other settings \(--max-steps 300 there, 3000 here\)"):
+    with pytest.raises(UserError, match=r"other settings \(the step count 300 there, 3000 here\)"):
         resume(max_steps=3000)
     with pytest.raises(UserError, match=r"--method 'adalora' there, 'bayes-adalora' here"):
         resume(method="bayes-adalora")
     assert resume(lr=1e-4, eval_steps=7, output_dir="elsewhere")["step"] == 3
+    assert checkpoint_settings(path) == settings  # what a resume without --lr takes the lr from
     # a checkpoint from before the settings were kept in it is resumed as before
     old = save_checkpoint(tmp_path / "old", 3, model, optimizer, scheduler, None, {}, keep=2)
     assert load_checkpoint(old, model, optimizer, scheduler, None, settings)["step"] == 3

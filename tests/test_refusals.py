@@ -133,7 +133,7 @@ def test_a_resume_with_another_method_or_length_is_refused(capfd, tmp_path, run_
     line = refused(capfd, argv(glue_dir, tiny_deberta, out, "--method", "adalora", "--resume", str(checkpoint)))
     assert "(--method 'bayes-adalora' there, 'adalora' here)" in line
     line = refused(capfd, argv(glue_dir, tiny_deberta, out, "--max-steps", "5", "--resume", str(checkpoint)))
-    assert "(--max-steps 4 there, 5 here)" in line and "only --lr" in line
+    assert "(the step count 4 there, 5 here)" in line and "only --lr" in line
     assert not out.exists()
 
 

@@ -72,8 +72,9 @@ def set_rng_state(state: dict) -> None:
     random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_available():  # a machine with fewer GPUs takes the first ones' states
+        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -163,13 +164,14 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return weights, state
 
 
-# the settings (config.json's keys) a resumed run may change: where it runs and reads from; how it is
-# evaluated, saved, logged or shown; and --lr and --ivon-clip-radius (a diverged run is resumed with a
-# lower learning rate or a tighter bound on IVON's step). Any other difference would change the run
-# half-way (its schedules, its optimizer, its data), so it is refused.
+# the settings (config.json's keys) a resumed run may change: where it runs and where its model and data
+# are read from (their contents are the user's to keep: the checkpoint holds the trained weights only);
+# how it is evaluated, saved, logged or shown; and --lr (a diverged run is resumed with a lower one).
+# Any other difference would change the run half-way (its schedules, its optimizer, its data size),
+# so it is refused; the step count is compared first, as a change in the data's size shows there.
 MAY_CHANGE_ON_RESUME = frozenset({
     "model", "data_dir", "train_file", "validation_file", "trust_remote_code", "device", "bf16", "fast_path",
-    "lr", "ivon_clip_radius", "eval_steps", "max_eval_samples", "eval_batch_size", "mc_samples",
+    "lr", "eval_steps", "max_eval_samples", "eval_batch_size", "mc_samples",
     "log_correlations", "plots", "report_to", "progress", "output_dir", "divergence_factor", "save_steps",
     "save_total_limit", "resume", "overwrite", "recipe", "derived",
 })
@@ -181,14 +183,26 @@ def check_same_settings(path: Path, saved: dict | None, now: dict) -> None:
     form, kept in the checkpoint) than this run (`now`), naming the first that differs."""
     if saved is None:  # a checkpoint written before the settings were kept in it
         return
-    for name, value in now.items():
+    for name in sorted(now, key=lambda n: n != "total_steps"):
+        value = now[name]
         if name in MAY_CHANGE_ON_RESUME or name not in saved or saved[name] == value:
             continue
         what = PLAN_ONLY.get(name, "--" + name.replace("_", "-"))
         raise UserError(
             f"the checkpoint {path} was trained with other settings ({what} {saved[name]!r} there, {value!r} "
-            f"here): resume with the checkpoint's settings (only --lr, --ivon-clip-radius and how the run is "
-            f"evaluated, saved, logged or shown may change), or start again with --overwrite")
+            f"here): resume with the checkpoint's settings (only --lr, the device, where the model and data are "
+            f"read from, and how the run is evaluated, saved, logged or shown may change), or start again with "
+            f"--overwrite")
+
+
+def checkpoint_settings(path: Path) -> dict | None:
+    """The settings a checkpoint's run was planned with (None: not a readable checkpoint, or one from before
+    they were kept); memory-mapped, so the optimizer state it also holds is not read."""
+    try:
+        state = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError):
+        return None  # load_checkpoint says what is wrong with it
+    return state.get("settings") if isinstance(state, dict) else None
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, tuner, settings: dict | None = None) -> dict:

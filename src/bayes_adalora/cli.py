@@ -160,6 +160,7 @@ def read_config_file(path: str | None) -> dict | None:
     if not isinstance(values, dict):
         raise UserError(f"--config {file} must hold a JSON object of settings, not a {type(values).__name__}")
     names = {f.name for f in config_fields()} - {"resume", "overwrite"}  # how to run, not what: give them anew
+    names.add("derived")  # what the run derived, make_config derives again
     return {k: v for k, v in values.items() if k in names}
 
 

@@ -197,11 +197,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if field_type(f) is int and isinstance(value, float) and value.is_integer():
-                setattr(self, f.name, int(value))  # 32.0 from a JSON file or the Python API is 32
-            elif isinstance(value, tuple) and typing.get_origin(field_type(f)) is list:
-                setattr(self, f.name, list(value))
+            coerce_field(self, f)
             check_field(f, getattr(self, f.name))
         self._check_together()
 
@@ -271,6 +267,16 @@ def field_type(f: dataclasses.Field, owner: type | None = None) -> type:
     hint = typing.get_type_hints(owner or TrainConfig)[f.name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return args[0] if args and typing.get_origin(hint) is not list else hint
+
+
+def coerce_field(obj, f: dataclasses.Field) -> None:
+    """The lenient conversions, in place: a whole float for an int field (32.0 from a JSON file or the
+    Python API is 32), a tuple for a list field."""
+    value, kind = getattr(obj, f.name), field_type(f, type(obj))
+    if kind is int and isinstance(value, float) and value.is_integer():
+        setattr(obj, f.name, int(value))
+    elif isinstance(value, tuple) and typing.get_origin(kind) is list:
+        setattr(obj, f.name, list(value))
 
 
 def check_field(f: dataclasses.Field, value, owner: type | None = None) -> None:
@@ -424,4 +430,7 @@ def planned_config(config: TrainConfig, plan: RunPlan) -> dict:
     the evaluations, the AdaLoRA phases, IVON's ess and the learning rate as a fresh run would.
     """
     derived = [name for name in DERIVED if getattr(config, name) is None]
+    if config.recipe == "paper":  # what the recipe filled in, it fills in again (for the new task or method)
+        filled = paper_recipe(get_task(config.task).name, config.method)
+        derived += [name for name, value in filled.items() if getattr(config, name) == value and name not in derived]
     return {**config.to_dict(), **dataclasses.asdict(plan), "derived": derived}

@@ -38,7 +38,7 @@ from .adapters import adalora_tuner
 from .allocator import PosteriorRankAllocator, install_allocator
 from .build import build_trainable_model, make_optimizer, use_fast_path
 from .checkpoint import allocator_state, load_allocator_state, place_ivon_state
-from .config import TrainConfig, adalora_phases, check_field
+from .config import TrainConfig, adalora_phases, check_field, coerce_field
 from .evaluation import Predictive, calibration_from_statistics, calibration_metrics
 from .kinds import task_kind
 from .lm_metrics import IGNORE_INDEX
@@ -87,6 +87,7 @@ class IVONArguments:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
+            coerce_field(self, f)
             check_field(f, getattr(self, f.name), IVONArguments)
         if self.method not in ADALORA_METHODS:
             raise ValueError(f"the Trainer path trains an AdaLoRA method ({', '.join(ADALORA_METHODS)}), "
@@ -466,6 +467,7 @@ class IVONTrainer(AdaLoraCheckpoints, Trainer):
         it (`build.use_fast_path`)."""
         settings = self.ivon_args.train_config(lr=self.args.learning_rate)
         if self.optimizer is None:
+            self._ivon_noise = None  # a new optimizer (a new train() or trial) draws from a new stream of args.seed
             self.optimizer = make_optimizer(model if model is not None else self.model, settings, self.ivon_ess(),
                                             sync=self.args.world_size > 1)
         optimizer = self.ivon_optimizer

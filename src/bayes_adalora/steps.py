@@ -85,7 +85,8 @@ class NoiseStream:
 
     @contextmanager
     def drawing(self) -> Iterator[None]:
-        """Inside: the global generators (the CPU's and the device's) are this stream; after: as before."""
+        """Inside: the global generators (the CPU's and a CUDA device's; other accelerators keep their own)
+        are this stream; after: as before."""
         with self._forked():
             torch.set_rng_state(self.state["cpu"])
             for index in self._cuda():

@@ -7,6 +7,7 @@ interface (`steps.py`); nothing here branches on a method's name.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import resource
 import shutil
@@ -35,7 +36,14 @@ from .build import (
     resolve_device,
     set_peak_lr,
 )
-from .checkpoint import CHECKPOINTS, checkpoint_dirs, drop_checkpoints_from, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CHECKPOINTS,
+    checkpoint_dirs,
+    checkpoint_settings,
+    drop_checkpoints_from,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .config import RunPlan, TrainConfig, plan_run, planned_config
 from .distributed import Processes
 from .errors import TrainingDiverged, UserError
@@ -156,6 +164,9 @@ def _train(config: TrainConfig, figures: Figures | None, closing: ExitStack) -> 
     out = Path(config.output_dir)
     check_output_dir(out, config.overwrite, config.resume)
     resume_from = resume_checkpoint(out, config.resume)
+    if resume_from is not None and config.lr is None:  # unset, the lr is the checkpoint's (not the default)
+        saved_lr = (checkpoint_settings(resume_from) or {}).get("lr")
+        config = dataclasses.replace(config, lr=saved_lr) if saved_lr is not None else config
     device = resolve_device(config.device)
     procs = Processes.start(device, config.batch_size)
     device = procs.device or device
@@ -191,11 +202,8 @@ def _train(config: TrainConfig, figures: Figures | None, closing: ExitStack) -> 
             correlations.entries.extend(state.get("correlations", older))
         if any(base != plan.lr for base in scheduler.base_lrs):  # e.g. resuming a diverged run with a lower --lr
             set_peak_lr(scheduler, optimizer, plan.lr)
-        if config.uses_ivon:  # the checkpoint's groups came with its bound on IVON's step; this run's wins
-            for group in optimizer.param_groups:
-                group["clip_radius"] = config.ivon_clip_radius
-            if state.get("ivon_noise") is not None:
-                training_step.noise.load_state(state["ivon_noise"])
+        if config.uses_ivon and state.get("ivon_noise") is not None:
+            training_step.noise.load_state(state["ivon_noise"])
     elif (out / CHECKPOINTS).is_dir() and procs.is_main:
         shutil.rmtree(out / CHECKPOINTS)  # --overwrite (checked above): the old run's checkpoints go
     if resume_from is None and procs.is_main:  # a new run's curves are not mixed into an old run's (or a failed one's)
