@@ -439,10 +439,11 @@ def fmt(x: float | None, digits: int = 4) -> str:
 
 
 def learned_status(task: dict) -> str:
-    """"yes" / "no" once adalora has its seeds; before that "not run" or "pending (k of 3 seeds)"."""
+    """"yes" / "no" once adalora has its seeds; before that "not run" (no cell of the task yet) or
+    "pending (k of 3 adalora seeds)"."""
     n_adalora = task["methods"].get("adalora", {}).get("n", 0)
     if n_adalora < len(SEEDS):
-        return f"pending ({n_adalora} of {len(SEEDS)} seeds)" if n_adalora else "not run"
+        return f"pending ({n_adalora} of {len(SEEDS)} adalora seeds)" if task["methods"] else "not run"
     return "yes" if task["learned"] else "no"
 
 

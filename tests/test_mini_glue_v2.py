@@ -164,3 +164,12 @@ def test_grid_tunes_runs_cells_resumes_and_reports(tmp_path, glue_dir, tiny_debe
     assert grid.main(argv) == 0  # resumable: every cell is on disk, nothing is trained again
     assert {p: p.stat().st_mtime_ns for p in results.rglob("*.json")} == before
     assert not math.isnan(summary["tasks"]["sst2"]["methods"]["bayes-inv_sigma"]["mean"])
+
+
+def test_a_task_is_not_run_then_pending_until_adalora_has_its_seeds():
+    assert grid.learned_status({"methods": {}, "learned": False}) == "not run"
+    some = {"methods": {"lora": {"n": 1}}, "learned": False}
+    assert grid.learned_status(some) == "pending (0 of 3 adalora seeds)"
+    done = {"methods": {"adalora": {"n": 3}}}
+    assert grid.learned_status({**done, "learned": True}) == "yes"
+    assert grid.learned_status({**done, "learned": False}) == "no"
