@@ -1,4 +1,5 @@
-"""Checkpoints read onto the CPU go back to the parameters' device (tested with parameters on the meta device)."""
+"""Checkpoints read onto the CPU go back to the parameters' device (tested with parameters on the meta device);
+IVON and the weights' dtype."""
 
 from types import SimpleNamespace
 
@@ -30,3 +31,17 @@ def test_allocator_emas_go_to_their_parameters_devices():
     for ema in (alloc.ipt, alloc.exp_avg_ipt, alloc.exp_avg_unc):
         assert (ema["a"].device.type, ema["b"].device.type) == ("meta", "cpu")
     assert tuner.peft_config["default"].rank_pattern == {"x": [1]}
+
+
+def test_ivon_refuses_fp16_weights_in_one_sentence():
+    import pytest
+
+    from bayes_adalora.build import make_optimizer
+    from bayes_adalora.config import TrainConfig
+    from bayes_adalora.errors import UserError
+
+    model = nn.Linear(2, 2).half()
+    with pytest.raises(UserError, match=r"^--method bayes-adalora cannot train fp16 weights"):
+        make_optimizer(model, TrainConfig(), ess=67349.0)
+    make_optimizer(model, TrainConfig(method="adalora"), ess=67349.0)  # AdamW has no such product
+    make_optimizer(nn.Linear(2, 2).bfloat16(), TrainConfig(), ess=67349.0)

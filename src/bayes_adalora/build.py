@@ -96,6 +96,11 @@ def make_optimizer(model: nn.Module, config: TrainConfig, ess: float, sync: bool
     fast path IVON is an `InplaceIVON` (ivon-opt's numbers, in place)."""
     params = [p for p in model.parameters() if p.requires_grad]
     lr = config.resolved_lr()
+    if config.uses_ivon and any(p.dtype == torch.float16 for p in params):
+        # IVON computes ess * (h + weight_decay) in the weights' dtype: past fp16's 65504 for any training
+        # set of that size, so its noise and Hessian update would be 0 and inf
+        raise UserError(f"--method {config.method} cannot train fp16 weights (IVON's ess x Hessian overflows "
+                        f"fp16): keep the adapter in fp32 (peft's default) or use bf16")
     if config.uses_ivon:
         optimizer = ivon.IVON(
             params, lr=lr, ess=ess, hess_init=config.ivon_hess_init, beta1=config.ivon_beta1,

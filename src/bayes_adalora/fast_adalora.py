@@ -226,8 +226,9 @@ class FastSVDLinear(SVDLinear):
 
 
 def warm_up_erfcx(device: torch.device, dtype: torch.dtype) -> None:
-    """Run `torch.special.erfcx` once: on CUDA its first call compiles a kernel (seconds)."""
-    torch.special.erfcx(torch.ones(2, device=device, dtype=dtype))
+    """Run `torch.special.erfcx` once, in the dtype the scores use (at least float32: the CPU has no bf16
+    erfcx): on CUDA its first call compiles a kernel (seconds)."""
+    torch.special.erfcx(torch.ones(2, device=device, dtype=torch.promote_types(dtype, torch.float32)))
 
 
 def enable_fast_model(model: nn.Module) -> nn.Module:
