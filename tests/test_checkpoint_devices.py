@@ -4,10 +4,14 @@ IVON and the weights' dtype."""
 from types import SimpleNamespace
 
 import ivon
+import pytest
 import torch
 from torch import nn
 
+from bayes_adalora.build import make_optimizer
 from bayes_adalora.checkpoint import load_allocator_state, place_ivon_state
+from bayes_adalora.config import TrainConfig
+from bayes_adalora.errors import UserError
 
 
 def test_ivon_groups_follow_their_parameters_after_load_state_dict():
@@ -34,12 +38,6 @@ def test_allocator_emas_go_to_their_parameters_devices():
 
 
 def test_ivon_refuses_fp16_weights_in_one_sentence():
-    import pytest
-
-    from bayes_adalora.build import make_optimizer
-    from bayes_adalora.config import TrainConfig
-    from bayes_adalora.errors import UserError
-
     model = nn.Linear(2, 2).half()
     with pytest.raises(UserError, match=r"^--method bayes-adalora cannot train fp16 weights"):
         make_optimizer(model, TrainConfig(), ess=67349.0)

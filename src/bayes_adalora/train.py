@@ -179,6 +179,7 @@ def _train(config: TrainConfig, figures: Figures | None, closing: ExitStack) -> 
     train_loader = kind.train_loader(data, tokenizer, config, min_last=procs.world)  # an empty shard's loss: NaN
     dev_loaders = {split: kind.dev_loader(ds, tokenizer, config) for split, ds in data.dev.items()}
     plan = plan_run(config, model_name, len(data.train), len(train_loader), spec)
+    settings = planned_config(config, plan)  # config.json's form: kept in checkpoints, checked on resume
 
     model = on_device(build_trainable_model(model, config, plan.total_steps, fresh), device)
     forward_model = procs.wrap(model)  # DDP under accelerate; peft's allocator works on `model`
@@ -193,7 +194,7 @@ def _train(config: TrainConfig, figures: Figures | None, closing: ExitStack) -> 
 
     done = Progress()
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, scheduler, tuner, planned_config(config, plan))
+        state = load_checkpoint(resume_from, model, optimizer, scheduler, tuner, settings)
         done = Progress(state["step"], state["history"], state["best"], state["final"], state["train_seconds"],
                         state["batch_in_epoch"])
         train_loader.generator.set_state(state["loader_generator"])
@@ -210,7 +211,7 @@ def _train(config: TrainConfig, figures: Figures | None, closing: ExitStack) -> 
         shutil.rmtree(out / TRACKER_DIR, ignore_errors=True)
 
     history = done.history
-    tracker = (closing.enter_context(tracking(config.report_to, out, planned_config(config, plan)))
+    tracker = (closing.enter_context(tracking(config.report_to, out, settings))
                if procs.is_main else None)
     bar = tqdm(total=plan.total_steps, initial=done.step, disable=not (config.progress and procs.is_main),
                desc=f"{config.method} {spec.name}", dynamic_ncols=True)
@@ -272,7 +273,7 @@ def _train(config: TrainConfig, figures: Figures | None, closing: ExitStack) -> 
                 # (at an epoch's last batch the sampler has yet to draw once more from the generator,
                 # so the next epoch's start is not known here: a resume replays this epoch's order)
                 extra = {
-                    "settings": planned_config(config, plan),  # a resume with other settings is refused
+                    "settings": settings,  # a resume with other settings is refused
                     "ivon_noise": training_step.noise.state if config.uses_ivon else None,
                     "history": history,
                     "best": done.best,
