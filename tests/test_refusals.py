@@ -137,6 +137,27 @@ def test_a_resume_with_another_method_or_length_is_refused(capfd, tmp_path, run_
     assert not out.exists()
 
 
+def test_a_resume_on_other_training_data_is_refused_and_on_a_moved_copy_goes_on(capfd, tmp_path, run_with_checkpoint,
+                                                                                glue_dir, tiny_deberta):
+    """The data folder may move (its location is not a setting that trains), but not change: one label
+    flipped would change what the rest of the run trains on, unseen."""
+    checkpoint = run_with_checkpoint / "checkpoints" / "step-0000002"
+    moved = tmp_path / "glue"
+    shutil.copytree(glue_dir, moved)
+    train_file = moved / "SST-2" / "train.tsv"
+    original = train_file.read_text()
+    header, first, *rest = original.splitlines()
+    text, label = first.rsplit("\t", 1)
+    train_file.write_text("\n".join([header, f"{text}\t{1 - int(label)}", *rest]) + "\n")
+    out = tmp_path / "resumed"
+    line = refused(capfd, argv(moved, tiny_deberta, out, "--mc-samples", "2", "--resume", str(checkpoint)))
+    assert f"the checkpoint {checkpoint} was trained on other training data (64 examples in both, with other " \
+           "contents)" in line and "--overwrite" in line
+    assert not out.exists()
+    train_file.write_text(original)
+    assert main(argv(moved, tiny_deberta, out, "--mc-samples", "2", "--resume", str(checkpoint))) == 0
+
+
 # ----------------------------------------------------------------------------- saved runs
 
 

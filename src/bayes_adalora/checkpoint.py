@@ -10,6 +10,8 @@ index within it, and the CPU RNG states of torch, Python and NumPy.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 import pickle
 import random
@@ -195,6 +197,32 @@ def check_same_settings(path: Path, saved: dict | None, now: dict) -> None:
             f"--overwrite")
 
 
+def data_fingerprint(dataset) -> dict | None:
+    """A training set's example count and a SHA-256 of its contents (texts, labels, prompts, choices: every
+    field but `source`, where it was read from), kept in checkpoints so that a resume on other data is
+    refused; None for a dataset that is not one of this package's dataclasses."""
+    if not dataclasses.is_dataclass(dataset):
+        return None
+    digest = hashlib.sha256()
+    for field in dataclasses.fields(dataset):
+        if field.name == "source":
+            continue
+        digest.update(field.name.encode() + b"\x01")
+        for item in getattr(dataset, field.name):
+            digest.update(repr(item).encode() + b"\x00")
+    return {"examples": len(dataset), "sha256": digest.hexdigest()}
+
+
+def check_same_data(path: Path, saved: dict | None, now: dict | None) -> None:
+    """Refuse to resume a checkpoint trained on other training data (another epoch order, other examples)."""
+    if saved is None or now is None or saved == now:  # a checkpoint from before the data were kept in it
+        return
+    counts = (f"{saved['examples']} examples there, {now['examples']} here" if saved["examples"] != now["examples"]
+              else f"{now['examples']} examples in both, with other contents")
+    raise UserError(f"the checkpoint {path} was trained on other training data ({counts}): resume with the data it "
+                    f"was trained on, or start again with --overwrite")
+
+
 def checkpoint_settings(path: Path) -> dict | None:
     """The settings a checkpoint's run was planned with (None: not a readable checkpoint, or one from before
     they were kept); memory-mapped, so the optimizer state it also holds is not read."""
@@ -205,15 +233,18 @@ def checkpoint_settings(path: Path) -> dict | None:
     return state.get("settings") if isinstance(state, dict) else None
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, tuner, settings: dict | None = None) -> dict:
+def load_checkpoint(path: Path, model, optimizer, scheduler, tuner, settings: dict | None = None,
+                    train_data: dict | None = None) -> dict:
     """Restore a checkpoint into the run's objects; returns the state (step, loader position, extras).
-    `settings`: this run's config.json, refused where it differs from the checkpoint's run."""
+    `settings`: this run's config.json, refused where it differs from the checkpoint's run; `train_data`:
+    this run's `data_fingerprint`, refused where it differs from the checkpoint's."""
     path = Path(path)
     if not (path / "state.pt").exists() or not (path / "weights.safetensors").exists():
         raise UserError(f"{path} is not a complete checkpoint (weights.safetensors and state.pt are needed)")
     weights, state = read_checkpoint(path)
     if settings is not None:
         check_same_settings(path, state.get("settings"), settings)
+    check_same_data(path, state.get("train_data"), train_data)
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
     unknown = [n for n in weights if n not in params]

@@ -40,6 +40,7 @@ from .checkpoint import (
     CHECKPOINTS,
     checkpoint_dirs,
     checkpoint_settings,
+    data_fingerprint,
     drop_checkpoints_from,
     load_checkpoint,
     save_checkpoint,
@@ -180,6 +181,7 @@ def _train(config: TrainConfig, figures: Figures | None, closing: ExitStack) -> 
     dev_loaders = {split: kind.dev_loader(ds, tokenizer, config) for split, ds in data.dev.items()}
     plan = plan_run(config, model_name, len(data.train), len(train_loader), spec)
     settings = planned_config(config, plan)  # config.json's form: kept in checkpoints, checked on resume
+    train_data = data_fingerprint(data.train) if config.save_steps or resume_from is not None else None
 
     model = on_device(build_trainable_model(model, config, plan.total_steps, fresh), device)
     forward_model = procs.wrap(model)  # DDP under accelerate; peft's allocator works on `model`
@@ -194,7 +196,7 @@ def _train(config: TrainConfig, figures: Figures | None, closing: ExitStack) -> 
 
     done = Progress()
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, scheduler, tuner, settings)
+        state = load_checkpoint(resume_from, model, optimizer, scheduler, tuner, settings, train_data)
         done = Progress(state["step"], state["history"], state["best"], state["final"], state["train_seconds"],
                         state["batch_in_epoch"])
         train_loader.generator.set_state(state["loader_generator"])
@@ -274,6 +276,7 @@ def _train(config: TrainConfig, figures: Figures | None, closing: ExitStack) -> 
                 # so the next epoch's start is not known here: a resume replays this epoch's order)
                 extra = {
                     "settings": settings,  # a resume with other settings is refused
+                    "train_data": train_data,  # and one on other training data
                     "ivon_noise": training_step.noise.state if config.uses_ivon else None,
                     "history": history,
                     "best": done.best,
