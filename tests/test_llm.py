@@ -431,9 +431,9 @@ def test_a_completion_is_tokenized_as_it_reads_after_its_prompt():
     joint, apart = encode_completions(data, tokenizer, 32, eos=True)
     assert joint["input_ids"] == [*question, ids["▁red"], ids["</s>"]]
     assert joint["labels"] == [-100] * 5 + [ids["▁red"], ids["</s>"]]
-    # "...Answer:▁" + "red": the prompt's last '▁' merges into '▁red', so the two are encoded apart
-    assert apart["input_ids"] == [*question, ids["▁"], ids["▁red"], ids["</s>"]]
-    assert apart["labels"] == [-100] * 6 + [ids["▁red"], ids["</s>"]]
+    # "...Answer: " + "red": the prompt's trailing space moves to the completion, which then reads '▁red' as
+    # after "Answer:" (encoded apart, it was a stray '▁' and '▁red')
+    assert apart == joint
 
     choices = ChoiceDataset(["what is w3"], [["blue", "red"]], [1], "test")
     [trained] = encode_completions(choices.answer_sequences(), tokenizer, 32, eos=False)
@@ -547,3 +547,19 @@ def test_two_processes_tune_a_decoder_lm_as_one_does(tiny_lms, tmp_path):
     # the logged loss is the global batch's per-token mean too
     hist = [json.loads((r / "history.json").read_text())["loss"] for r in (single, double)]
     assert hist[1] == pytest.approx(hist[0], rel=1e-4)
+
+
+def test_completions_cut_at_max_length_are_counted_in_a_warning(capsys):
+    from bayes_adalora.lm_data import CompletionDataset, encode_completions
+
+    tokenizer, ids = word_tokenizer(["red", "green"], bos=True)
+    data = CompletionDataset(["", "red"], ["red green red green", "green"], "train.jsonl")
+    long_row, short_row = encode_completions(data, tokenizer, 4, eos=True)
+    assert long_row["input_ids"] == [ids["<s>"], ids["red"], ids["green"], ids["red"]]  # its end and EOS are gone
+    assert short_row["input_ids"] == [ids["<s>"], ids["red"], ids["green"], ids["</s>"]]  # whole
+    err = capsys.readouterr().err.strip()
+    assert err == ("bayes-adalora: warning: 1 of 2 sequences of train.jsonl have a completion longer than "
+                   "--max-length 4 tokens and lose its end (and the EOS token) in training and scoring; "
+                   "--max-length 6 would keep them whole")
+    encode_completions(data, tokenizer, 6, eos=True)
+    assert capsys.readouterr().err == ""

@@ -8,6 +8,7 @@ completion `" {choice}"`. Mistakes in a file raise one `UserError` sentence nami
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,12 +185,16 @@ def split_encodings(data: CompletionDataset, tokenizer) -> list[tuple[list[int],
     prompt's ids are not a prefix of the joint ids (the last prompt token merges with the completion's
     first, e.g. a prompt ending in a space, or the tokenizer closes every text with a special token)
     there is no token boundary between them: the prompt and the completion are then encoded apart, the
-    completion without special tokens.
+    completion without special tokens. A prompt's trailing whitespace is first moved to the completion's
+    start (as lm-evaluation-harness does), so `"Answer: "` + `"red"` reads as `"Answer:"` + `" red"`, the
+    tokens a pretrained BPE or SentencePiece model knows, and not a lone space token before `"red"`.
     """
-    prompts = tokenizer(data.prompts, add_special_tokens=True)["input_ids"]
-    joint = tokenizer([p + c for p, c in zip(data.prompts, data.completions)], add_special_tokens=True)["input_ids"]
+    texts = [(p.rstrip(), p[len(p.rstrip()):] + c) for p, c in zip(data.prompts, data.completions)]
+    prompt_texts = [p for p, _ in texts]
+    prompts = tokenizer(prompt_texts, add_special_tokens=True)["input_ids"]
+    joint = tokenizer([p + c for p, c in texts], add_special_tokens=True)["input_ids"]
     apart = [i for i, (p, j) in enumerate(zip(prompts, joint)) if list(j[:len(p)]) != list(p)]
-    alone = tokenizer([data.completions[i] for i in apart], add_special_tokens=False)["input_ids"] if apart else []
+    alone = tokenizer([texts[i][1] for i in apart], add_special_tokens=False)["input_ids"] if apart else []
     completions = [list(j[len(p):]) for p, j in zip(prompts, joint)]
     for i, ids in zip(apart, alone):
         completions[i] = list(ids)
@@ -204,20 +209,30 @@ def encode_completions(data: CompletionDataset, tokenizer, max_length: int, eos:
     token closes the completion (so a tuned model learns to stop). A prompt that encodes to no token (a
     `text` row, with a tokenizer that adds no BOS: GPT-2, Qwen2) gets the BOS token (else the EOS token)
     as its context, so that the completion's first token is predicted and learned too. A sequence longer
-    than `max_length` loses the start of its prompt after the leading special tokens.
+    than `max_length` loses the start of its prompt after the leading special tokens; where the
+    completion alone is too long it loses its end (and its EOS), and a warning says how many did.
     """
     if len(data) == 0:
         return []
     closing = [tokenizer.eos_token_id] if eos and tokenizer.eos_token_id is not None else []
     context = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     special = set(tokenizer.all_special_ids)
-    encoded = []
+    encoded, cut, longest = [], 0, 0
     for prompt, completion in split_encodings(data, tokenizer):
         if not prompt and context is not None:
             prompt = [context]
         head = leading_special_count(prompt, special)
-        prompt, completion = fit_to_length(prompt, completion + closing, max_length, head)
+        whole = completion + closing
+        needed = head + min(len(prompt) - head, 1) + len(whole)  # the completion whole after one token of context
+        prompt, completion = fit_to_length(prompt, whole, max_length, head)
+        if len(completion) < len(whole):
+            cut, longest = cut + 1, max(longest, needed)
         encoded.append({"input_ids": prompt + completion, "labels": [IGNORE_INDEX] * len(prompt) + completion})
+    if cut:
+        print(f"bayes-adalora: warning: {cut} of {len(data)} sequences of {data.source} have a "
+              f"{'completion' if any(data.prompts) else 'text'} longer than --max-length {max_length} tokens and "
+              f"lose its end (and the EOS token) in training and scoring; --max-length {longest} would keep them "
+              f"whole", file=sys.stderr)
     return encoded
 
 
