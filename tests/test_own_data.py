@@ -188,6 +188,15 @@ def test_integer_labels_in_csv_json_and_parquet_are_the_same_classes(tmp_path):
     assert again.train.texts == data.train.texts
 
 
+def test_whole_numbers_written_as_floats_are_the_integer_classes(tmp_path):
+    """pandas writes an integer column with nulls as 1.0, 2.0: the classes a JSON file's 1, 2 are."""
+    train = write_csv(tmp_path / "train.csv", ["text", "label"], [("a", "1.0"), ("b", "2.0"), ("c", " 10.00 ")])
+    dev = write_jsonl(tmp_path / "dev.jsonl", [{"text": "d", "label": 2}, {"text": "e", "label": "1"}])
+    data = load_task_data("classification", train_file=train, validation_file=dev)
+    assert data.spec.labels == ("1", "2", "10")  # numeric order: they are integers
+    assert data.train.labels == [0, 1, 2] and data.dev["dev"].labels == [1, 0]
+
+
 def test_json_true_false_labels_are_the_classes_a_csv_spells_true_and_false(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", [{"text": "a", "label": True}, {"text": "b", "label": False},
                                                    {"text": "c", "label": True}])
@@ -308,6 +317,8 @@ def refusal_cases(root: Path) -> dict[str, tuple[list[str], str]]:
                          "--validation-file", str(good)], "the label is empty"),
         "fractional class": (["--train-file", str(write_jsonl(root / "half.jsonl", [{"text": "a", "label": 0.5}])),
                               "--validation-file", str(good)], "neither text nor a whole number"),
+        "fraction as text": (["--train-file", csv_file("halves.csv", ["text", "label"], [("a", "1"), ("b", "0.5")]),
+                              "--validation-file", str(good)], "label 0.5 is neither text nor a whole number"),
         "regression text label": (["--task", "regression", "--train-file", str(good), "--validation-file", str(good)],
                                   "label 'x' is not a number"),
         "no train file": (["--validation-file", str(good)], "give --train-file and --validation-file"),
@@ -323,8 +334,8 @@ def refusal_cases(root: Path) -> dict[str, tuple[list[str], str]]:
 
 
 CASE_NAMES = ["missing label column", "missing text column", "empty file", "header only", "one class",
-              "unseen dev label", "empty label", "fractional class", "regression text label", "no train file",
-              "unknown file type", "parquet without the column", "not parquet", "three text columns"]
+              "unseen dev label", "empty label", "fractional class", "fraction as text", "regression text label",
+              "no train file", "unknown file type", "parquet without the column", "not parquet", "three text columns"]
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)

@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,11 +122,17 @@ def _as_int(value) -> int | None:
     return None
 
 
+# a number written with a decimal point or an exponent ("2.0", "0.5", "1e3"), as pandas writes a float column
+_DECIMAL = re.compile(r"[+-]?(\d+\.\d*|\.\d+|\d+(?=[eE]))([eE][+-]?\d+)?")
+
+
 def label_name(value, where: str) -> str:
-    """A class label of the user's own data as its name: text (stripped) or a whole number (3 and "3"
-    are the same class)."""
+    """A class label of the user's own data as its name: text (stripped) or a whole number (3, "3", 3.0
+    and "3.0" are the same class; a fraction, as a number or as text, is refused)."""
     if value is None:
         raise UserError(f"{where}: the label is missing")
+    if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+        value = float(value)  # a CSV's "2.0" is the class a JSON file's 2 is, and its "0.5" no class
     if isinstance(value, float) and value.is_integer():  # e.g. a Parquet column with nulls is float
         value = int(value)
     if isinstance(value, bool):  # a JSON or Parquet true/false column: as a CSV would spell it
