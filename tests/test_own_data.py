@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -240,6 +241,25 @@ def test_every_method_trains_on_integer_classes_and_evaluate_reproduces_it(metho
     evaluated = evaluate_run(out, predictions=str(tmp_path / "p.csv"))
     assert evaluated["metrics"]["point"] == results["metrics"]["final"]
     assert {r["prediction"] for r in read_predictions(tmp_path / "p.csv")} <= set(NUMBER_ORDER)
+
+
+def test_a_base_fine_tuned_for_two_classes_trains_three_with_a_new_head(number_files, tiny_deberta, tmp_path):
+    """An SST-2 checkpoint's 2-way head cannot hold 3 classes: it is new here (a traceback before), trained in
+    full, saved with the adapter and read back by evaluate over the 2-way base."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    two_way = tmp_path / "two-way"
+    AutoModelForSequenceClassification.from_pretrained(str(tiny_deberta), num_labels=2).save_pretrained(two_way)
+    for f in tiny_deberta.iterdir():
+        if "token" in f.name or f.name == "vocab.txt":
+            shutil.copy(f, two_way / f.name)
+    out = tmp_path / "run"
+    assert main(train_argv(*number_files, two_way, out, "--max-steps", "2", "--no-plots")) == 0
+    saved = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert [tuple(t.shape) for k, t in saved.items() if "classifier.weight" in k] == [(3, 32)]
+    results = json.loads((out / "results.json").read_text())
+    assert evaluate_run(out)["metrics"]["point"] == results["metrics"]["final"]
 
 
 # ----------------------------------------------------------------------------- regression

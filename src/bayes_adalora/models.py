@@ -120,10 +120,14 @@ def load_model(name: str, spec: TaskSpec, trust_remote_code: bool):
         kwargs["problem_type"] = "regression"
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-        model, info = AutoModelForSequenceClassification.from_pretrained(name, output_loading_info=True, **kwargs)
+        # a base fine-tuned for another number of classes (an SST-2 checkpoint for 3 classes): its head is
+        # new here, as a missing one would be (trained in full and saved with the adapter)
+        model, info = AutoModelForSequenceClassification.from_pretrained(name, output_loading_info=True,
+                                                                         ignore_mismatched_sizes=True, **kwargs)
     except (OSError, SafetensorError) as exc:
         raise UserError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from exc
-    return tokenizer, model, newly_initialized_modules(set(info.get("missing_keys", ())), model)
+    new = set(info.get("missing_keys", ())) | {key for key, *_ in info.get("mismatched_keys", ())}
+    return tokenizer, model, newly_initialized_modules(new, model)
 
 
 def quantization_config(load_in: str | None, device: torch.device):
