@@ -63,3 +63,17 @@ def test_export_refuses_an_existing_output_and_a_folder_that_is_not_a_run(tiny_r
     assert errors == [f"bayes-adalora: error: --output-dir {taken} already exists: remove it or choose another folder",
                       f"bayes-adalora: error: {tmp_path} is not a finished run: it has no config.json"]
     assert list(taken.iterdir()) == []
+
+
+def test_export_refuses_a_damaged_adapter_in_one_sentence_and_leaves_no_folder_behind(tiny_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    weights = run / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    out = tmp_path / "new" / "a" / "export"
+    assert main(["export", str(run), "--output-dir", str(out)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"bayes-adalora: error: {weights} is damaged (it cannot be read): train the run again, or restore the file"]
+    assert not (tmp_path / "new").exists()

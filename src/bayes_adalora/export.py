@@ -17,8 +17,10 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .adapters import damaged_file
 from .config import config_fields, flag
 from .errors import UserError
 from .run_folder import read_run
@@ -107,6 +109,7 @@ def export_run(run_dir: str | Path, output_dir: str | Path | None = None, merge:
     if not (adapter / "adapter_model.safetensors").is_file():
         raise UserError(f"{run.folder} holds no adapter (adapter/adapter_model.safetensors)")
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    made = [folder for folder in (out.parent, *out.parent.parents) if not folder.exists()]  # removed on failure
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -117,7 +120,10 @@ def export_run(run_dir: str | Path, output_dir: str | Path | None = None, merge:
             tokenizer.save_pretrained(tmp)
         else:
             shutil.copytree(adapter, tmp)
-            weights = load_file(tmp / "adapter_model.safetensors")
+            try:
+                weights = load_file(tmp / "adapter_model.safetensors")
+            except SafetensorError:
+                raise damaged_file(adapter / "adapter_model.safetensors") from None
             save_file(weights, tmp / "adapter_model.safetensors", metadata={"format": "pt", **adapter_metadata(run)})
         (tmp / "README.md").write_text(model_card(run, merge), encoding="utf-8")
         tmp.rename(out)
@@ -125,6 +131,8 @@ def export_run(run_dir: str | Path, output_dir: str | Path | None = None, merge:
         raise UserError(f"the export could not be written to {out} ({err.strerror or err})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if made and not out.exists():  # the folders this export made for its output: nothing left half-way
+            shutil.rmtree(made[-1], ignore_errors=True)
     return out
 
 

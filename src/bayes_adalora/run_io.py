@@ -248,7 +248,7 @@ def write_predictions(path: Path, spec: TaskSpec, splits: dict[str, EvalSplit], 
 
 
 def write_prediction_rows(path, spec, splits, predictive, several, unlabeled, label_of) -> None:
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:
         if unlabeled:
             writer = csv.writer(f, delimiter="\t", lineterminator="\n")
             writer.writerow(["index", "prediction"])
@@ -346,7 +346,7 @@ def write_rows(path: Path, header: list[str], rows: list[list]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
-        with open(tmp, "w", newline="") as f:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow(header)
             writer.writerows([repr(v) if isinstance(v, float) else v for v in row] for row in rows)
