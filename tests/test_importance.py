@@ -83,6 +83,16 @@ def test_large_ratio_limit_is_snr():
     assert torch.allclose(posterior_score("snr_abs", mu, sigma), posterior_score("snr", mu, sigma), rtol=1e-6)
 
 
+def test_an_infinite_ratio_scores_as_snr_and_not_nan():
+    """sigma 0, or |mu|/sigma past float32's range: r = inf, where the formulas' inf * 0 gave NaN (a NaN score
+    sorts as no other, so such a triplet's place in the ranking was arbitrary)."""
+    mu = torch.tensor([1e-3, -2.0], dtype=torch.float32)
+    sigma = torch.tensor([0.0, 1e-45], dtype=torch.float32)
+    assert torch.equal(posterior_score("snr_abs", mu, sigma), torch.tensor([math.inf, math.inf]))
+    assert torch.equal(posterior_score("e_abs", mu, sigma), mu.abs())
+    assert torch.equal(folded_normal_std(mu, sigma), torch.tensor([0.0, 1e-45]))
+
+
 def test_scores_are_elementwise_and_shape_preserving():
     mu = torch.randn(3, 4)
     sigma = torch.rand(3, 4) + 0.1

@@ -22,9 +22,16 @@ def _folded_excess(r: Tensor) -> Tensor:
 
     E|z| = sqrt(2/pi) exp(-r^2/2) + r erf(r/sqrt2) = r + exp(-r^2/2) (sqrt(2/pi) - r erfcx(r/sqrt2)),
     where erfcx(x) = exp(x^2) erfc(x) stays finite for large x, so d underflows to 0 instead of
-    being the difference of two numbers near r.
+    being the difference of two numbers near r. At r = inf (sigma 0, or |mu| past the dtype's range) d is
+    0, not the inf * 0 of the formula.
     """
-    return torch.exp(-0.5 * r * r) * (_SQRT_2_OVER_PI - r * torch.special.erfcx(r / math.sqrt(2.0)))
+    d = torch.exp(-0.5 * r * r) * (_SQRT_2_OVER_PI - r * torch.special.erfcx(r / math.sqrt(2.0)))
+    return torch.where(torch.isinf(r), 0.0, d)
+
+
+def _folded_variance(r: Tensor, d: Tensor) -> Tensor:
+    """Var|z| = 1 - d (2r + d) for z ~ N(r, 1) (see `folded_normal_std`): 1 at r = inf, not 1 - 0 * inf."""
+    return torch.where(torch.isinf(r), 1.0, 1.0 - d * (2.0 * r + d))
 
 
 def folded_normal_mean(mu: Tensor, sigma: Tensor) -> Tensor:
@@ -41,7 +48,7 @@ def folded_normal_std(mu: Tensor, sigma: Tensor) -> Tensor:
     """
     r = mu.abs() / sigma
     d = _folded_excess(r)
-    return sigma * torch.sqrt(1.0 - d * (2.0 * r + d))
+    return sigma * torch.sqrt(_folded_variance(r, d))
 
 
 def snr_abs(mu: Tensor, sigma: Tensor) -> Tensor:
@@ -52,7 +59,7 @@ def snr_abs(mu: Tensor, sigma: Tensor) -> Tensor:
     """
     r = mu.abs() / sigma
     d = _folded_excess(r)
-    return (r + d) / torch.sqrt(1.0 - d * (2.0 * r + d))
+    return (r + d) / torch.sqrt(_folded_variance(r, d))
 
 
 def posterior_score(criterion: str, mu: Tensor, sigma: Tensor) -> Tensor:
