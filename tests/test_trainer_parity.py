@@ -275,7 +275,9 @@ def test_a_stopped_and_resumed_trainer_run_ends_bitwise_equal(method, tiny_deber
     assert {m.lora_E["default"].shape[0] for m in reloaded.modules() if isinstance(m, AdaLoraLayer)} == {4}
 
 
-def test_load_best_model_at_end_restores_the_best_checkpoint_and_its_pattern(tiny_deberta, glue_dir, tmp_path):
+@pytest.mark.parametrize("save_only_model", [False, True])  # True: no optimizer state (a ValueError at the end before)
+def test_load_best_model_at_end_restores_the_best_checkpoint_and_its_pattern(save_only_model, tiny_deberta, glue_dir,
+                                                                            tmp_path):
     evaluations = []
 
     def metric_best_first(prediction):  # the first evaluation (step 4) is the best one
@@ -287,7 +289,8 @@ def test_load_best_model_at_end_restores_the_best_checkpoint_and_its_pattern(tin
     trainer = build_sst2_trainer(
         "bayes-adalora", tiny_deberta, glue_dir, tmp_path, eval_dataset=dev, compute_metrics=metric_best_first,
         args=dict(save_steps=4, eval_strategy="steps", eval_steps=4, load_best_model_at_end=True,
-                  metric_for_best_model="order", greater_is_better=True, save_total_limit=None),
+                  metric_for_best_model="order", greater_is_better=True, save_total_limit=None,
+                  save_only_model=save_only_model),
     )
     trainer.train()
     best = Path(trainer.state.best_model_checkpoint)

@@ -33,6 +33,7 @@ import torch
 from peft import AdaLoraConfig
 from scipy.special import log_softmax
 from transformers import EvalPrediction, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .adapters import adalora_tuner
 from .allocator import PosteriorRankAllocator, install_allocator
@@ -319,6 +320,9 @@ class AdaLoraCheckpoints:
             super()._save_checkpoint(model, trial)
         finally:
             self.untrimmed_save = False
+        if self.args.save_only_model:  # no optimizer state then, but load_best_model_at_end needs the pattern
+            run_dir = self._get_output_dir(trial=trial)
+            self._save_adalora_state(os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"))
 
     def _save(self, output_dir=None, state_dict=None):
         if not self.untrimmed_save:
@@ -328,7 +332,10 @@ class AdaLoraCheckpoints:
 
     def _save_optimizer_and_scheduler(self, output_dir):
         super()._save_optimizer_and_scheduler(output_dir)
-        if self.args.should_save:
+        self._save_adalora_state(output_dir)
+
+    def _save_adalora_state(self, output_dir):
+        if self.args.should_save and os.path.isdir(output_dir):
             optimizer = unwrap_optimizer(self.optimizer)
             noise = getattr(self, "_ivon_noise", None)  # IVONTrainer's, once it has stepped
             torch.save({"allocator": allocator_state(self.tuner),
