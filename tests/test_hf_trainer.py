@@ -300,3 +300,33 @@ def test_ivon_trainer_warns_of_an_adamw_scale_learning_rate(tiny_deberta, tmp_pa
     model = build_trainable_model(base, config, 10, fresh)
     with pytest.warns(UserWarning, match="on AdamW's scale"):
         IVONTrainer(model=model, args=trainer_args(tmp_path, max_steps=10, learning_rate=5e-5), config=config)
+
+
+@pytest.mark.parametrize("fast", [False, True])  # peft's RankAllocator, and the fast path's ForeachSensitivity
+def test_a_step_the_fp16_scaler_skipped_leaves_the_sensitivity_as_it_was_and_still_masks(fast, tiny_deberta,
+                                                                                        tmp_path):
+    """A skipped step's gradients are inf: read, they made the EMAs inf and NaN for good (never pruned)."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    config = TrainConfig(method="adalora", init_r=4, target_r=2, tinit=1, tfinal=2, delta_t=1, fast_path=fast)
+    _, base, fresh = load_model(str(tiny_deberta), SST2, False)
+    model = build_trainable_model(base, config, 10, fresh)
+    callback, args, control = RankAllocationCallback(), trainer_args(tmp_path), TrainerControl()
+    state = TrainerState(max_steps=10, global_step=0)
+    callback.on_train_begin(args, state, control, model=model)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    for p in trained:
+        p.grad = torch.randn_like(p)
+    callback.on_optimizer_step(args, state, control, model=model, optimizer=SimpleNamespace(step_was_skipped=False))
+    allocator = model.base_model.rankallocator
+    before = copy.deepcopy((allocator.exp_avg_ipt, allocator.exp_avg_unc))
+    for p in trained:
+        p.grad = torch.full_like(p, torch.inf)
+    state.global_step = 1
+    callback.on_optimizer_step(args, state, control, model=model, optimizer=SimpleNamespace(step_was_skipped=True))
+    assert all(torch.equal(a, b) for a, b in zip(before[0].values(), allocator.exp_avg_ipt.values()))
+    assert all(torch.equal(a, b) for a, b in zip(before[1].values(), allocator.exp_avg_unc.values()))
+    assert model.peft_config["default"].rank_pattern  # step 2 masked on schedule
+    assert "update_ipt" not in vars(allocator)  # the class's method is back for the next step

@@ -239,7 +239,8 @@ class RankAllocationCallback(TrainerCallback):
     - after every optimizer step: `update_and_allocate(step)` with step = 1, 2, ..., max_steps. The hook
       is `on_optimizer_step`, which runs after `optimizer.step()` and before `zero_grad()`: the
       gradients that peft's sensitivity (`adalora`, `adalora-ivon`) reads are still there
-      (`on_step_end` runs after `zero_grad()`).
+      (`on_step_end` runs after `zero_grad()`). A step fp16's loss scaler skipped (gradients inf or
+      NaN) masks on schedule but leaves the sensitivity EMAs as they were.
     - train end: if training stopped before the final allocation (e.g. early stopping), masked
       triplets may have regrown since the last mask; the last rank pattern is re-applied so that the
       model in memory equals what `save_pretrained` writes.
@@ -264,9 +265,21 @@ class RankAllocationCallback(TrainerCallback):
         config.total_step = state.max_steps
         tuner.rankallocator.set_total_step(state.max_steps)  # the same config object, unless replaced
 
-    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         # the Trainer counts this step in global_step only after the hook
-        adalora_tuner(model).update_and_allocate(state.global_step + 1)
+        tuner = adalora_tuner(model)
+        if not getattr(optimizer, "step_was_skipped", False):
+            tuner.update_and_allocate(state.global_step + 1)
+            return
+        # fp16's loss scaler skipped the step: its gradients are inf or NaN, which would stay in the
+        # sensitivity EMAs for good (NaN scores are never pruned). The schedule still masks (or fixes the
+        # final pattern) at this step, from the EMAs as they were.
+        allocator = tuner.rankallocator
+        allocator.update_ipt = lambda model: None  # shadows the class's method for this call only
+        try:
+            tuner.update_and_allocate(state.global_step + 1)
+        finally:
+            del allocator.update_ipt
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         remask(adalora_tuner(model))
