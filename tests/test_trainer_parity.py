@@ -111,6 +111,35 @@ def test_ivon_trainer_trains_a_causal_lm_built_with_peft_and_allocates(method, t
     assert len(numbers) == 10 and {k: reduced[k] for k in numbers} == pytest.approx({k: after[k] for k in numbers})
 
 
+@pytest.mark.parametrize("trainer_class", [AdaLoraTrainer, IVONTrainer])
+def test_the_orthogonality_penalty_counts_once_a_step_under_gradient_accumulation(trainer_class, tmp_path):
+    """A causal LM's token loss is summed over micro-batches undivided (`num_items_in_batch`): peft's penalty,
+    added to each forward, counted accumulation-steps times under AdaLoraTrainer (IVONTrainer averages the
+    micro-batches, and must not divide). One step on 2 x 2 sequences and on 1 x 4 must agree: plain SGD's
+    step (AdamW's first is lr * sign); IVON's momentum, with a Hessian so large that samples are the mean."""
+    ivon = trainer_class is IVONTrainer
+    ivon_args = IVONArguments(method="adalora-ivon", init_r=4, target_r=2, tinit=2, tfinal=1, delta_t=1,
+                              orth_reg=1.0, ivon_hess_init=1e16 if ivon else 1.0)
+    data = counting_sequences(8)
+    got, start = [], None
+    for batch, accumulation in ((4, 1), (2, 2)):
+        model = tiny_llama_with_adalora(ivon_args, 4)
+        start = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+        args = trainer_args(tmp_path / str(batch), max_steps=4, per_device_train_batch_size=batch,
+                            gradient_accumulation_steps=accumulation, learning_rate=0.5 if ivon else 0.05,
+                            **({} if ivon else dict(optim="sgd", lr_scheduler_type="constant")))
+        extra = dict(ivon_args=ivon_args) if ivon else {}
+        trainer = trainer_class(model=model, args=args, train_dataset=data, callbacks=[StopAfter(1)], **extra)
+        trainer.train()
+        if ivon:
+            got.append({"momentum": trainer.ivon_optimizer.param_groups[0]["momentum"].clone()})
+        else:
+            got.append({n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n})
+    for name, whole in got[0].items():
+        assert not torch.equal(whole, start.get(name, torch.zeros_like(whole)))  # it stepped
+        torch.testing.assert_close(got[1][name], whole, rtol=1e-4, atol=1e-5 * whole.abs().max().item())
+
+
 # ----------------------------------------------------------------------------- compute_metrics
 
 

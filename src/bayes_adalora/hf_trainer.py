@@ -327,6 +327,40 @@ class AdaLoraCheckpoints:
     def tuner(self):
         return adalora_tuner(self.model)
 
+    def penalty_divisor(self, num_items_in_batch) -> float:
+        """How many times the Trainer counts each forward's orthogonality penalty in a step.
+
+        peft adds the penalty to every forward's loss. The Trainer sums micro-batches' losses and divides
+        each by their count unless the loss is already normalised for it (a token-count loss, given
+        `num_items_in_batch`, or `compute_loss_func`): `AdaLoraTrainer` then counts the penalty once per
+        micro-batch (`IVONTrainer` averages its micro-batches' gradients: once). Under
+        `average_tokens_across_devices` such a loss is multiplied by the process count, which DDP's mean
+        undoes for the NLL and not for the penalty, the same in every process."""
+        token_loss = num_items_in_batch is not None and self.model_accepts_loss_kwargs
+        divisor = 1.0
+        scaled_for_ga = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled_for_ga is None:
+            scaled_for_ga = token_loss or self.compute_loss_func is not None
+        if scaled_for_ga and not isinstance(self, IVONTrainer):
+            divisor *= self.current_gradient_accumulation_steps
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None and (
+                self.model_accepts_loss_kwargs or self.compute_loss_func):
+            world = self.accelerator.num_processes // self.get_tp_size()
+            divisor *= world if self.args.n_gpu <= 1 else self.args.n_gpu
+        return divisor
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The Trainer's loss, with the orthogonality penalty weighted so that it counts once a step."""
+        divisor = self.penalty_divisor(num_items_in_batch)
+        config = self.tuner.peft_config[self.tuner.trainable_adapter_name]
+        weight = config.orth_reg_weight
+        config.orth_reg_weight = weight / divisor
+        try:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        finally:
+            config.orth_reg_weight = weight
+
     def _save_checkpoint(self, model, trial):
         self.untrimmed_save = True
         try:
@@ -511,7 +545,7 @@ class IVONTrainer(AdaLoraCheckpoints, Trainer):
         loss by the process count): it gets that count / the micro-batch count, so IVON's average is the
         gradient of the step's per-token mean even when micro-batches or processes hold unequal numbers
         of tokens, and the AdaLoRA orthogonality penalty, added to each forward's loss, counts once
-        (times the process count under `average_tokens_across_devices`, as in a stock Trainer).
+        (`penalty_divisor` undoes `average_tokens_across_devices`' multiplication by the process count).
         """
         model.train()
         inputs = self._prepare_inputs(inputs)
