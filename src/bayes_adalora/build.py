@@ -96,11 +96,15 @@ def make_optimizer(model: nn.Module, config: TrainConfig, ess: float, sync: bool
     fast path IVON is an `InplaceIVON` (ivon-opt's numbers, in place)."""
     params = [p for p in model.parameters() if p.requires_grad]
     lr = config.resolved_lr()
-    if config.uses_ivon and any(p.dtype == torch.float16 for p in params):
-        # IVON computes ess * (h + weight_decay) in the weights' dtype: past fp16's 65504 for any training
-        # set of that size, so its noise and Hessian update would be 0 and inf
-        raise UserError(f"--method {config.method} cannot train fp16 weights (IVON's ess x Hessian overflows "
-                        f"fp16): keep the adapter in fp32 (peft's default) or use bf16")
+    half = next((p.dtype for p in params if p.dtype in (torch.float16, torch.bfloat16)), None)
+    if config.uses_ivon and half is not None:
+        # IVON keeps its state in the weights' dtype. fp16: ess * (h + weight_decay) passes 65504, so the noise
+        # and the Hessian update are 0 and inf. bf16: beta2 0.99999 rounds to 1 and (1 - beta2) * h's update
+        # vanishes against h, so the Hessian never moves and the posterior stays the prior
+        raise UserError(f"--method {config.method} cannot train {'fp16' if half == torch.float16 else 'bf16'} "
+                        f"weights (IVON keeps its Hessian in their dtype, where it "
+                        f"{'overflows' if half == torch.float16 else 'cannot move'}): keep the adapter in fp32 "
+                        f"(peft's default; --bf16 autocasts the compute and keeps fp32 weights)")
     if config.uses_ivon:
         optimizer = ivon.IVON(
             params, lr=lr, ess=ess, hess_init=config.ivon_hess_init, beta1=config.ivon_beta1,
