@@ -23,6 +23,7 @@ from bayes_adalora.hf_trainer import (
     make_trainer,
     trainer_max_steps,
 )
+from bayes_adalora.ivon_inplace import InplaceIVON
 from bayes_adalora.models import load_model
 from bayes_adalora.tasks import get_task
 
@@ -94,7 +95,7 @@ def test_ivon_trainer_steps_ivon_allocates_every_step_and_saves_the_final_patter
     model = build_trainable_model(base, config, 1000, fresh)  # a wrong total_step: the Trainer's must win
 
     allocations, grads_at_allocation, sampled = [], [], []
-    allocate, sample = AdaLoraModel.update_and_allocate, ivon.IVON.sampled_params
+    allocate = AdaLoraModel.update_and_allocate
     allocate_fast = FastAdaLoraModel.update_and_allocate  # the default fast path's tuner (calls peft's before tfinal)
 
     def spy_allocate(self, global_step, original=allocate):
@@ -106,14 +107,18 @@ def test_ivon_trainer_steps_ivon_allocates_every_step_and_saves_the_final_patter
         )
         return original(self, global_step)
 
-    def spy_sample(self, train=False):
-        sampled.append(train)
-        return sample(self, train=train)
+    def spy_restore(original):  # the end of each posterior sample: `train` collects its gradient
+        def restore(self, train, param_avg, noise):
+            sampled.append(train)
+            return original(self, train, param_avg, noise)
+        return restore
 
     monkeypatch.setattr(AdaLoraModel, "update_and_allocate", spy_allocate)
     monkeypatch.setattr(FastAdaLoraModel, "update_and_allocate",
                         lambda self, step: spy_allocate(self, step, original=allocate_fast))
-    monkeypatch.setattr(ivon.IVON, "sampled_params", spy_sample)
+    for optimizer_class in (ivon.IVON, InplaceIVON):  # stock, and the fast path's (its own method)
+        monkeypatch.setattr(optimizer_class, "_restore_param_average",
+                            spy_restore(optimizer_class._restore_param_average))
 
     train_set = read_sst2(glue_dir, "train", tokenizer)
     with pytest.warns(UserWarning, match="gradient clipping"):
@@ -300,6 +305,20 @@ def test_ivon_trainer_warns_of_an_adamw_scale_learning_rate(tiny_deberta, tmp_pa
     model = build_trainable_model(base, config, 10, fresh)
     with pytest.warns(UserWarning, match="on AdamW's scale"):
         IVONTrainer(model=model, args=trainer_args(tmp_path, max_steps=10, learning_rate=5e-5), config=config)
+
+
+def test_ivon_trainer_leaves_the_callers_arguments_and_syncs_an_ivon_passed_in(tiny_deberta, tmp_path, monkeypatch):
+    config = TrainConfig(method="bayes-adalora", tinit=0, tfinal=0)
+    _, base, fresh = load_model(str(tiny_deberta), SST2, False)
+    model = build_trainable_model(base, config, 10, fresh)
+    args = trainer_args(tmp_path, max_steps=10, max_grad_norm=1.0)
+    mine = ivon.IVON([p for p in model.parameters() if p.requires_grad], lr=1.0, ess=100)
+    with pytest.warns(UserWarning, match="max_grad_norm 1.0 set to 0"):
+        trainer = IVONTrainer(model=model, args=args, config=config, optimizers=(mine, None))
+    assert (args.max_grad_norm, trainer.args.max_grad_norm) == (1.0, 0.0)  # an AdamW baseline on args still clips
+    monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: 2))  # as under torchrun
+    trainer.create_optimizer()
+    assert trainer.ivon_optimizer is mine and mine.sync  # else accumulated micro-batches stayed per process
 
 
 @pytest.mark.parametrize("fast", [False, True])  # peft's RankAllocator, and the fast path's ForeachSensitivity

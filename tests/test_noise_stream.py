@@ -1,6 +1,7 @@
 """IVON's noise from a stream of its own: the same draws whatever else used the global generator."""
 
 import ivon
+import pytest
 import torch
 from torch import nn
 
@@ -60,3 +61,33 @@ def test_the_stream_is_not_the_seeds_own_sequence_and_depends_on_the_seed():
         with NoiseStream(seed).drawing():
             draws[seed] = torch.randn(4)
     assert not torch.equal(draws[3], seeds_own) and not torch.equal(draws[3], draws[4])
+
+
+@pytest.mark.parametrize("fast", [False, True])  # ivon-opt's IVON, and the fast path's InplaceIVON
+def test_a_forward_that_raises_leaves_the_mean_weights_and_no_collected_samples(fast):
+    """ivon-opt's sampled_params has no finally: an out-of-memory error mid-step (auto_find_batch_size retries)
+    left the weights at mean + noise and the step's first samples in IVON's averages."""
+    from bayes_adalora.fast_adalora import enable_fast_optimizer
+
+    weight = nn.Parameter(torch.linspace(-1, 1, 6))
+    optimizer = ivon.IVON([weight], lr=0.1, ess=100)
+    if fast:
+        enable_fast_optimizer(optimizer)
+    mean = weight.detach().clone()
+    calls = []
+
+    def forward_backward():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        loss = (weight - 0.5).pow(2).sum()
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        IVONStep(optimizer, samples=2, noise=NoiseStream(0)).gradients(forward_backward)
+    assert torch.equal(weight.detach(), mean)
+    assert optimizer.state["count"] == 0 and optimizer.state["avg_grad"] is None
+    calls.append(1)  # a retry: two clean samples from the mean
+    IVONStep(optimizer, samples=2, noise=NoiseStream(0)).gradients(forward_backward)
+    assert optimizer.state["count"] == 2 and torch.equal(weight.detach(), mean)

@@ -20,6 +20,7 @@ the `TrainingArguments`'; the method, adapter and IVON settings are the `IVONArg
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -476,6 +477,7 @@ class IVONTrainer(AdaLoraCheckpoints, Trainer):
             )
         if self.args.n_gpu > 1 or self.args.deepspeed:
             raise ValueError("IVONTrainer runs one device per process (torchrun), not DataParallel or DeepSpeed")
+        self.args = copy.copy(self.args)  # the caller's arguments keep their max_grad_norm (for an AdamW baseline)
         if self.args.max_grad_norm:
             warnings.warn(
                 "IVON does not use gradient clipping (it clips its own update): "
@@ -525,6 +527,7 @@ class IVONTrainer(AdaLoraCheckpoints, Trainer):
             self.optimizer = make_optimizer(model if model is not None else self.model, settings, self.ivon_ess(),
                                             sync=self.args.world_size > 1)
         optimizer = self.ivon_optimizer
+        optimizer.sync = self.args.world_size > 1  # one passed in too: accumulated micro-batches stay local
         tuner = adalora_tuner(self.model)
         if get_method(self.ivon_args.method).reads_posterior:
             allocator = tuner.rankallocator

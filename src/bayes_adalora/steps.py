@@ -3,14 +3,14 @@
 A step is two calls: `gradients(forward_backward)` leaves the step's gradients in the parameters and
 returns its loss, `update()` moves the weights. The CLI loop calls both; the Trainer integration calls
 `gradients` from its `training_step` and lets the Trainer call the optimizer; the speed benchmark
-times inside `forward_backward`. `IVONStep.gradients` is the one place that enters IVON's
-`sampled_params`.
+times inside `forward_backward`. `IVONStep.gradients` is the one place that draws IVON's training
+samples (ivon-opt's `sampled_params`, step by step and exception-safe).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -109,14 +109,22 @@ class IVONStep:
         self.noise = noise
 
     def gradients(self, forward_backward: ForwardBackward) -> torch.Tensor:
+        """ivon-opt's `sampled_params(train=True)` per draw, made exception-safe: where `forward_backward`
+        raises (out of memory, say, which `auto_find_batch_size` retries), the weights go back to the
+        mean and the step's collected samples are dropped, rather than training on from mean + noise."""
         losses = []
         for _ in range(self.samples):
-            with ExitStack() as sampled:
-                with self.noise.drawing() if self.noise is not None else nullcontext():
-                    sampled.enter_context(self.optimizer.sampled_params(train=True))  # draws the noise
+            with self.noise.drawing() if self.noise is not None else nullcontext():
+                mean, noise = self.optimizer._sample_params()
+            try:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss = forward_backward()
                 fill_missing_grads(self.optimizer)
+            except BaseException:
+                self.optimizer._restore_param_average(False, mean, noise)
+                self.optimizer._reset_samples()
+                raise
+            self.optimizer._restore_param_average(True, mean, noise)  # collects the gradient sample
             losses.append(loss.detach())
         return torch.stack(losses).mean()
 
