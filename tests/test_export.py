@@ -65,8 +65,11 @@ def test_export_refuses_an_existing_output_and_a_folder_that_is_not_a_run(tiny_r
     assert list(taken.iterdir()) == []
 
 
-def test_export_refuses_a_damaged_adapter_in_one_sentence_and_leaves_no_folder_behind(tiny_run, tmp_path, capsys):
+def test_export_refuses_a_damaged_adapter_in_one_sentence_and_leaves_no_folder_behind(tiny_run, tmp_path, capsys,
+                                                                                      monkeypatch):
     import shutil
+
+    from bayes_adalora import export
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
@@ -77,3 +80,12 @@ def test_export_refuses_a_damaged_adapter_in_one_sentence_and_leaves_no_folder_b
     assert capsys.readouterr().err.splitlines() == [
         f"bayes-adalora: error: {weights} is damaged (it cannot be read): train the run again, or restore the file"]
     assert not (tmp_path / "new").exists()
+
+    def another_export_meanwhile(path, load=export.load_file):  # writes beside this one's folders, then reads
+        (tmp_path / "new" / "b").mkdir()
+        (tmp_path / "new" / "b" / "done").write_text("")
+        return load(path)
+
+    monkeypatch.setattr(export, "load_file", another_export_meanwhile)
+    assert main(["export", str(run), "--output-dir", str(out)]) == 2
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["b"]  # its work stays; this one's "a" goes

@@ -349,3 +349,22 @@ def test_a_step_the_fp16_scaler_skipped_leaves_the_sensitivity_as_it_was_and_sti
     assert all(torch.equal(a, b) for a, b in zip(before[1].values(), allocator.exp_avg_unc.values()))
     assert model.peft_config["default"].rank_pattern  # step 2 masked on schedule
     assert "update_ipt" not in vars(allocator)  # the class's method is back for the next step
+
+
+def test_a_skipped_first_step_masks_nothing_rather_than_failing(tiny_deberta, tmp_path):
+    """Skipped before any step was read: peft's masking has no EMAs to score from (a KeyError)."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    config = TrainConfig(method="adalora", init_r=4, target_r=2, tinit=0, tfinal=2, delta_t=1)
+    _, base, fresh = load_model(str(tiny_deberta), SST2, False)
+    model = build_trainable_model(base, config, 10, fresh)
+    callback, args, control = RankAllocationCallback(), trainer_args(tmp_path), TrainerControl()
+    state = TrainerState(max_steps=10, global_step=0)
+    callback.on_train_begin(args, state, control, model=model)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.full_like(p, torch.inf)
+    callback.on_optimizer_step(args, state, control, model=model, optimizer=SimpleNamespace(step_was_skipped=True))
+    assert not model.base_model.rankallocator.exp_avg_ipt and not model.peft_config["default"].rank_pattern

@@ -140,6 +140,25 @@ def test_the_orthogonality_penalty_counts_once_a_step_under_gradient_accumulatio
         torch.testing.assert_close(got[1][name], whole, rtol=1e-4, atol=1e-5 * whole.abs().max().item())
 
 
+def test_a_classifiers_penalty_keeps_its_proportion_and_evaluation_runs_before_training(tiny_deberta, glue_dir,
+                                                                                        tmp_path):
+    """A DeBERTa classifier's forward takes **kwargs, so the Trainer passes num_items_in_batch and adds its mean
+    losses undivided over micro-batches: its cross-entropy and its penalty are counted alike, nothing is
+    divided. A causal LM's token loss is divided over the step, so there the penalty is. Evaluation (before
+    any training step set the accumulation count: an AttributeError once) divides nothing."""
+    tokenizer, _, _ = load_model(str(tiny_deberta), SST2, False)
+    dev = read_sst2(glue_dir, "dev", tokenizer, limit=8)
+    classifier = build_sst2_trainer("adalora", tiny_deberta, glue_dir, tmp_path / "c", eval_dataset=dev,
+                                    args=dict(gradient_accumulation_steps=2))
+    assert classifier.model_accepts_loss_kwargs
+    assert "eval_loss" in classifier.evaluate()
+    assert classifier.penalty_divisor(classifier.model.train(), 16) == 1.0
+    ivon_args = IVONArguments(method="adalora-ivon", init_r=4, target_r=2, tinit=2, tfinal=1, delta_t=1)
+    lm = AdaLoraTrainer(model=tiny_llama_with_adalora(ivon_args, 4), train_dataset=counting_sequences(8),
+                        args=trainer_args(tmp_path / "lm", max_steps=4, gradient_accumulation_steps=2))
+    assert lm.penalty_divisor(lm.model.train(), 44) == 2.0 and lm.penalty_divisor(lm.model.eval(), 44) == 1.0
+
+
 # ----------------------------------------------------------------------------- compute_metrics
 
 

@@ -131,8 +131,12 @@ def export_run(run_dir: str | Path, output_dir: str | Path | None = None, merge:
         raise UserError(f"the export could not be written to {out} ({err.strerror or err})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if made and not out.exists():  # the folders this export made for its output: nothing left half-way
-            shutil.rmtree(made[-1], ignore_errors=True)
+        if not out.exists():  # the folders this export made for its output, deepest first, while empty
+            for folder in made:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
     return out
 
 

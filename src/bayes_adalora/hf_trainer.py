@@ -276,6 +276,8 @@ class RankAllocationCallback(TrainerCallback):
         # sensitivity EMAs for good (NaN scores are never pruned). The schedule still masks (or fixes the
         # final pattern) at this step, from the EMAs as they were.
         allocator = tuner.rankallocator
+        if not isinstance(allocator, PosteriorRankAllocator) and not allocator.exp_avg_ipt:
+            return  # no step has been read yet: there is nothing to mask from (peft's masking needs the EMAs)
         allocator.update_ipt = lambda model: None  # shadows the class's method for this call only
         try:
             tuner.update_and_allocate(state.global_step + 1)
@@ -328,31 +330,35 @@ class AdaLoraCheckpoints:
     def tuner(self):
         return adalora_tuner(self.model)
 
-    def penalty_divisor(self, num_items_in_batch) -> float:
-        """How many times the Trainer counts each forward's orthogonality penalty in a step.
+    def penalty_divisor(self, model, num_items_in_batch) -> float:
+        """How many times the Trainer counts each forward's orthogonality penalty in a training step.
 
-        peft adds the penalty to every forward's loss. The Trainer sums micro-batches' losses and divides
-        each by their count unless the loss is already normalised for it (a token-count loss, given
-        `num_items_in_batch`, or `compute_loss_func`): `AdaLoraTrainer` then counts the penalty once per
-        micro-batch (`IVONTrainer` averages its micro-batches' gradients: once). Under
-        `average_tokens_across_devices` such a loss is multiplied by the process count, which DDP's mean
-        undoes for the NLL and not for the penalty, the same in every process."""
-        token_loss = num_items_in_batch is not None and self.model_accepts_loss_kwargs
+        peft adds the penalty to every forward's loss. A causal LM's token loss (it divides by
+        `num_items_in_batch`), or `compute_loss_func`'s, is taken as normalised over the step: the Trainer
+        sums it over the micro-batches undivided (`AdaLoraTrainer` then counts the penalty once per
+        micro-batch; `IVONTrainer` averages its micro-batches' gradients: once), and multiplies it by the
+        process count under `average_tokens_across_devices`, which DDP's mean undoes for the NLL and not
+        for the penalty, the same in every process. A classifier's mean loss gets the same factors in the
+        Trainer as its penalty (the Trainer reads any `**kwargs` forward as taking `num_items_in_batch`),
+        so there the two keep their proportion and nothing is divided; evaluation neither."""
+        if not model.training or num_items_in_batch is None:
+            return 1.0
+        token_loss = self.compute_loss_func is not None or (
+            self.model_accepts_loss_kwargs and causal_lm_token_loss(self.accelerator.unwrap_model(model)))
+        if not token_loss:
+            return 1.0
         divisor = 1.0
         scaled_for_ga = getattr(self, "loss_is_scaled_for_ga", None)
-        if scaled_for_ga is None:
-            scaled_for_ga = token_loss or self.compute_loss_func is not None
-        if scaled_for_ga and not isinstance(self, IVONTrainer):
-            divisor *= self.current_gradient_accumulation_steps
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None and (
-                self.model_accepts_loss_kwargs or self.compute_loss_func):
+        if scaled_for_ga is not False and not isinstance(self, IVONTrainer):
+            divisor *= getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        if self.args.average_tokens_across_devices:
             world = self.accelerator.num_processes // self.get_tp_size()
             divisor *= world if self.args.n_gpu <= 1 else self.args.n_gpu
         return divisor
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The Trainer's loss, with the orthogonality penalty weighted so that it counts once a step."""
-        divisor = self.penalty_divisor(num_items_in_batch)
+        divisor = self.penalty_divisor(model, num_items_in_batch)
         config = self.tuner.peft_config[self.tuner.trainable_adapter_name]
         weight = config.orth_reg_weight
         config.orth_reg_weight = weight / divisor
@@ -527,7 +533,8 @@ class IVONTrainer(AdaLoraCheckpoints, Trainer):
             self.optimizer = make_optimizer(model if model is not None else self.model, settings, self.ivon_ess(),
                                             sync=self.args.world_size > 1)
         optimizer = self.ivon_optimizer
-        optimizer.sync = self.args.world_size > 1  # one passed in too: accumulated micro-batches stay local
+        if self.args.world_size > 1 and optimizer.hess_approx == "price":  # ivon-opt cannot sync 'gradsq'
+            optimizer.sync = True  # one passed in too: else accumulated micro-batches stay per process
         tuner = adalora_tuner(self.model)
         if get_method(self.ivon_args.method).reads_posterior:
             allocator = tuner.rankallocator
