@@ -5,7 +5,9 @@ The cells, their commands and their order are the pinned checkout's own: this im
 (with the pinned commit) is what `mini_glue_v2.py` itself would write. Only the scheduling differs:
 workers take the first cell that is neither on disk nor taken by another worker, and an extra seed
 (3, 4) starts only once seeds 0-2 of adalora and bayes-adalora are all on disk, as the sequential
-script would see them. Interrupted, it resumes from the cells on disk like the script.
+script would see them. Interrupted, it resumes from the cells on disk like the script. With
+`--extra-seeds-first`, a decided extra seed is taken before the ablation's cells (the core cells stay
+first): the same cells and commands, in an order that settles the main comparison sooner.
 
     python benchmarks/grid_workers.py --pinned /work/grid --workers 2 --glue-dir ../shared/data/glue \
         --results /work/main/benchmarks/results/mini-glue-v2 --work /work/grid-runs
@@ -38,8 +40,10 @@ def load_pinned(checkout: Path):
 class Scheduler:
     """Hands out the pinned grid's cells to workers, each cell once."""
 
-    def __init__(self, grid, results: Path, work: Path, glue_dir: Path, extra: list[str] | None = None):
+    def __init__(self, grid, results: Path, work: Path, glue_dir: Path, extra: list[str] | None = None,
+                 extra_seeds_first: bool = False):
         self.grid, self.results, self.work, self.glue_dir = grid, results, work, glue_dir
+        self.extra_seeds_first = extra_seeds_first
         self.extra = extra or []  # more `train` flags for every cell, as mini_glue_v2's --extra-args
         self.taken: set[Path] = set()
         self.lock = threading.Lock()
@@ -58,11 +62,23 @@ class Scheduler:
         g = self.grid
         with self.lock:
             lrs = g.chosen_lrs(self.results)
-            for path, args, record in g.jobs(self.results, self.work, self.glue_dir, lrs, self.extra):
-                if not path.exists() and path not in self.taken and self.decided(record):
-                    self.taken.add(path)
-                    return path, args, record
+            ready = [(path, args, record)
+                     for path, args, record in g.jobs(self.results, self.work, self.glue_dir, lrs, self.extra)
+                     if not path.exists() and path not in self.taken and self.decided(record)]
+            if self.extra_seeds_first:
+                ready.sort(key=self.stage)  # stable: the plan's order within each stage
+            if ready:
+                self.taken.add(ready[0][0])
+                return ready[0]
             return "wait" if self.taken else None
+
+    def stage(self, job) -> int:
+        """0: the sweep and the core cells' first seeds; 1: an extra seed; 2: an ablation cell."""
+        record = job[2]
+        if record.get("seed") in self.grid.EXTRA_SEEDS:
+            return 1
+        core = {cell.name for cell in self.grid.CORE}
+        return 2 if record.get("cell", next(iter(core), None)) not in core else 0
 
     def done(self, path: Path) -> None:
         with self.lock:
@@ -114,10 +130,13 @@ def main(argv=None) -> int:
     parser.add_argument("--results", type=Path, required=True)
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--extra-args", default="", help="as mini_glue_v2.py's: more `train` flags for every cell")
+    parser.add_argument("--extra-seeds-first", action="store_true",
+                        help="take decided extra seeds (3, 4) before the ablation's cells")
     args = parser.parse_args(argv)
     grid = load_pinned(args.pinned.resolve())
     # the glue folder resolved as mini_glue_v2.main resolves it: the cells' commands are the script's own
-    scheduler = Scheduler(grid, args.results, args.work, args.glue_dir.resolve(), shlex.split(args.extra_args))
+    scheduler = Scheduler(grid, args.results, args.work, args.glue_dir.resolve(), shlex.split(args.extra_args),
+                          args.extra_seeds_first)
     try:
         failures = run_workers(scheduler, args.workers, args.threads)
     except KeyboardInterrupt:

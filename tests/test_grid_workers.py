@@ -58,6 +58,30 @@ def test_workers_run_every_cell_once_and_an_extra_seed_only_after_the_first_thre
             assert {f"{c}-{s}.json" for c in ("adalora", "bayes-adalora") for s in (0, 1, 2)} <= set(on_disk)
 
 
+def test_extra_seeds_first_takes_them_before_the_ablation_and_after_the_core(tmp_path, monkeypatch):
+    """One worker, so the order is the scheduler's: the core's seeds 0-2, then 3-4, then the ablation."""
+    monkeypatch.setattr(grid_workers, "IDLE_SECONDS", 0.01)
+    log = []
+    grid = fake_grid(tmp_path, log)
+    core_jobs = grid.jobs
+
+    def jobs(results, work, glue_dir, lrs, extra_args):  # the plan: tuning, core 0-2, ablation 0-2, extra 3-4
+        planned = list(core_jobs(results, work, glue_dir, lrs, extra_args))
+        tuning = [j for j in planned if "tune" in j[2]]
+        first = [(p, a, {**r, "cell": p.name.rsplit("-", 1)[0]}) for p, a, r in planned if r.get("seed") in (0, 1, 2)]
+        extra = [(p, a, {**r, "cell": p.name.rsplit("-", 1)[0]}) for p, a, r in planned if r.get("seed") in (3, 4)]
+        ablation = [(results / "mrpc" / f"bayes-snr-{s}.json", ["snr", str(s)], {"task": "mrpc", "seed": s,
+                     "cell": "bayes-snr"}) for s in (0, 1, 2)]
+        return iter(tuning + first + ablation + extra if lrs is not None else tuning)
+
+    grid.jobs, grid.CORE = jobs, (SimpleNamespace(name="adalora"), SimpleNamespace(name="bayes-adalora"))
+    scheduler = grid_workers.Scheduler(grid, tmp_path, tmp_path / "work", tmp_path, extra_seeds_first=True)
+    assert not grid_workers.run_workers(scheduler, 1, 1)
+    started = [name.removesuffix(".json") for _, name, _ in log]
+    assert started[:2] == ["tune0", "tune1"] and started[-3:] == ["bayes-snr-0", "bayes-snr-1", "bayes-snr-2"]
+    assert [name[-1] for name in started[2:-3]] == list("0011223344")
+
+
 def test_the_pinned_checkout_s_script_loads_as_a_module_of_its_own():
     checkout = Path(__file__).resolve().parents[1]  # this checkout stands in for the pinned one
     grid = grid_workers.load_pinned(checkout)
