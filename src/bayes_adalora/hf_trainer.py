@@ -45,6 +45,7 @@ from .evaluation import Predictive, calibration_from_statistics, calibration_met
 from .kinds import task_kind
 from .lm_metrics import IGNORE_INDEX
 from .methods import IVON_METHODS, METHODS, get_method
+from .models import causal_lm_token_loss
 from .steps import IVONStep, NoiseStream
 from .tasks import get_task
 
@@ -571,17 +572,6 @@ class IVONTrainer(AdaLoraCheckpoints, Trainer):
 
         step = IVONStep(self.ivon_optimizer, self.ivon_args.train_mc_samples, self.ivon_noise)
         return step.gradients(forward_backward) / micro_batches
-
-
-def causal_lm_token_loss(model) -> bool:
-    """Whether `model` (a peft model or a transformers one) computes transformers' causal-LM loss, a mean
-    over the shifted labels' tokens that divides by `num_items_in_batch` when given. A classifier's loss
-    (e.g. DeBERTa's `CrossEntropyLoss()`) ignores `num_items_in_batch` even where its forward takes it."""
-    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    loss_type = getattr(base, "loss_type", None)
-    return loss_type in LOSS_MAPPING and LOSS_MAPPING[loss_type] is ForCausalLMLoss
 
 
 def make_trainer(model, train_dataset, eval_dataset, config: TrainConfig, training_args: TrainingArguments,

@@ -42,7 +42,7 @@ from .lm_predict import (
     evaluate_choices,
     evaluate_choices_sampled,
 )
-from .models import load_causal_lm, load_model
+from .models import causal_lm_token_loss, load_causal_lm, load_model
 from .predict import evaluate, evaluate_sampled
 from .tasks import LMTaskSpec, TaskSpec
 
@@ -81,6 +81,9 @@ class ClassifierKind:
 
     def load_model(self, name: str, config: TrainConfig, device: torch.device):
         return load_model(name, self.spec, config.trust_remote_code)
+
+    def check_processes(self, model, world: int) -> None:
+        """A classifier's mean loss is weighted by `loss_scale` alone: any model trains on several processes."""
 
     def collator(self, tokenizer):
         """Pads a batch of encoded examples (the Trainer integration's default `data_collator`)."""
@@ -141,6 +144,16 @@ class CausalLMKind:
     def load_model(self, name: str, config: TrainConfig, device: torch.device):
         frozen_bf16 = config.bf16 and device.type == "cuda" and config.method_spec.adapter is not None
         return load_causal_lm(name, config.trust_remote_code, device, config.load_in, bf16_base=frozen_bf16)
+
+    def check_processes(self, model, world: int) -> None:
+        """Several processes weigh each one's tokens through transformers' causal-LM loss, which divides by
+        `num_items_in_batch` (`loss_kwargs`); a model whose loss is computed otherwise (remote code) would
+        fail on that argument, or weigh the processes wrongly, so it is refused there."""
+        if world > 1 and not causal_lm_token_loss(model):
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            raise UserError(f"--task {self.spec.name} on {world} processes needs a model whose loss is "
+                            f"transformers' causal-LM loss, which weighs each process's tokens (this one's loss "
+                            f"type is {getattr(base, 'loss_type', None)!r}): train it in one process")
 
     def collator(self, tokenizer) -> PadCompletions:
         """Pads a batch of `encode_completions` examples (the Trainer integration's default `data_collator`)."""

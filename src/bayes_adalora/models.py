@@ -130,6 +130,17 @@ def load_model(name: str, spec: TaskSpec, trust_remote_code: bool):
     return tokenizer, model, newly_initialized_modules(new, model)
 
 
+def causal_lm_token_loss(model) -> bool:
+    """Whether `model` (a peft model or a transformers one) computes transformers' causal-LM loss, a mean
+    over the shifted labels' tokens that divides by `num_items_in_batch` when given. A classifier's loss
+    (e.g. DeBERTa's `CrossEntropyLoss()`) ignores `num_items_in_batch` even where its forward takes it."""
+    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    loss_type = getattr(base, "loss_type", None)
+    return loss_type in LOSS_MAPPING and LOSS_MAPPING[loss_type] is ForCausalLMLoss
+
+
 def quantization_config(load_in: str | None, device: torch.device):
     """transformers' BitsAndBytesConfig for `--load-in 8bit|4bit` (refused off CUDA), or None."""
     if load_in is None:

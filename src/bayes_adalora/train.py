@@ -177,6 +177,7 @@ def _train(config: TrainConfig, figures: Figures | None, closing: ExitStack) -> 
     set_seed(config.seed)  # before the model: the seed also fixes the new head's and the adapter's first weights
     model_name = config.model or default_model_path()
     tokenizer, model, fresh = kind.load_model(model_name, config, device)
+    kind.check_processes(model, procs.world)
     train_loader = kind.train_loader(data, tokenizer, config, min_last=procs.world)  # an empty shard's loss: NaN
     dev_loaders = {split: kind.dev_loader(ds, tokenizer, config) for split, ds in data.dev.items()}
     plan = plan_run(config, model_name, len(data.train), len(train_loader), spec)
