@@ -568,16 +568,22 @@ def test_completions_cut_at_max_length_are_counted_in_a_warning(capsys):
 def test_several_processes_refuse_a_causal_lm_whose_loss_does_not_weigh_tokens():
     """Under several processes each one's loss is its token NLL / the global count (num_items_in_batch): a
     remote-code model computing its loss otherwise would fail on that argument or weigh processes wrongly."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from torch import nn
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     from bayes_adalora.errors import UserError
     from bayes_adalora.kinds import task_kind
+    from bayes_adalora.models import causal_lm_token_loss
     from bayes_adalora.tasks import get_task
 
     model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=2))
     for task in ("causal-lm", "multiple-choice"):
         task_kind(get_task(task)).check_processes(model, 2)  # transformers' causal-LM loss
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, bos_token_id=0, eos_token_id=0))
+    assert gpt2.loss_type is None  # its class name is not in the loss mapping; its loss falls back to ForCausalLM
+    assert causal_lm_token_loss(gpt2) and not causal_lm_token_loss(nn.Linear(2, 2))
+    task_kind(get_task("causal-lm")).check_processes(gpt2, 2)
     model.loss_type = "MyRemoteLoss"
     task_kind(get_task("causal-lm")).check_processes(model, 1)  # one process needs no weighing
     with pytest.raises(UserError, match=r"^--task causal-lm on 2 processes needs a model whose loss is transformers' "

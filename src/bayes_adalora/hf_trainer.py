@@ -335,18 +335,18 @@ class AdaLoraCheckpoints:
         """How many times the Trainer counts each forward's orthogonality penalty in a training step.
 
         peft adds the penalty to every forward's loss. A causal LM's token loss (it divides by
-        `num_items_in_batch`), or `compute_loss_func`'s, is taken as normalised over the step: the Trainer
+        `num_items_in_batch`) is normalised over the step: the Trainer
         sums it over the micro-batches undivided (`AdaLoraTrainer` then counts the penalty once per
         micro-batch; `IVONTrainer` averages its micro-batches' gradients: once), and multiplies it by the
         process count under `average_tokens_across_devices`, which DDP's mean undoes for the NLL and not
         for the penalty, the same in every process. A classifier's mean loss gets the same factors in the
         Trainer as its penalty (the Trainer reads any `**kwargs` forward as taking `num_items_in_batch`),
-        so there the two keep their proportion and nothing is divided; evaluation neither."""
-        if not model.training or num_items_in_batch is None:
+        so there the two keep their proportion and nothing is divided; evaluation neither. (With
+        `compute_loss_func` or label smoothing the Trainer takes the labels from the forward, which then
+        returns no loss, and peft adds no penalty at all.)"""
+        if not model.training or num_items_in_batch is None or not self.model_accepts_loss_kwargs:
             return 1.0
-        token_loss = self.compute_loss_func is not None or (
-            self.model_accepts_loss_kwargs and causal_lm_token_loss(self.accelerator.unwrap_model(model)))
-        if not token_loss:
+        if not causal_lm_token_loss(self.accelerator.unwrap_model(model)):
             return 1.0
         divisor = 1.0
         scaled_for_ga = getattr(self, "loss_is_scaled_for_ga", None)

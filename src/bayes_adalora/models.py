@@ -135,9 +135,12 @@ def causal_lm_token_loss(model) -> bool:
     over the shifted labels' tokens that divides by `num_items_in_batch` when given. A classifier's loss
     (e.g. DeBERTa's `CrossEntropyLoss()`) ignores `num_items_in_batch` even where its forward takes it."""
     from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     loss_type = getattr(base, "loss_type", None)
+    if loss_type is None:  # a class name the loss mapping lacks (GPT2LMHeadModel): transformers' own causal LMs
+        return type(base).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())  # fall back to ForCausalLMLoss
     return loss_type in LOSS_MAPPING and LOSS_MAPPING[loss_type] is ForCausalLMLoss
 
 
