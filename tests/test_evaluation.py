@@ -306,6 +306,34 @@ def test_mc_draws_keep_pruned_triplets_pruned(runs):
         assert torch.equal(p, before[n])
 
 
+def test_a_draw_or_a_prediction_that_fails_half_way_leaves_the_mean_weights_and_the_mode():
+    """An error while a draw is being set up (out of memory, a wrong sigma) restored nothing before; one in a
+    forward left the model in eval mode for a caller catching it."""
+    from contextlib import nullcontext
+
+    from torch import nn
+
+    from bayes_adalora.predict import posterior_draw, posterior_predictive, predict
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    mean = {n: p.detach().clone() for n, p in model.named_parameters()}
+    sigma = {"0.weight": torch.ones(3, 3), "0.bias": torch.ones(3), "1.weight": torch.ones(5)}  # the last: wrong
+    with pytest.raises(RuntimeError), posterior_draw(model, sigma, torch.Generator().manual_seed(0)):
+        pass
+    assert all(torch.equal(p, mean[n]) for n, p in model.named_parameters())
+
+    def failing(**inputs):
+        raise RuntimeError("out of memory")
+
+    model.forward = failing
+    model.train()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        predict(model, [{"x": torch.ones(1, 3), "labels": torch.zeros(1)}], torch.device("cpu"), nullcontext())
+    assert model.training
+    with pytest.raises(ValueError, match="at least 1, got 0"):
+        posterior_predictive(model, None, {}, samples=0)
+
+
 def test_evaluate_on_a_data_file_and_a_glue_test_file(runs, capfd, tmp_path, glue_dir):
     # the dev file given as a file: the same examples, so the same metrics
     run = runs["adalora"]

@@ -14,7 +14,10 @@ from .tasks import TaskSpec
 
 
 def _pearson(predictions: np.ndarray, labels: np.ndarray) -> float:
-    return stats.pearsonr(predictions, labels)[0] if len(labels) > 1 else math.nan  # scipy raises on 1
+    if len(labels) < 2:
+        return math.nan  # scipy raises on 1
+    # in float64 whatever the inputs' dtype: SciPy computes float32 inputs in float32
+    return float(stats.pearsonr(predictions.astype(np.float64), labels.astype(np.float64))[0])
 
 
 def _spearman(predictions: np.ndarray, labels: np.ndarray) -> float:

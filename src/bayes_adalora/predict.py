@@ -21,12 +21,14 @@ def predict(model: nn.Module, loader, device: torch.device, autocast) -> tuple[t
     was_training = model.training
     model.eval()
     logits, labels = [], []
-    for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        labels.append(batch.pop("labels").cpu())
-        with autocast:
-            logits.append(model(**batch).logits.float().cpu())
-    model.train(was_training)
+    try:
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            labels.append(batch.pop("labels").cpu())
+            with autocast:
+                logits.append(model(**batch).logits.float().cpu())
+    finally:  # an error mid-way (out of memory, say) leaves a caller who catches it the mode it had
+        model.train(was_training)
     return torch.cat(logits), torch.cat(labels)
 
 
@@ -49,17 +51,17 @@ def posterior_draw(model: nn.Module, sigma: dict[str, torch.Tensor], generator: 
     """
     lambdas = lambda_parameters(model)
     means = {}
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name in sigma:
-                noise = sigma[name].to(p.device, p.dtype) * torch.randn(p.shape, generator=generator).to(
-                    p.device, p.dtype
-                )
-                if id(p) in lambdas:
-                    noise *= p != 0
-                means[name] = p.data
-                p.data = p.data + noise
-    try:
+    try:  # the setup too: an error half-way through it (out of memory, say) restores what it had changed
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in sigma:
+                    noise = sigma[name].to(p.device, p.dtype) * torch.randn(p.shape, generator=generator).to(
+                        p.device, p.dtype
+                    )
+                    if id(p) in lambdas:
+                        noise *= p != 0
+                    means[name] = p.data
+                    p.data = p.data + noise
         yield
     finally:
         for name, p in model.named_parameters():
@@ -100,6 +102,8 @@ def posterior_predictive(model: nn.Module, optimizer, inputs: dict, samples: int
     draw (`posterior_draw`); eps is drawn from a CPU generator seeded with `seed`. Returns a tensor
     shaped like the logits (N, C), or (N, T, V) for a causal LM; the model is in eval mode meanwhile.
     """
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be a whole number of posterior draws, at least 1, got {samples!r}")
     sigma = named_posterior_sigma(model, optimizer)
     generator = torch.Generator().manual_seed(seed)
     inputs = {k: v for k, v in inputs.items() if k != "labels"}
