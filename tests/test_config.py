@@ -141,6 +141,32 @@ def test_what_the_paper_recipe_filled_in_it_fills_in_again_for_another_method():
     assert adamw == fresh and adamw.lr != config.lr
 
 
+def test_flags_beside_a_config_file_win_for_epochs_and_the_paper_recipe():
+    """--epochs over a file that counted steps trained the file's steps; --recipe paper over a plain run's
+    file kept the file's ranks, alpha and epochs under the recipe's lr (a mix of the two)."""
+    config = TrainConfig(task="sst2", max_steps=300)
+    saved = planned_config(config, plan_run(config, "m", 67349, 2105))
+    assert make_config({"epochs": 5}, base=saved)[0].max_steps is None
+    assert make_config({"epochs": 5, "max_steps": 40}, base=saved)[0].max_steps == 40
+    plain = planned_config(TrainConfig(task="sst2"), plan_run(TrainConfig(task="sst2"), "m", 67349, 2105))
+    recipe, _ = make_config({"recipe": "paper"}, base=plain)
+    paper, _ = make_config({"task": "sst2", "recipe": "paper"})
+    assert (recipe.init_r, recipe.target_r, recipe.lora_alpha, recipe.epochs, recipe.lr) == (
+        paper.init_r, paper.target_r, paper.lora_alpha, paper.epochs, paper.lr) == (3, 2, 16, 24, 0.4)
+    with pytest.raises(UserError, match=r"^--task must be a string, got 5$"):
+        make_config({"task": 5, "recipe": "paper"})  # an AttributeError in the recipe before
+
+
+def test_a_warm_up_longer_than_the_run_or_a_two_phase_step_outside_it_is_refused():
+    with pytest.raises(UserError, match=r"^--warmup-steps 1000 is longer than the run's 300 steps"):
+        plan_run(make_config({"method": "lora", "recipe": "paper", "max_steps": 300})[0], "m", 67349, 2105)
+    for const, steps in ((500, 300), (50, 1000)):  # never reaches the second phase; inside the warm-up
+        config = TrainConfig(lr_schedule="two-phase", two_phase_const=const, warmup_steps=100, max_steps=steps)
+        with pytest.raises(UserError, match=rf"^--two-phase-const {const} must lie from the warm-up's end"):
+            plan_run(config, "m", 67349, 2105)
+    plan_run(TrainConfig(lr_schedule="two-phase", two_phase_const=500, warmup_steps=100, max_steps=1500), "m", 1, 1)
+
+
 def test_ivon_arguments_take_whole_floats_as_the_config_does():
     from bayes_adalora.hf_trainer import IVONArguments
 

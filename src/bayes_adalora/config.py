@@ -334,10 +334,19 @@ def make_config(given: dict, base: dict | None = None) -> tuple[TrainConfig, set
         raise UserError(f"unknown setting {sorted(unknown)[0]!r}")
     base = base or {}
     derived = base.get("derived") if isinstance(base.get("derived"), list) else []  # derived again, not frozen
-    stated = {**{k: v for k, v in base.items() if k in names and k not in derived}, **given}
-    recipe = stated.get("recipe")
-    values = {**(paper_recipe(get_task(stated.get("task", "sst2")).name, stated.get("method", "bayes-adalora"))
-                 if recipe == "paper" else {}), **stated}
+    kept = {k: v for k, v in base.items() if k in names and k not in derived}
+    if "epochs" in given and "max_steps" not in given:
+        kept.pop("max_steps", None)  # --epochs beside a file that counted steps: the epochs count
+    stated = {**kept, **given}
+    fields = {f.name: f for f in config_fields()}
+    for name in ("task", "method"):  # the recipe reads them before TrainConfig checks the rest
+        check_field(fields[name], stated.get(name, fields[name].default))
+    recipe = paper_recipe(get_task(stated.get("task", "sst2")).name, stated.get("method", "bayes-adalora")) \
+        if stated.get("recipe") == "paper" else {}
+    if given.get("recipe") == "paper" and kept.get("recipe") != "paper":
+        values = {**kept, **recipe, **given}  # --recipe paper beside a file of another run: the recipe over it
+    else:
+        values = {**recipe, **stated}
     config = TrainConfig(**values)
     if "criterion" in given and not config.method_spec.reads_posterior:
         raise UserError(
@@ -407,9 +416,16 @@ def plan_run(config: TrainConfig, model: str, train_examples: int, batches_per_e
     total_steps = total_steps_for(config, batches_per_epoch)
     tinit, tfinal, delta_t = adalora_phases(config, total_steps) if config.uses_adalora else (
         config.tinit, config.tfinal, config.delta_t)
+    warmup = config.warmup_steps if config.warmup_steps is not None else int(0.06 * total_steps)
+    if warmup > total_steps:
+        raise UserError(f"--warmup-steps {warmup} is longer than the run's {total_steps} steps: the learning rate "
+                        f"would never reach its peak; lower --warmup-steps or train longer")
+    if config.lr_schedule == "two-phase" and not warmup <= config.two_phase_const < total_steps:
+        raise UserError(f"--two-phase-const {config.two_phase_const} must lie from the warm-up's end (step {warmup}) "
+                        f"to before the run's last step ({total_steps}), or the schedule skips a phase")
     return RunPlan(
         model=model, data_dir=data_dir_of(config), lr=config.resolved_lr(), total_steps=total_steps,
-        warmup_steps=config.warmup_steps if config.warmup_steps is not None else int(0.06 * total_steps),
+        warmup_steps=warmup,
         eval_steps=config.eval_steps or max(1, total_steps // 10),
         ivon_ess=(config.ivon_ess or float(train_examples)) if config.uses_ivon else None,
         tinit=tinit, tfinal=tfinal, delta_t=delta_t, num_labels=spec.num_labels,
