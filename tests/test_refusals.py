@@ -156,6 +156,9 @@ def test_a_resume_on_other_training_data_is_refused_and_on_a_moved_copy_goes_on(
     assert not out.exists()
     train_file.write_text(original)
     assert main(argv(moved, tiny_deberta, out, "--mc-samples", "2", "--resume", str(checkpoint))) == 0
+    # the lr the resume took from the checkpoint stays derived, as in the first run's config.json: --config of
+    # the resumed run with --method adalora gets AdamW's lr, not IVON's
+    assert "lr" in json.loads((out / "config.json").read_text())["derived"]
 
 
 # ----------------------------------------------------------------------------- saved runs

@@ -45,7 +45,7 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from .config import RunPlan, TrainConfig, plan_run, planned_config
+from .config import TrainConfig, plan_run, planned_config
 from .distributed import Processes
 from .errors import TrainingDiverged, UserError
 from .kinds import task_kind
@@ -165,9 +165,11 @@ def _train(config: TrainConfig, figures: Figures | None, closing: ExitStack) -> 
     out = Path(config.output_dir)
     check_output_dir(out, config.overwrite, config.resume)
     resume_from = resume_checkpoint(out, config.resume)
+    lr_derived = False  # the checkpoint's lr, taken below, stays derived in config.json as it was there
     if resume_from is not None and config.lr is None:  # unset, the lr is the checkpoint's (not the default)
-        saved_lr = (checkpoint_settings(resume_from) or {}).get("lr")
-        config = dataclasses.replace(config, lr=saved_lr) if saved_lr is not None else config
+        saved = checkpoint_settings(resume_from) or {}
+        lr_derived = "lr" in (saved.get("derived") or [])
+        config = dataclasses.replace(config, lr=saved["lr"]) if saved.get("lr") is not None else config
     device = resolve_device(config.device)
     procs = Processes.start(device, config.batch_size)
     device = procs.device or device
@@ -182,6 +184,8 @@ def _train(config: TrainConfig, figures: Figures | None, closing: ExitStack) -> 
     dev_loaders = {split: kind.dev_loader(ds, tokenizer, config) for split, ds in data.dev.items()}
     plan = plan_run(config, model_name, len(data.train), len(train_loader), spec)
     settings = planned_config(config, plan)  # config.json's form: kept in checkpoints, checked on resume
+    if lr_derived and "lr" not in settings["derived"]:  # so --config of this run derives it again, as of the first
+        settings["derived"].append("lr")
     train_data = data_fingerprint(data.train) if config.save_steps or resume_from is not None else None
 
     model = on_device(build_trainable_model(model, config, plan.total_steps, fresh), device)
@@ -326,15 +330,15 @@ def _train(config: TrainConfig, figures: Figures | None, closing: ExitStack) -> 
         "processes": procs.world,
     }
     if procs.is_main:
-        write_outputs(out, lambda folder: write_run(folder, config, plan, model, tokenizer, optimizer, history,
+        write_outputs(out, lambda folder: write_run(folder, config, settings, model, tokenizer, optimizer, history,
                                                     results, allocator, correlations, figures))
     procs.wait()
     return results
 
 
-def write_run(folder: Path, config: TrainConfig, plan: RunPlan, model: nn.Module, tokenizer, optimizer, history: dict,
+def write_run(folder: Path, config: TrainConfig, settings: dict, model: nn.Module, tokenizer, optimizer, history: dict,
               results: dict, allocator, correlations: CorrelationLog | None, figures: Figures | None) -> None:
-    """Every file of a finished run, into `folder`."""
+    """Every file of a finished run, into `folder`; `settings` is config.json (`planned_config`)."""
     if config.method_spec.adapter is None:
         model.save_pretrained(folder / "model")
         tokenizer.save_pretrained(folder / "model")
@@ -345,7 +349,7 @@ def write_run(folder: Path, config: TrainConfig, plan: RunPlan, model: nn.Module
     if config.uses_ivon:
         tensors, meta = posterior_state_dict(optimizer, {p: n for n, p in model.named_parameters()})
         save_file(tensors, folder / POSTERIOR_FILE, metadata=meta)
-    write_json(planned_config(config, plan), folder / "config.json")
+    write_json(settings, folder / "config.json")
     write_json(history, folder / "history.json")
     write_json(results, folder / "results.json")
     if correlations is not None:
