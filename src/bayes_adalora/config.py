@@ -119,7 +119,8 @@ class TrainConfig:
     two_phase_const: int = _f(500, "two-phase: last step at the first multiplier.", bounds=NON_NEGATIVE)
     weight_decay: float = _f(0.0, "AdamW weight decay.", bounds=NON_NEGATIVE)
     eval_steps: int | None = _f(
-        None, "Evaluate every N steps (default: 10 times per run) and at the end.", bounds=POSITIVE
+        None, "Evaluate every N steps (default: a tenth of the run's steps, at least 1), at each epoch's end and at "
+              "the end.", bounds=POSITIVE
     )
     seed: int = _f(0, "Random seed (same seed, same result on the CPU).", bounds=Bounds(low=0, high=SEED_MAX))
     # adapters
