@@ -119,3 +119,44 @@ def test_a_tracker_that_fails_to_close_does_not_hide_the_run_s_own_error(tmp_pat
           pytest.raises(TrainingDiverged, match="diverged at step 3"),
           trackers.tracking("wandb", tmp_path, {})):
         raise TrainingDiverged("training diverged at step 3: the loss is NaN")
+
+
+def test_a_wandb_run_is_named_after_the_folder_in_one_project_and_ends_failed_if_its_config_fails(tmp_path,
+                                                                                              monkeypatch):
+    """accelerate's WandBTracker takes its first argument as the project: each output folder became a project
+    (and WANDB_PROJECT was overridden). A config that fails to store left the run "running"."""
+    import accelerate.tracking
+    import accelerate.utils
+
+    import bayes_adalora.trackers as trackers
+
+    made = []
+
+    class FakeRun:
+        def finish(self, exit_code=None):
+            made.append(("finish", exit_code))
+
+    class FakeWandBTracker:
+        name = "wandb"
+
+        def __init__(self, project, **kwargs):
+            made.append((project, kwargs))
+            self.run = FakeRun()
+
+        def start(self):
+            pass
+
+        def store_init_configuration(self, values):
+            raise OSError("network down")
+
+    monkeypatch.setitem(accelerate.tracking.LOGGER_TYPE_TO_CLASS, "wandb", FakeWandBTracker)
+    monkeypatch.setattr(accelerate.utils, "is_wandb_available", lambda: True)
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    with pytest.raises(OSError, match="network down"):
+        trackers.start_tracker("wandb", tmp_path / "run-a", {"lr": 3.0})
+    assert made == [("bayes-adalora", {"name": "run-a"}), ("finish", 1)]
+    monkeypatch.setenv("WANDB_PROJECT", "mine")
+    made.clear()
+    with pytest.raises(OSError):
+        trackers.start_tracker("wandb", tmp_path / "run-b", {})
+    assert made[0] == ("mine", {"name": "run-b"})

@@ -9,6 +9,7 @@ entry of that factor in the model).
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ from .run_folder import TRACKER_DIR
 
 FACTOR_TAGS = {"P": "P", "λ": "lambda", "Q": "Q"}  # adapters.parameter_module's roles -> tag names
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+PROJECT = "bayes-adalora"  # the W&B project and MLflow experiment unless the environment names another
 
 
 def sigma_statistics(sigma: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -72,8 +74,10 @@ def end_tracker(tracker, failed: bool) -> None:
 
 
 def start_tracker(kind: str, output_dir: Path, config: dict):
-    """An accelerate tracker for `kind` (None for "none"), its run named after the output folder, holding
-    the run's resolved configuration; a missing package is refused in one sentence."""
+    """An accelerate tracker for `kind` (None for "none"), its run named after the output folder (in the
+    W&B project $WANDB_PROJECT, the MLflow experiment $MLFLOW_EXPERIMENT_NAME, else "bayes-adalora"),
+    holding the run's resolved configuration; a missing package is refused in one sentence. A tracker
+    that fails to store the configuration is ended as failed before the error goes on."""
     if kind == "none":
         return None
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS
@@ -85,11 +89,15 @@ def start_tracker(kind: str, output_dir: Path, config: dict):
     run_name = Path(output_dir).name
     if kind == "tensorboard":
         tracker = LOGGER_TYPE_TO_CLASS[kind](run_name, Path(output_dir) / TRACKER_DIR)
-    elif kind == "mlflow":
-        tracker = LOGGER_TYPE_TO_CLASS[kind](experiment_name=run_name)
-    else:
-        tracker = LOGGER_TYPE_TO_CLASS[kind](run_name)
+    elif kind == "mlflow":  # accelerate reads $MLFLOW_EXPERIMENT_NAME over the experiment given
+        tracker = LOGGER_TYPE_TO_CLASS[kind](experiment_name=PROJECT, run_name=run_name)
+    else:  # accelerate's WandBTracker takes its first argument as the W&B project
+        tracker = LOGGER_TYPE_TO_CLASS[kind](os.environ.get("WANDB_PROJECT") or PROJECT, name=run_name)
     tracker.start()
-    tracker.store_init_configuration({k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                      for k, v in config.items()})
+    try:
+        tracker.store_init_configuration({k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                          for k, v in config.items()})
+    except BaseException:
+        end_tracker(tracker, failed=True)  # not left "running" (or TensorBoard's writer open)
+        raise
     return tracker
