@@ -328,7 +328,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tune-dir", type=Path, help="where the lr sweep's cells live (default: WORK/tune); "
                         "point it at another grid's to reuse its learning rates")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="override a TrainConfig field in every cell, e.g. model=PATH max_steps=20")
+                        help="override a TrainConfig field in every cell, e.g. model=PATH max_steps=20 (with --plan "
+                             "paper also warmup_steps and two_phase_const, which the recipe sets for full runs)")
     args = parser.parse_args(argv)
     overrides = parse_overrides(args.set)
     tune_dir = args.tune_dir or args.work / "tune"

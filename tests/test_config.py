@@ -153,6 +153,7 @@ def test_flags_beside_a_config_file_win_for_epochs_and_the_paper_recipe():
     paper, _ = make_config({"task": "sst2", "recipe": "paper"})
     assert (recipe.init_r, recipe.target_r, recipe.lora_alpha, recipe.epochs, recipe.lr) == (
         paper.init_r, paper.target_r, paper.lora_alpha, paper.epochs, paper.lr) == (3, 2, 16, 24, 0.4)
+    assert make_config({"recipe": "paper"}, base=saved)[0].max_steps is None  # the recipe's epochs, not 300 steps
     with pytest.raises(UserError, match=r"^--task must be a string, got 5$"):
         make_config({"task": 5, "recipe": "paper"})  # an AttributeError in the recipe before
 
@@ -160,9 +161,9 @@ def test_flags_beside_a_config_file_win_for_epochs_and_the_paper_recipe():
 def test_a_warm_up_longer_than_the_run_or_a_two_phase_step_outside_it_is_refused():
     with pytest.raises(UserError, match=r"^--warmup-steps 1000 is longer than the run's 300 steps"):
         plan_run(make_config({"method": "lora", "recipe": "paper", "max_steps": 300})[0], "m", 67349, 2105)
-    for const, steps in ((500, 300), (50, 1000)):  # never reaches the second phase; inside the warm-up
+    for const, steps in ((500, 300), (50, 1000), (100, 1000)):  # no second phase; inside the warm-up; no hold
         config = TrainConfig(lr_schedule="two-phase", two_phase_const=const, warmup_steps=100, max_steps=steps)
-        with pytest.raises(UserError, match=rf"^--two-phase-const {const} must lie from the warm-up's end"):
+        with pytest.raises(UserError, match=rf"^--two-phase-const {const} must lie after the warm-up's end"):
             plan_run(config, "m", 67349, 2105)
     plan_run(TrainConfig(lr_schedule="two-phase", two_phase_const=500, warmup_steps=100, max_steps=1500), "m", 1, 1)
 

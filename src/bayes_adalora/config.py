@@ -323,7 +323,8 @@ def config_fields() -> list[dataclasses.Field]:
 
 def make_config(given: dict, base: dict | None = None) -> tuple[TrainConfig, set[str]]:
     """A TrainConfig from defaults, then the recipe if asked for, then `base` (e.g. a run's config.json,
-    `--config`), then the explicitly `given` values, which win. The settings a config.json lists as
+    `--config`), then the explicitly `given` values, which win; a recipe `given` beside a `base` of a run
+    without it goes over the base (and its step count), under the given values. The settings a config.json lists as
     `derived` (left unset in its run) are left unset again, so they follow the new run's length, data
     and method.
 
@@ -345,6 +346,8 @@ def make_config(given: dict, base: dict | None = None) -> tuple[TrainConfig, set
     recipe = paper_recipe(get_task(stated.get("task", "sst2")).name, stated.get("method", "bayes-adalora")) \
         if stated.get("recipe") == "paper" else {}
     if given.get("recipe") == "paper" and kept.get("recipe") != "paper":
+        if "max_steps" not in given:  # the recipe counts epochs: a step count of the file's run goes
+            kept.pop("max_steps", None)
         values = {**kept, **recipe, **given}  # --recipe paper beside a file of another run: the recipe over it
     else:
         values = {**recipe, **stated}
@@ -421,9 +424,9 @@ def plan_run(config: TrainConfig, model: str, train_examples: int, batches_per_e
     if warmup > total_steps:
         raise UserError(f"--warmup-steps {warmup} is longer than the run's {total_steps} steps: the learning rate "
                         f"would never reach its peak; lower --warmup-steps or train longer")
-    if config.lr_schedule == "two-phase" and not warmup <= config.two_phase_const < total_steps:
-        raise UserError(f"--two-phase-const {config.two_phase_const} must lie from the warm-up's end (step {warmup}) "
-                        f"to before the run's last step ({total_steps}), or the schedule skips a phase")
+    if config.lr_schedule == "two-phase" and not warmup < config.two_phase_const < total_steps:
+        raise UserError(f"--two-phase-const {config.two_phase_const} must lie after the warm-up's end (step {warmup}) "
+                        f"and before the run's last step ({total_steps}), or the schedule skips a phase")
     return RunPlan(
         model=model, data_dir=data_dir_of(config), lr=config.resolved_lr(), total_steps=total_steps,
         warmup_steps=warmup,

@@ -4,6 +4,7 @@ IVON's posterior, and the metrics of both. Used by training's evaluations and by
 from __future__ import annotations
 
 import math
+import numbers
 from contextlib import contextmanager
 
 import torch
@@ -102,7 +103,7 @@ def posterior_predictive(model: nn.Module, optimizer, inputs: dict, samples: int
     draw (`posterior_draw`); eps is drawn from a CPU generator seeded with `seed`. Returns a tensor
     shaped like the logits (N, C), or (N, T, V) for a causal LM; the model is in eval mode meanwhile.
     """
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+    if isinstance(samples, bool) or not isinstance(samples, numbers.Integral) or samples < 1:
         raise ValueError(f"samples must be a whole number of posterior draws, at least 1, got {samples!r}")
     sigma = named_posterior_sigma(model, optimizer)
     generator = torch.Generator().manual_seed(seed)

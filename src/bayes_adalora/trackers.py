@@ -52,14 +52,20 @@ def tracking(kind: str, output_dir: Path, config: dict) -> Iterator:
         yield tracker
     except BaseException:
         if tracker is not None:
-            try:
-                end_tracker(tracker, failed=True)
-            except Exception as exc:  # the run's own error is the one to report (e.g. "diverged", exit 1)
-                warnings.warn(f"--report-to {kind}: the tracker's run was not closed ({type(exc).__name__}: {exc})",
-                              stacklevel=1)
+            close_as_failed(tracker, kind)
         raise
     if tracker is not None:
         end_tracker(tracker, failed=False)
+
+
+def close_as_failed(tracker, kind: str) -> None:
+    """End the tracker's run as failed; an error doing so is a warning, so that the error that ended the run
+    (e.g. "diverged", exit 1) is the one reported."""
+    try:
+        end_tracker(tracker, failed=True)
+    except Exception as exc:
+        warnings.warn(f"--report-to {kind}: the tracker's run was not closed ({type(exc).__name__}: {exc})",
+                      stacklevel=2)
 
 
 def end_tracker(tracker, failed: bool) -> None:
@@ -98,6 +104,6 @@ def start_tracker(kind: str, output_dir: Path, config: dict):
         tracker.store_init_configuration({k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                           for k, v in config.items()})
     except BaseException:
-        end_tracker(tracker, failed=True)  # not left "running" (or TensorBoard's writer open)
+        close_as_failed(tracker, kind)  # not left "running" (or TensorBoard's writer open)
         raise
     return tracker
