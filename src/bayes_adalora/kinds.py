@@ -42,7 +42,7 @@ from .lm_predict import (
     evaluate_choices,
     evaluate_choices_sampled,
 )
-from .models import causal_lm_token_loss, load_causal_lm, load_model
+from .models import causal_lm_token_loss, load_causal_lm, load_model, loss_type_of
 from .predict import evaluate, evaluate_sampled
 from .tasks import LMTaskSpec, TaskSpec
 
@@ -150,10 +150,9 @@ class CausalLMKind:
         `num_items_in_batch` (`loss_kwargs`); a model whose loss is computed otherwise (remote code) would
         fail on that argument, or weigh the processes wrongly, so it is refused there."""
         if world > 1 and not causal_lm_token_loss(model):
-            base = model.get_base_model() if hasattr(model, "get_base_model") else model
             raise UserError(f"--task {self.spec.name} on {world} processes needs a model whose loss is "
                             f"transformers' causal-LM loss, which weighs each process's tokens (this one's loss "
-                            f"type is {getattr(base, 'loss_type', None)!r}): train it in one process")
+                            f"type is {loss_type_of(model)!r}): train it in one process")
 
     def collator(self, tokenizer) -> PadCompletions:
         """Pads a batch of `encode_completions` examples (the Trainer integration's default `data_collator`)."""

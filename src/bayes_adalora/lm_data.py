@@ -190,8 +190,7 @@ def split_encodings(data: CompletionDataset, tokenizer) -> list[tuple[list[int],
     tokens a pretrained BPE or SentencePiece model knows, and not a lone space token before `"red"`.
     """
     texts = [(p.rstrip(), p[len(p.rstrip()):] + c) for p, c in zip(data.prompts, data.completions)]
-    prompt_texts = [p for p, _ in texts]
-    prompts = tokenizer(prompt_texts, add_special_tokens=True)["input_ids"]
+    prompts = tokenizer([p for p, _ in texts], add_special_tokens=True)["input_ids"]
     joint = tokenizer([p + c for p, c in texts], add_special_tokens=True)["input_ids"]
     apart = [i for i, (p, j) in enumerate(zip(prompts, joint)) if list(j[:len(p)]) != list(p)]
     alone = tokenizer([texts[i][1] for i in apart], add_special_tokens=False)["input_ids"] if apart else []

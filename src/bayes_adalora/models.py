@@ -3,6 +3,7 @@ how a sequence classifier or a causal LM is loaded."""
 
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -130,18 +131,31 @@ def load_model(name: str, spec: TaskSpec, trust_remote_code: bool):
     return tokenizer, model, newly_initialized_modules(new, model)
 
 
+def loss_type_of(model) -> str | None:
+    """The `loss_type` transformers gave the model (of a peft model: of its base), None where it has none."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, "loss_type", None)
+
+
+@functools.cache
+def _transformers_causal_lms() -> frozenset[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
 def causal_lm_token_loss(model) -> bool:
     """Whether `model` (a peft model or a transformers one) computes transformers' causal-LM loss, a mean
     over the shifted labels' tokens that divides by `num_items_in_batch` when given. A classifier's loss
-    (e.g. DeBERTa's `CrossEntropyLoss()`) ignores `num_items_in_batch` even where its forward takes it."""
+    (e.g. DeBERTa's `CrossEntropyLoss()`) ignores `num_items_in_batch` even where its forward takes it.
+    Cheap (the Trainer asks at every forward)."""
     from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    loss_type = getattr(base, "loss_type", None)
+    loss_type = loss_type_of(model)
     if loss_type is None:  # a class name the loss mapping lacks (GPT2LMHeadModel): transformers' own causal LMs
-        return type(base).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())  # fall back to ForCausalLMLoss
-    return loss_type in LOSS_MAPPING and LOSS_MAPPING[loss_type] is ForCausalLMLoss
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        return type(base).__name__ in _transformers_causal_lms()  # fall back to ForCausalLMLoss
+    return LOSS_MAPPING.get(loss_type) is ForCausalLMLoss
 
 
 def quantization_config(load_in: str | None, device: torch.device):
