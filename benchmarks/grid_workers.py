@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import shlex
 import sys
 import threading
+import time
 import traceback
 from datetime import datetime
 from pathlib import Path
@@ -41,9 +43,10 @@ class Scheduler:
     """Hands out the pinned grid's cells to workers, each cell once."""
 
     def __init__(self, grid, results: Path, work: Path, glue_dir: Path, extra: list[str] | None = None,
-                 extra_seeds_first: bool = False):
+                 extra_seeds_first: bool = False, deadline: float = math.inf):
         self.grid, self.results, self.work, self.glue_dir = grid, results, work, glue_dir
         self.extra_seeds_first = extra_seeds_first
+        self.deadline = deadline  # time.time() after which no new cell starts (the running ones finish)
         self.extra = extra or []  # more `train` flags for every cell, as mini_glue_v2's --extra-args
         self.taken: set[Path] = set()
         self.lock = threading.Lock()
@@ -61,6 +64,8 @@ class Scheduler:
         """(path, args, record) of the next cell, "wait" while only taken cells remain, or None when done."""
         g = self.grid
         with self.lock:
+            if time.time() > self.deadline:
+                return None
             lrs = g.chosen_lrs(self.results)
             ready = [(path, args, record)
                      for path, args, record in g.jobs(self.results, self.work, self.glue_dir, lrs, self.extra)
@@ -132,11 +137,16 @@ def main(argv=None) -> int:
     parser.add_argument("--extra-args", default="", help="as mini_glue_v2.py's: more `train` flags for every cell")
     parser.add_argument("--extra-seeds-first", action="store_true",
                         help="take decided extra seeds (3, 4) before the ablation's cells")
+    parser.add_argument("--plan", help="as mini_glue_v2.py's: cpu (the default) or gpu")
+    parser.add_argument("--minutes", type=float, help="start no new cell after this many minutes")
     args = parser.parse_args(argv)
     grid = load_pinned(args.pinned.resolve())
+    if args.plan:
+        grid.use_plan(args.plan)
+    deadline = time.time() + 60 * args.minutes if args.minutes is not None else math.inf
     # the glue folder resolved as mini_glue_v2.main resolves it: the cells' commands are the script's own
     scheduler = Scheduler(grid, args.results, args.work, args.glue_dir.resolve(), shlex.split(args.extra_args),
-                          args.extra_seeds_first)
+                          args.extra_seeds_first, deadline)
     try:
         failures = run_workers(scheduler, args.workers, args.threads)
     except KeyboardInterrupt:

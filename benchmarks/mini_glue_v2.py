@@ -33,6 +33,7 @@ import math
 import os
 import random
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -89,11 +90,18 @@ TASKS = {
     "rte": TaskPlan(steps=156, max_length=128),
 }
 BATCH = 32
-# fp32: without AVX512-BF16 (this AMD EPYC) bf16 autocast is emulated: MRPC took 13 CPU-s a step against 2.8
-COMMON = ["--batch-size", str(BATCH), "--eval-batch-size", "64", "--no-plots", "--no-progress",
-          "--no-log-correlations"]
+
+
+def common_flags(eval_batch: int) -> list[str]:
+    # fp32: without AVX512-BF16 (this AMD EPYC) bf16 autocast is emulated: MRPC took 13 CPU-s a step against 2.8
+    return ["--batch-size", str(BATCH), "--eval-batch-size", str(eval_batch), "--no-plots", "--no-progress",
+            "--no-log-correlations"]
+
+
+COMMON = common_flags(64)
 SEEDS = (0, 1, 2)
 EXTRA_SEEDS = (3, 4)
+NAME = "mini-glue-v2"  # the results folder under benchmarks/results, and the stem of the table, figure and JSON
 ABLATION_TASKS = ("sst2", "stsb")
 TUNE_TASKS = ("sst2",)  # one task keeps the sweep at about 12 x 4 CPU-minutes
 TUNE_SEED = 100
@@ -104,6 +112,40 @@ TUNE_CELL = {"ivon": CELLS["bayes-adalora"], "adalora": CELLS["adalora"], "lora"
 # for CoLA and STS-B (whose baselines are 0), reaches an absolute floor too
 LEARNED_MARGIN = 0.05
 LEARNED_FLOOR = {"cola": 0.15, "stsb": 0.70}
+
+# Issue 9, item 4: the same grid on a GPU (`--plan gpu`; benchmarks/gpu_grid_v2.sh runs it on a lent device):
+# five seeds on every task, the ablation's too, and runs of several epochs, towards the paper's 5-50 (batch
+# 32): SST-2 1 epoch, CoLA 5, MRPC 10, STS-B 6, RTE 15. About 6,800 steps a seed for the core cells, so
+# 150,000 steps for the whole plan: more than one lease; it resumes from the committed cells like the CPU's.
+GPU_TASKS = {
+    "sst2": TaskPlan(steps=2105, max_length=64, eval_times=6),
+    "cola": TaskPlan(steps=1340, max_length=64, eval_times=6),
+    "mrpc": TaskPlan(steps=1150, max_length=128, eval_times=6),
+    "stsb": TaskPlan(steps=1080, max_length=128, eval_times=6),
+    "rte": TaskPlan(steps=1170, max_length=128, eval_times=6),
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    tasks: dict
+    seeds: tuple
+    extra_seeds: tuple
+    eval_batch: int
+    name: str
+
+
+PLANS = {"cpu": Plan(TASKS, SEEDS, EXTRA_SEEDS, 64, NAME),
+         "gpu": Plan(GPU_TASKS, (0, 1, 2, 3, 4), (), 256, "mini-glue-v2-gpu")}
+
+
+def use_plan(name: str) -> None:
+    """Make plan `name` the one this module runs and reports (it sets the module's globals, which every
+    function reads, as the tests patch them)."""
+    global TASKS, SEEDS, EXTRA_SEEDS, COMMON, NAME
+    plan = PLANS[name]
+    TASKS, SEEDS, EXTRA_SEEDS, NAME = plan.tasks, plan.seeds, plan.extra_seeds, plan.name
+    COMMON = common_flags(plan.eval_batch)
 
 
 # ---------------------------------------------------------------- cells on disk
@@ -118,8 +160,11 @@ def tune_path(results: Path, task: str, family: str, lr: float) -> Path:
 
 
 def git_commit() -> str:
-    """The commit of this checkout, suffixed -dirty when its code differs from it."""
+    """The commit of this checkout, suffixed -dirty when its code differs from it. A copy without git (a
+    device's) names it in $MINI_GLUE_COMMIT, as benchmarks/gpu_prepare.sh records it."""
     root = HERE.parent
+    if not (root / ".git").exists() and os.environ.get("MINI_GLUE_COMMIT"):
+        return os.environ["MINI_GLUE_COMMIT"]
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--", "src", "benchmarks/*.py"], cwd=root,
                            capture_output=True, text=True).stdout.strip()
@@ -177,7 +222,7 @@ def run_cell(args: list[str], record: dict, path: Path, threads: int) -> dict:
     out = Path(args[args.index("--output-dir") + 1])
     record = {**record, "command": shlex.join(["bayes-adalora", *args]), "commit": git_commit(),
               "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "wall_seconds": round(time.time() - start, 1)}
+              "wall_seconds": round(time.time() - start, 1), "machine": machine()}
     if code == 0:
         results = json.loads((out / "results.json").read_text())
         metric = results["main_metric"]
@@ -416,7 +461,9 @@ def summarize(results: Path, glue_dir: str) -> dict:
     planned = [cell_path(results, task, c.name, seed)
                for cells, task_list in ((CORE, TASKS), (ABLATION, ABLATION_TASKS))
                for task in task_list for c in cells for seed in SEEDS]
-    return {"machine": machine(), "learning_rates": lrs, "at_ladder_edge": edges, "tuning": tuning_table(results),
+    machines = sorted({r["machine"] for p in (results / "cells").rglob("*.json") if "machine" in (r := load(p))})
+    return {"machine": "; ".join(machines) or machine(),  # where the cells ran, if they say
+            "learning_rates": lrs, "at_ladder_edge": edges, "tuning": tuning_table(results),
             "tasks": tasks,
             "commits": commits, "tuning_commits": cell_commits(results / "tune"),
             "cells_done": sum(p.exists() for p in planned), "cells_planned": len(planned),
@@ -428,10 +475,16 @@ def cell_commits(folder: Path) -> list[str]:
 
 
 def machine() -> str:
+    """The processor and its core count, and the GPUs that nvidia-smi lists, if any."""
     cpuinfo = Path("/proc/cpuinfo")
     names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
              if line.startswith("model name")] if cpuinfo.exists() else []
-    return f"{names[0] if names else 'CPU'}, {os.cpu_count()} cores"
+    gpus = []
+    if shutil.which("nvidia-smi"):
+        listed = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                text=True, check=False)
+        gpus = [line.strip() for line in listed.stdout.splitlines() if line.strip()]
+    return f"{names[0] if names else 'CPU'}, {os.cpu_count()} cores" + "".join(f", {g}" for g in gpus)
 
 
 def fmt(x: float | None, digits: int = 4) -> str:
@@ -448,15 +501,17 @@ def learned_status(task: dict) -> str:
 
 
 def markdown(summary: dict) -> str:
-    lines = ["# Mini-GLUE v2: MiniLM, best dev score over a run, paired seeds", "",
+    title = "Mini-GLUE v2" + (" on a GPU" if PLANS["gpu"].name == NAME else "")
+    lines = [f"# {title}: MiniLM, best dev score over a run, paired seeds", "",
              f"Commit(s) the cells ran at: {', '.join(summary['commits']) or 'none yet'}; the tuning cells: "
              f"{', '.join(summary.get('tuning_commits', [])) or 'none yet'}. "
              f"Batch {summary['batch']}, fp32, one thread per cell, {summary['machine']}.", "",
              "Run lengths: " + ", ".join(f"{t} {p['steps']} steps (max length {p['max_length']})"
                                           for t, p in summary["plans"].items()) + ".", ""]
     if summary["cells_done"] < summary["cells_planned"]:
-        lines += [f"**Partial:** {summary['cells_done']} of the {summary['cells_planned']} planned cells (seeds 0-2; "
-                  "seeds 3-4 come after, where needed) have run; the grid goes on from the committed cells.", ""]
+        later = f"; seeds {EXTRA_SEEDS[0]}-{EXTRA_SEEDS[-1]} come after, where needed" if EXTRA_SEEDS else ""
+        lines += [f"**Partial:** {summary['cells_done']} of the {summary['cells_planned']} planned cells (seeds "
+                  f"{SEEDS[0]}-{SEEDS[-1]}{later}) have run; the grid goes on from the committed cells.", ""]
     lrs = summary["learning_rates"]
     if lrs:
         edge = [f for f, e in summary["at_ladder_edge"].items() if e]
@@ -526,9 +581,9 @@ def figure(summary: dict, path: Path) -> None:
 def report(results: Path, glue_dir: str, out: Path) -> dict:
     summary = summarize(results, glue_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "mini-glue-v2.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    (out / "mini-glue-v2.md").write_text(markdown(summary))
-    figure(summary, out / "mini-glue-v2.png")
+    (out / f"{NAME}.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    (out / f"{NAME}.md").write_text(markdown(summary))
+    figure(summary, out / f"{NAME}.png")
     print(markdown(summary))
     return summary
 
@@ -537,8 +592,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--glue-dir", type=Path, default=os.environ.get("GLUE_DIR"),
                         required=not os.environ.get("GLUE_DIR"))
-    parser.add_argument("--results", type=Path, default=HERE / "results" / "mini-glue-v2",
-                        help="where cell JSONs live (commit them: the grid resumes from them)")
+    parser.add_argument("--plan", choices=tuple(PLANS),
+                        help="cpu (the default): the grid of mini-glue-v2.md; gpu: 5 seeds and runs of several "
+                        "epochs, for a lent GPU (benchmarks/gpu_grid_v2.sh)")
+    parser.add_argument("--results", type=Path,
+                        help="where cell JSONs live (commit them: the grid resumes from them); default: "
+                        "benchmarks/results/mini-glue-v2, or mini-glue-v2-gpu for --plan gpu")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="where the table and figure go")
     parser.add_argument("--work", type=Path, default=Path("runs/mini-glue-v2"), help="run folders (not kept)")
     parser.add_argument("--threads", type=int, default=1, help="threads per cell")
@@ -547,6 +606,9 @@ def main(argv=None) -> int:
     parser.add_argument("--extra-args", default="", help="more `train` flags for every cell, e.g. '--model PATH' "
                         "(they are part of each cell's recorded command)")
     args = parser.parse_args(argv)
+    if args.plan:
+        use_plan(args.plan)
+    args.results = args.results or HERE / "results" / NAME
     if not args.report:
         run_grid(args.results, args.work, args.glue_dir.resolve(), args.threads, args.minutes,
                  shlex.split(args.extra_args))

@@ -118,3 +118,12 @@ def test_a_failure_anywhere_stops_every_worker_and_is_reported(tmp_path, monkeyp
     scheduler, failures = grid_workers.Scheduler(grid, tmp_path, tmp_path / "work", tmp_path), []
     grid_workers.worker(scheduler, 0, 1, failures)
     assert isinstance(failures[0], FileNotFoundError) and scheduler.stop.is_set()
+
+
+def test_no_cell_starts_after_the_deadline(tmp_path, monkeypatch):
+    log = []
+    scheduler = grid_workers.Scheduler(fake_grid(tmp_path, log), tmp_path, tmp_path / "work", tmp_path,
+                                       deadline=time.time() - 1)
+    assert not grid_workers.run_workers(scheduler, 2, 1) and log == []
+    scheduler.deadline = time.time() + 60
+    assert not grid_workers.run_workers(scheduler, 2, 1) and len(log) == 2 + 10

@@ -173,3 +173,25 @@ def test_a_task_is_not_run_then_pending_until_adalora_has_its_seeds():
     done = {"methods": {"adalora": {"n": 3}}}
     assert grid.learned_status({**done, "learned": True}) == "yes"
     assert grid.learned_status({**done, "learned": False}) == "no"
+
+
+def test_the_gpu_plan_runs_five_seeds_of_longer_cells_and_reports_beside_the_cpu_table(tmp_path, glue_dir,
+                                                                                     monkeypatch):
+    for name in ("TASKS", "SEEDS", "EXTRA_SEEDS", "COMMON", "NAME"):
+        monkeypatch.setattr(grid, name, getattr(grid, name))  # use_plan sets them; restored after the test
+    lrs = {"ivon": 4.0, "adalora": 4e-3, "lora": 1e-3}
+    grid.use_plan("gpu")
+    jobs = [(path, args, record) for path, args, record in grid.jobs(tmp_path, tmp_path / "w", glue_dir, lrs, [])
+            if "cell" in record and "seed" in record and "family" not in record]
+    assert {r["seed"] for _, _, r in jobs} == {0, 1, 2, 3, 4}  # every cell, every task, five seeds; none extra
+    assert len(jobs) == 5 * (5 * len(grid.CORE) + len(grid.ABLATION_TASKS) * len(grid.ABLATION))
+    sst2 = next(a for _, a, r in jobs if r["task"] == "sst2")
+    assert sst2[sst2.index("--max-steps") + 1] == "2105" and sst2[sst2.index("--eval-batch-size") + 1] == "256"
+    write_cell(tmp_path, "sst2", "adalora", 0, 0.8)
+    monkeypatch.setattr(grid, "trivial_baseline", lambda task, glue, metric: 0.5)  # the fixture has 2 tasks
+    md = grid.markdown(grid.summarize(tmp_path, str(glue_dir)))
+    assert md.startswith("# Mini-GLUE v2 on a GPU") and "1 of the 135 planned cells (seeds 0-4)" in md
+    assert "sst2 2105 steps" in md
+    grid.use_plan("cpu")  # and back: the CPU table's plan is the module's default
+    assert grid.TASKS["sst2"].steps == 300 and grid.SEEDS == (0, 1, 2) and grid.NAME == "mini-glue-v2"
+    assert grid.COMMON[grid.COMMON.index("--eval-batch-size") + 1] == "64"
