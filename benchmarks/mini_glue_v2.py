@@ -70,6 +70,11 @@ ABLATION = (
     Cell("bayes-adalora-lambda-paper", "bayes-adalora", "snr_abs", lambda_init="paper"),
 )
 CELLS = {c.name: c for c in (*CORE, *ABLATION)}
+# each ablation cell against the core cell it differs from in one thing: the criterion with the optimizer
+# held (IVON), or lambda's start with the method held
+REFERENCE = {"adalora-ivon": "bayes-adalora", "bayes-snr": "bayes-adalora", "bayes-mean_abs": "bayes-adalora",
+             "bayes-inv_sigma": "bayes-adalora", "adalora-lambda-paper": "adalora",
+             "bayes-adalora-lambda-paper": "bayes-adalora"}
 
 
 @dataclass(frozen=True)
@@ -453,6 +458,8 @@ def summarize(results: Path, glue_dir: str) -> dict:
             "learned": learned(task, methods.get("adalora", {}).get("mean"), baseline),
             "paired": {name: paired(results, task, name, "adalora", (*SEEDS, *EXTRA_SEEDS))
                        for name in CELLS if name not in ("adalora",) and name in methods},
+            "paired_reference": {name: paired(results, task, name, ref, (*SEEDS, *EXTRA_SEEDS))
+                                 for name, ref in REFERENCE.items() if name in CELLS and name in methods},
             "seeds": seeds_done,
         }
     rungs, _ = ladders(results)
@@ -500,6 +507,11 @@ def learned_status(task: dict) -> str:
     return "yes" if task["learned"] else "no"
 
 
+def pair_text(d: dict | None) -> str:
+    return "-" if d is None else (f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
+                                  f"{' *' if d['significant'] else ''} (n={d['n']})")
+
+
 def markdown(summary: dict) -> str:
     title = "Mini-GLUE v2" + (" on a GPU" if PLANS["gpu"].name == NAME else "")
     lines = [f"# {title}: MiniLM, best dev score over a run, paired seeds", "",
@@ -540,12 +552,23 @@ def markdown(summary: dict) -> str:
         for name in CELLS:
             if name == "adalora":
                 continue
-            d = t["paired"].get(name)
-            row.append("-" if d is None else f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
-                       f"{' *' if d['significant'] else ''} (n={d['n']})")
+            row.append(pair_text(t["paired"].get(name)))
         lines.append(f"| {task} | " + " | ".join(row) + " |")
-    lines += ["", "`*`: the interval excludes 0. A task marked not learned says nothing about allocation.", "",
-              "Tuning (mean held-out score over " + ", ".join(TUNE_TASKS) + "):", ""]
+    lines += ["", "`*`: the interval excludes 0. A task marked not learned says nothing about allocation.", ""]
+    compared = [n for n in REFERENCE if n in CELLS and any(n in t.get("paired_reference", {})
+                                                           for t in summary["tasks"].values())]
+    if compared:
+        lines += ["The ablation against the cell it differs from in one thing (the criterion, IVON held; lambda's "
+                  "start, the method held), paired over the seeds both have:", "",
+                  "| task | " + " | ".join(f"{n} - {REFERENCE[n]}" for n in compared) + " |",
+                  "|---" * (1 + len(compared)) + "|"]
+        for task, t in summary["tasks"].items():
+            if not t.get("paired_reference"):
+                continue
+            row = [pair_text(t["paired_reference"].get(n)) for n in compared]
+            lines.append(f"| {task} | " + " | ".join(row) + " |")
+        lines.append("")
+    lines += ["Tuning (mean held-out score over " + ", ".join(TUNE_TASKS) + "):", ""]
     for family, scores in summary["tuning"].items():
         lines.append(f"- {family}: " + ", ".join(f"lr {lr:g} → {fmt(v)}" for lr, v in scores.items()))
     return "\n".join(lines) + "\n"
