@@ -4,10 +4,12 @@
 # huggingface_hub, tokenizers and safetensors, but no ivon-opt, and older transformers and peft than ours:
 #   .devcarry/whl/        ivon-opt, transformers and peft at this machine's versions (pure-Python wheels)
 #   .devcarry/glue.tar.gz SST-2, CoLA, MRPC, STS-B and RTE from GLUE_DIR (../shared/data/glue)
-#   .devcarry/minilm/     the packaged MiniLM with its weights in fp16 (45 MB, to fit the 64 MiB transfer);
-#                         gpu_grid_v2.sh turns them back into fp32 before any cell runs
-#   .devcarry/commit      the commit the cells will record (the device's copy has no git)
-# Usage: bash benchmarks/gpu_prepare.sh [GLUE_DIR]
+#   .devcarry/minilm/     the packaged MiniLM with its weights in fp16 (45 MB, to fit the 64 MiB transfer); the
+#                         cells load them as fp32, as they load any checkpoint (the GPU table says so)
+#   .devcarry/commit      the commit the cells will record (the device's copy has no git), and
+#   .devcarry/code.ls     `git ls-files -s` of src/ and benchmarks/*.py at it: gpu_grid_v2.sh refuses to run
+#                         code that differs from that commit
+# Usage, after every commit that changes src/ or benchmarks/: bash benchmarks/gpu_prepare.sh [GLUE_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 glue=${1:-../shared/data/glue}
@@ -25,6 +27,7 @@ mkdir -p "$(dirname "$exclude")"
 grep -qx '/.devcarry/' "$exclude" 2>/dev/null || echo '/.devcarry/' >> "$exclude"
 rm -rf .devcarry.partial && mkdir -p .devcarry.partial/whl
 git rev-parse HEAD > .devcarry.partial/commit
+git ls-files -s -- src 'benchmarks/*.py' > .devcarry.partial/code.ls
 versions=$(python3 -c "from importlib.metadata import version as v
 print(*(f'{p}=={v(p)}' for p in ('ivon-opt', 'transformers', 'peft')))")
 # shellcheck disable=SC2086

@@ -142,6 +142,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     grid = load_pinned(args.pinned.resolve())
     if args.plan:
+        if args.plan not in grid.PLANS:
+            parser.error(f"--plan must be one of the pinned script's plans ({', '.join(grid.PLANS)}), "
+                         f"got {args.plan!r}")
         grid.use_plan(args.plan)
     deadline = time.time() + 60 * args.minutes if args.minutes is not None else math.inf
     # the glue folder resolved as mini_glue_v2.main resolves it: the cells' commands are the script's own

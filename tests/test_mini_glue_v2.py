@@ -177,7 +177,7 @@ def test_a_task_is_not_run_then_pending_until_adalora_has_its_seeds():
 
 def test_the_gpu_plan_runs_five_seeds_of_longer_cells_and_reports_beside_the_cpu_table(tmp_path, glue_dir,
                                                                                      monkeypatch):
-    for name in ("TASKS", "SEEDS", "EXTRA_SEEDS", "COMMON", "NAME"):
+    for name in ("TASKS", "SEEDS", "EXTRA_SEEDS", "COMMON", "NAME", "NOTE"):
         monkeypatch.setattr(grid, name, getattr(grid, name))  # use_plan sets them; restored after the test
     lrs = {"ivon": 4.0, "adalora": 4e-3, "lora": 1e-3}
     grid.use_plan("gpu")
@@ -191,10 +191,11 @@ def test_the_gpu_plan_runs_five_seeds_of_longer_cells_and_reports_beside_the_cpu
     monkeypatch.setattr(grid, "trivial_baseline", lambda task, glue, metric: 0.5)  # the fixture has 2 tasks
     md = grid.markdown(grid.summarize(tmp_path, str(glue_dir)))
     assert md.startswith("# Mini-GLUE v2 on a GPU") and "1 of the 135 planned cells (seeds 0-4)" in md
-    assert "sst2 2105 steps" in md
+    assert "sst2 2105 steps" in md and "travelled to the GPU as fp16" in md
+    assert "Batch 32, fp32, one thread per cell, machine not recorded." in md  # a report rebuilt here names no GPU of its own
     grid.use_plan("cpu")  # and back: the CPU table's plan is the module's default
     assert grid.TASKS["sst2"].steps == 300 and grid.SEEDS == (0, 1, 2) and grid.NAME == "mini-glue-v2"
-    assert grid.COMMON[grid.COMMON.index("--eval-batch-size") + 1] == "64"
+    assert grid.COMMON[grid.COMMON.index("--eval-batch-size") + 1] == "64" and grid.NOTE == ""
 
 
 def test_the_ablation_is_paired_against_the_cell_it_differs_from_in_one_thing(tmp_path, glue_dir, monkeypatch):
