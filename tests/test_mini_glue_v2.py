@@ -191,11 +191,12 @@ def test_the_gpu_plan_runs_five_seeds_of_longer_cells_and_reports_beside_the_cpu
     monkeypatch.setattr(grid, "trivial_baseline", lambda task, glue, metric: 0.5)  # the fixture has 2 tasks
     md = grid.markdown(grid.summarize(tmp_path, str(glue_dir)))
     assert md.startswith("# Mini-GLUE v2 on a GPU") and "1 of the 135 planned cells (seeds 0-4)" in md
-    assert "sst2 2105 steps" in md and "travelled to the GPU as fp16" in md
-    assert "Batch 32, fp32, one thread per cell, machine not recorded." in md  # a report rebuilt here names no GPU of its own
+    assert "sst2 2105 steps" in md and "travelled to the GPU as fp16" in md and "Cut to fit" not in md
+    assert "Cost: 1 cells and 0 tuning runs took 0.0 hours of one thread" in md
+    assert "Batch 32, fp32, one thread per cell, machine not recorded." in md  # rebuilt here: no GPU of its own
     grid.use_plan("cpu")  # and back: the CPU table's plan is the module's default
     assert grid.TASKS["sst2"].steps == 300 and grid.SEEDS == (0, 1, 2) and grid.NAME == "mini-glue-v2"
-    assert grid.COMMON[grid.COMMON.index("--eval-batch-size") + 1] == "64" and grid.NOTE == ""
+    assert grid.COMMON[grid.COMMON.index("--eval-batch-size") + 1] == "64" and grid.NOTE == grid.CPU_CUT
 
 
 def test_the_ablation_is_paired_against_the_cell_it_differs_from_in_one_thing(tmp_path, glue_dir, monkeypatch):
