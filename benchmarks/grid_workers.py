@@ -7,7 +7,9 @@ workers take the first cell that is neither on disk nor taken by another worker,
 (3, 4) starts only once seeds 0-2 of adalora and bayes-adalora are all on disk, as the sequential
 script would see them. Interrupted, it resumes from the cells on disk like the script. With
 `--extra-seeds-first`, a decided extra seed is taken before the ablation's cells (the core cells stay
-first): the same cells and commands, in an order that settles the main comparison sooner.
+first): the same cells and commands, in an order that settles the main comparison sooner. `--first
+NAMES` likewise takes the named cells before the others of their stage (the lambda cells, say, when the
+default they decide is the next thing to settle).
 
     python benchmarks/grid_workers.py --pinned /work/grid --workers 2 --glue-dir ../shared/data/glue \
         --results /work/main/benchmarks/results/mini-glue-v2 --work /work/grid-runs
@@ -43,9 +45,10 @@ class Scheduler:
     """Hands out the pinned grid's cells to workers, each cell once."""
 
     def __init__(self, grid, results: Path, work: Path, glue_dir: Path, extra: list[str] | None = None,
-                 extra_seeds_first: bool = False, deadline: float = math.inf):
+                 extra_seeds_first: bool = False, deadline: float = math.inf, first: tuple[str, ...] = ()):
         self.grid, self.results, self.work, self.glue_dir = grid, results, work, glue_dir
         self.extra_seeds_first = extra_seeds_first
+        self.first = first  # cell names taken before the other cells of their stage
         self.deadline = deadline  # time.time() after which no new cell starts (the running ones finish)
         self.extra = extra or []  # more `train` flags for every cell, as mini_glue_v2's --extra-args
         self.taken: set[Path] = set()
@@ -70,8 +73,8 @@ class Scheduler:
             ready = [(path, args, record)
                      for path, args, record in g.jobs(self.results, self.work, self.glue_dir, lrs, self.extra)
                      if not path.exists() and path not in self.taken and self.decided(record)]
-            if self.extra_seeds_first:
-                ready.sort(key=self.stage)  # stable: the plan's order within each stage
+            if self.extra_seeds_first or self.first:
+                ready.sort(key=self.rank)  # stable: the plan's order within each rank
             if ready:
                 self.taken.add(ready[0][0])
                 return ready[0]
@@ -84,6 +87,14 @@ class Scheduler:
             return 1
         core = {cell.name for cell in self.grid.CORE}
         return 2 if record.get("cell", next(iter(core), None)) not in core else 0
+
+    def rank(self, job) -> tuple[int, bool]:
+        """The stage (the plan's, but for --extra-seeds-first: the extra seeds before the ablation), then
+        whether the cell is one of --first's, which go first within their stage."""
+        stage = self.stage(job)
+        if not self.extra_seeds_first and stage == 1:
+            stage = 2  # the extra seeds keep their place after the ablation's cells
+        return stage, job[2].get("cell") not in self.first
 
     def done(self, path: Path) -> None:
         with self.lock:
@@ -137,6 +148,8 @@ def main(argv=None) -> int:
     parser.add_argument("--extra-args", default="", help="as mini_glue_v2.py's: more `train` flags for every cell")
     parser.add_argument("--extra-seeds-first", action="store_true",
                         help="take decided extra seeds (3, 4) before the ablation's cells")
+    parser.add_argument("--first", default="", help="cells (names, comma-separated, e.g. adalora-lambda-paper) "
+                        "taken before the other cells of their stage; the core cells stay first")
     parser.add_argument("--plan", help="as mini_glue_v2.py's: cpu (the default) or gpu")
     parser.add_argument("--minutes", type=float, help="start no new cell after this many minutes")
     args = parser.parse_args(argv)
@@ -149,7 +162,7 @@ def main(argv=None) -> int:
     deadline = time.time() + 60 * args.minutes if args.minutes is not None else math.inf
     # the glue folder resolved as mini_glue_v2.main resolves it: the cells' commands are the script's own
     scheduler = Scheduler(grid, args.results, args.work, args.glue_dir.resolve(), shlex.split(args.extra_args),
-                          args.extra_seeds_first, deadline)
+                          args.extra_seeds_first, deadline, tuple(n for n in args.first.split(",") if n))
     try:
         failures = run_workers(scheduler, args.workers, args.threads)
     except KeyboardInterrupt:

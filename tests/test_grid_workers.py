@@ -127,3 +127,26 @@ def test_no_cell_starts_after_the_deadline(tmp_path, monkeypatch):
     assert not grid_workers.run_workers(scheduler, 2, 1) and log == []
     scheduler.deadline = time.time() + 60
     assert not grid_workers.run_workers(scheduler, 2, 1) and len(log) == 2 + 10
+
+
+def test_first_takes_the_named_cells_before_the_rest_of_their_stage_and_after_the_core(tmp_path, monkeypatch):
+    monkeypatch.setattr(grid_workers, "IDLE_SECONDS", 0.01)
+    log = []
+    grid = fake_grid(tmp_path, log)
+    core_jobs = grid.jobs
+
+    def jobs(results, work, glue_dir, lrs, extra_args):  # tuning, core 0-2, ablation (snr, then lambda) 0-2, extra
+        planned = list(core_jobs(results, work, glue_dir, lrs, extra_args))
+        tuning = [j for j in planned if "tune" in j[2]]
+        core = [(p, a, {**r, "cell": p.name.rsplit("-", 1)[0]}) for p, a, r in planned if r.get("seed") in (0, 1, 2)]
+        ablation = [(results / "mrpc" / f"{c}-{s}.json", [c, str(s)], {"task": "mrpc", "seed": s, "cell": c})
+                    for s in (0, 1, 2) for c in ("bayes-snr", "lambda-paper")]
+        return iter(tuning + core + ablation if lrs is not None else tuning)
+
+    grid.jobs, grid.CORE = jobs, (SimpleNamespace(name="adalora"), SimpleNamespace(name="bayes-adalora"))
+    scheduler = grid_workers.Scheduler(grid, tmp_path, tmp_path / "work", tmp_path, first=("lambda-paper",))
+    assert not grid_workers.run_workers(scheduler, 1, 1)
+    started = [name.removesuffix(".json") for _, name, _ in log]
+    assert started[:2] == ["tune0", "tune1"] and len(started) == 2 + 6 + 6
+    assert [n.rsplit("-", 1)[0] for n in started[8:]] == ["lambda-paper"] * 3 + ["bayes-snr"] * 3
+    assert {n.rsplit("-", 1)[0] for n in started[2:8]} == {"adalora", "bayes-adalora"}  # the core first
