@@ -532,8 +532,12 @@ def learned_status(task: dict) -> str:
     return "yes" if task["learned"] else "no"
 
 
+def signed(x: float) -> str:
+    return f"{round(x, 4) + 0.0:+.4f}"  # + 0.0: a difference of -1e-17 (equal scores) prints as +0.0000
+
+
 def pair_text(d: dict | None) -> str:
-    return "-" if d is None else (f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
+    return "-" if d is None else (f"{signed(d['mean'])} [{signed(d['low'])}, {signed(d['high'])}]"
                                   f"{' *' if d['significant'] else ''} (n={d['n']})")
 
 

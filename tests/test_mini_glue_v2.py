@@ -202,7 +202,8 @@ def test_the_gpu_plan_runs_five_seeds_of_longer_cells_and_reports_beside_the_cpu
 def test_the_ablation_is_paired_against_the_cell_it_differs_from_in_one_thing(tmp_path, glue_dir, monkeypatch):
     monkeypatch.setattr(grid, "trivial_baseline", lambda task, glue, metric: 0.5)
     scores = {"adalora": [0.80, 0.82, 0.81], "bayes-adalora": [0.79, 0.80, 0.83],
-              "bayes-snr": [0.78, 0.81, 0.80], "adalora-lambda-paper": [0.81, 0.82, 0.83]}
+              "bayes-snr": [0.78, 0.81, 0.80], "adalora-lambda-paper": [0.81, 0.82, 0.83],
+              "bayes-mean_abs": [0.79, 0.80, 0.83]}  # the same masks as snr_abs: equal scores
     for cell, values in scores.items():
         for seed, value in enumerate(values):
             write_cell(tmp_path, "sst2", cell, seed, value)
@@ -212,5 +213,7 @@ def test_the_ablation_is_paired_against_the_cell_it_differs_from_in_one_thing(tm
     assert task["paired_reference"]["adalora-lambda-paper"]["mean"] == pytest.approx(0.01)  # against adalora
     assert task["paired"]["bayes-snr"]["mean"] == pytest.approx((-0.02 - 0.01 - 0.01) / 3)  # the table above it
     md = grid.markdown(grid.summarize(tmp_path, str(glue_dir)))
-    assert "| task | bayes-snr - bayes-adalora | adalora-lambda-paper - adalora |" in md
+    header = "| task | bayes-snr - bayes-adalora | bayes-mean_abs - bayes-adalora | adalora-lambda-paper - adalora |"
+    assert header in md
     assert f"{snr['mean']:+.4f} [{snr['low']:+.4f}, {snr['high']:+.4f}] (n=3)" in md
+    assert "| +0.0000 [+0.0000, +0.0000] (n=3) |" in md  # equal scores: no "-0.0000" from rounding
