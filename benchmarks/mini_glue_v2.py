@@ -153,8 +153,9 @@ NOTE = CPU_CUT
 
 
 def use_plan(name: str) -> None:
-    """Make plan `name` the one this module runs and reports (it sets the module's globals, which every
-    function reads, as the tests patch them)."""
+    """Make plan `name` the one this module runs and reports. It sets the module's globals, which every
+    function reads: grid_workers.py calls a pinned checkout's functions with their signatures of then, so
+    a plan cannot be a new argument of theirs."""
     global TASKS, SEEDS, EXTRA_SEEDS, COMMON, NAME, NOTE
     plan = PLANS[name]
     TASKS, SEEDS, EXTRA_SEEDS, NAME, NOTE = plan.tasks, plan.seeds, plan.extra_seeds, plan.name, plan.note
