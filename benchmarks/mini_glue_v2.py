@@ -103,7 +103,6 @@ def common_flags(eval_batch: int) -> list[str]:
             "--no-log-correlations"]
 
 
-COMMON = common_flags(64)
 SEEDS = (0, 1, 2)
 EXTRA_SEEDS = (3, 4)
 NAME = "mini-glue-v2"  # the results folder under benchmarks/results, and the stem of the table, figure and JSON
@@ -149,7 +148,7 @@ PLANS = {"cpu": Plan(TASKS, SEEDS, EXTRA_SEEDS, 64, NAME, CPU_CUT),
          "gpu": Plan(GPU_TASKS, (0, 1, 2, 3, 4), (), 256, "mini-glue-v2-gpu",
                      "The MiniLM weights travelled to the GPU as fp16 (the 64 MiB transfer limit) and were loaded "
                      "as fp32: each base weight is the packaged one rounded to fp16, unlike the CPU table's.")}
-NOTE = CPU_CUT
+COMMON, NOTE = common_flags(PLANS["cpu"].eval_batch), PLANS["cpu"].note  # the CPU plan's, as use_plan("cpu") sets
 
 
 def use_plan(name: str) -> None:
@@ -477,8 +476,8 @@ def summarize(results: Path, glue_dir: str) -> dict:
     planned = [cell_path(results, task, c.name, seed)
                for cells, task_list in ((CORE, TASKS), (ABLATION, ABLATION_TASKS))
                for task in task_list for c in cells for seed in SEEDS]
-    machines = sorted({r["machine"] for folder in ("cells", "tune") for p in (results / folder).rglob("*.json")
-                       if "machine" in (r := load(p))})
+    machines = sorted({r["machine"] for folder in ("cells", "tune") for r in cell_records(results / folder)
+                       if "machine" in r})
     # where the cells ran, as they say; the CPU grid's first cells did not record it and ran here
     here = machine() if PLANS["cpu"].name == NAME else "machine not recorded"
     return {"machine": "; ".join(machines) or here,
@@ -493,15 +492,17 @@ def summarize(results: Path, glue_dir: str) -> dict:
 def cost_hours(results: Path) -> dict:
     """Hours of one thread (each cell's wall time; every cell ran on one thread) spent on the cells and the
     tuning runs, and how many of each."""
-    cost = {}
-    for folder in ("cells", "tune"):
-        records = [load(p) for p in (results / folder).rglob("*.json")] if (results / folder).is_dir() else []
-        cost[folder] = {"n": len(records), "hours": sum(r.get("wall_seconds", 0) for r in records) / 3600}
-    return cost
+    return {folder: {"n": len(rs), "hours": sum(r.get("wall_seconds", 0) for r in rs) / 3600}
+            for folder in ("cells", "tune") for rs in [cell_records(results / folder)]}
+
+
+def cell_records(folder: Path) -> list[dict]:
+    """Every cell JSON under `folder` (none if it does not exist)."""
+    return [load(p) for p in folder.rglob("*.json")] if folder.is_dir() else []
 
 
 def cell_commits(folder: Path) -> list[str]:
-    return sorted({r["commit"] for p in folder.rglob("*.json") if (r := load(p))}) if folder.is_dir() else []
+    return sorted({r["commit"] for r in cell_records(folder)})
 
 
 def machine() -> str:
