@@ -121,6 +121,7 @@ def test_a_failure_anywhere_stops_every_worker_and_is_reported(tmp_path, monkeyp
 
 
 def test_no_cell_starts_after_the_deadline(tmp_path, monkeypatch):
+    monkeypatch.setattr(grid_workers, "IDLE_SECONDS", 0.01)
     log = []
     scheduler = grid_workers.Scheduler(fake_grid(tmp_path, log), tmp_path, tmp_path / "work", tmp_path,
                                        deadline=time.time() - 1)
