@@ -110,11 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     try:
         if command == "train":
-            # deferred: `bayes-adalora --help` should not wait for torch and transformers
+            config, _ = make_config(args, base=read_config_file(args.pop("config_file", None)))
+            # deferred until the settings are checked: neither `--help` nor a refused flag should wait
+            # for peft and the training code to load (about 7 s on 2 CPU cores)
             from .plots import plot_run
             from .train import train
 
-            config, _ = make_config(args, base=read_config_file(args.pop("config_file", None)))
             results = train(config, figures=plot_run)
             print(summary(results))
         elif command == "evaluate":
