@@ -23,7 +23,7 @@ def args(glue_dir, model, out, method):
     # 35 examples: each epoch ends with a batch of 3, which 2 processes share as 1 and 2 rows
     return ["train", "--task", "sst2", "--data-dir", str(glue_dir), "--model", str(model), "--method", method,
             "--max-steps", "16", "--batch-size", "16", "--max-length", "32", "--eval-steps", "8",
-            "--max-train-samples", "35", "--no-progress", "--output-dir", str(out)]
+            "--max-train-samples", "35", "--no-progress", "--no-plots", "--output-dir", str(out)]
 
 
 @pytest.mark.parametrize("method", ["bayes-adalora", "adalora"])

@@ -19,7 +19,7 @@ def test_minilm_adapter_reloads_in_plain_peft_with_the_same_dev_accuracy(tmp_pat
     out = tmp_path / "run"
     code = main(["train", "--task", "sst2", "--data-dir", str(SHARED_GLUE), "--max-steps", "24",
                  "--batch-size", "16", "--max-train-samples", "800", "--max-eval-samples", "200", "--max-length", "64",
-                 "--eval-steps", "12", "--output-dir", str(out), "--no-progress"])
+                 "--eval-steps", "12", "--output-dir", str(out), "--no-progress", "--no-plots"])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert results["total_rank"] == 4 * len(results["final_ranks"])  # target_r 4 per matrix

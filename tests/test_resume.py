@@ -19,7 +19,7 @@ STEPS = 60
 
 def run_args(glue_dir, model, out, *extra):
     return ["train", "--task", "sst2", "--data-dir", str(glue_dir), "--model", str(model), "--max-steps", str(STEPS),
-            "--max-length", "32", "--batch-size", "8", "--eval-steps", "15", "--no-progress",
+            "--max-length", "32", "--batch-size", "8", "--eval-steps", "15", "--no-progress", "--no-plots",
             "--output-dir", str(out), *extra]
 
 
