@@ -148,7 +148,6 @@ PLANS = {"cpu": Plan(TASKS, SEEDS, EXTRA_SEEDS, 64, NAME, CPU_CUT),
          "gpu": Plan(GPU_TASKS, (0, 1, 2, 3, 4), (), 256, "mini-glue-v2-gpu",
                      "The MiniLM weights travelled to the GPU as fp16 (the 64 MiB transfer limit) and were loaded "
                      "as fp32: each base weight is the packaged one rounded to fp16, unlike the CPU table's.")}
-COMMON, NOTE = common_flags(PLANS["cpu"].eval_batch), PLANS["cpu"].note  # the CPU plan's, as use_plan("cpu") sets
 
 
 def use_plan(name: str) -> None:
@@ -159,6 +158,9 @@ def use_plan(name: str) -> None:
     plan = PLANS[name]
     TASKS, SEEDS, EXTRA_SEEDS, NAME, NOTE = plan.tasks, plan.seeds, plan.extra_seeds, plan.name, plan.note
     COMMON = common_flags(plan.eval_batch)
+
+
+use_plan("cpu")  # the default; `--plan gpu` switches
 
 
 # ---------------------------------------------------------------- cells on disk
@@ -492,8 +494,9 @@ def summarize(results: Path, glue_dir: str) -> dict:
 def cost_hours(results: Path) -> dict:
     """Hours of one thread (each cell's wall time; every cell ran on one thread) spent on the cells and the
     tuning runs, and how many of each."""
+    records = {folder: cell_records(results / folder) for folder in ("cells", "tune")}
     return {folder: {"n": len(rs), "hours": sum(r.get("wall_seconds", 0) for r in rs) / 3600}
-            for folder in ("cells", "tune") for rs in [cell_records(results / folder)]}
+            for folder, rs in records.items()}
 
 
 def cell_records(folder: Path) -> list[dict]:
