@@ -18,6 +18,7 @@ from .adapters import PAPER_LAMBDA_STD, init_lambdas_normal
 from .config import DEVICE, TrainConfig, adalora_phases
 from .errors import UserError
 from .fast_adalora import enable_fast_model, enable_fast_optimizer
+from .ivon_settings import AUTO, resolve_beta2
 from .models import FAN_IN_FAN_OUT_TYPES, plan_adapter_modules, target_module_suffixes
 from .schedules import constant_warmup, linear_warmup_decay, two_phase
 from .steps import NoiseStream, make_step
@@ -91,9 +92,11 @@ def build_adapter_model(model: nn.Module, config: TrainConfig, total_steps: int,
     return model
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig, ess: float, sync: bool = False):
+def make_optimizer(model: nn.Module, config: TrainConfig, ess: float, sync: bool = False,
+                   total_steps: int | None = None):
     """IVON or AdamW over the trainable parameters, at `config.lr` (else the method's default); on the
-    fast path IVON is an `InplaceIVON` (ivon-opt's numbers, in place)."""
+    fast path IVON is an `InplaceIVON` (ivon-opt's numbers, in place). `total_steps`: the run's length,
+    which `--ivon-beta2 auto` follows."""
     params = [p for p in model.parameters() if p.requires_grad]
     lr = config.resolved_lr()
     half = next((p.dtype for p in params if p.dtype in (torch.float16, torch.bfloat16)), None)
@@ -108,11 +111,18 @@ def make_optimizer(model: nn.Module, config: TrainConfig, ess: float, sync: bool
     if config.uses_ivon:
         optimizer = ivon.IVON(
             params, lr=lr, ess=ess, hess_init=config.ivon_hess_init, beta1=config.ivon_beta1,
-            beta2=config.ivon_beta2, weight_decay=config.ivon_weight_decay, mc_samples=config.train_mc_samples,
-            clip_radius=config.ivon_clip_radius, sync=sync,
+            beta2=ivon_beta2(config, total_steps), weight_decay=config.ivon_weight_decay,
+            mc_samples=config.train_mc_samples, clip_radius=config.ivon_clip_radius, sync=sync,
         )
         return enable_fast_optimizer(optimizer) if fast_path_applies(config) else optimizer
     return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+
+
+def ivon_beta2(config: TrainConfig, total_steps: int | None) -> float:
+    """IVON's beta2 for the run: the setting, or with `auto` one that follows `total_steps`."""
+    if config.ivon_beta2 == AUTO and total_steps is None:
+        raise ValueError("--ivon-beta2 auto follows the run's length: give make_optimizer total_steps")
+    return resolve_beta2(config.ivon_beta2, total_steps or 1)
 
 
 def make_training_step(optimizer, config: TrainConfig):

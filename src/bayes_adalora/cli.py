@@ -14,6 +14,16 @@ from .config import config_fields, field_type, make_config
 from .errors import TrainingDiverged, UserError
 
 
+def number_or_auto(text: str) -> float | str:
+    """argparse's type for a setting that takes a number or `auto`."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
+
+
 def flag_kwargs(field) -> dict:
     """argparse's keywords for a TrainConfig field: its type, help, choices and default shown."""
     base = field_type(field)
@@ -24,6 +34,8 @@ def flag_kwargs(field) -> dict:
             kwargs[key] = field.metadata[key]
     if base is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
+    elif field.metadata.get("auto"):
+        kwargs.update(type=number_or_auto, metavar="{auto,NUMBER}")
     elif "nargs" in kwargs:
         kwargs["type"] = base
     elif typing.get_origin(base) is list:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from .errors import UserError
 from .importance import DEFAULT_CRITERION, POSTERIOR_CRITERIA
+from .ivon_settings import AUTO, resolve_beta2
 from .methods import METHOD_NAMES, get_method
 from .recipes import paper_recipe
 from .schedules import default_adalora_phases
@@ -151,7 +152,8 @@ class TrainConfig:
     )
     ivon_hess_init: float = _f(1.0, "IVON initial Hessian.", bounds=POSITIVE_REAL)
     ivon_beta1: float = _f(0.9, "IVON momentum.", bounds=UNIT_RIGHT_OPEN)
-    ivon_beta2: float = _f(0.99999, "IVON Hessian EMA.", bounds=UNIT_RIGHT_OPEN)
+    ivon_beta2: float | str = _f(0.99999, "IVON Hessian EMA; auto: 1 - 10/steps, a horizon of a tenth of the run "
+                                          "(so the posterior learns within it).", bounds=UNIT_RIGHT_OPEN, auto=True)
     ivon_weight_decay: float = _f(1e-8, "IVON weight decay (prior precision per example).", bounds=NON_NEGATIVE)
     ivon_clip_radius: float = _f(1e-3, "IVON elementwise update clip.", bounds=POSITIVE_REAL)
     train_mc_samples: int = _f(1, "IVON posterior samples per training step.", bounds=POSITIVE)
@@ -284,6 +286,8 @@ def check_field(f: dataclasses.Field, value, owner: type | None = None) -> None:
     """One field's value against its metadata: one of its `choices`, or a number within its `bounds`
     (finite, and whole for an int field); None passes where the field allows it. `owner`: the
     dataclass of the field (default `TrainConfig`)."""
+    if value == AUTO and f.metadata.get("auto"):
+        return
     if value is None:
         if type(None) not in typing.get_args(typing.get_type_hints(owner or TrainConfig)[f.name]):
             raise UserError(f"{flag(f.name)} needs a value, got none")
@@ -405,6 +409,7 @@ class RunPlan:
     warmup_steps: int
     eval_steps: int
     ivon_ess: float | None  # IVON methods only
+    ivon_beta2_resolved: float | None  # IVON methods only: --ivon-beta2, auto resolved for the run's length
     tinit: int | None  # AdaLoRA methods only: its phases
     tfinal: int | None
     delta_t: int | None
@@ -432,6 +437,7 @@ def plan_run(config: TrainConfig, model: str, train_examples: int, batches_per_e
         warmup_steps=warmup,
         eval_steps=config.eval_steps or max(1, total_steps // 10),
         ivon_ess=(config.ivon_ess or float(train_examples)) if config.uses_ivon else None,
+        ivon_beta2_resolved=resolve_beta2(config.ivon_beta2, total_steps) if config.uses_ivon else None,
         tinit=tinit, tfinal=tfinal, delta_t=delta_t, num_labels=spec.num_labels,
         labels=None if spec.labels is None else list(spec.labels),
     )

@@ -82,7 +82,7 @@ class IVONArguments:
     ivon_ess: float | None = like_train_config("ivon_ess")
     ivon_hess_init: float = like_train_config("ivon_hess_init")
     ivon_beta1: float = like_train_config("ivon_beta1")
-    ivon_beta2: float = like_train_config("ivon_beta2")
+    ivon_beta2: float | str = like_train_config("ivon_beta2")
     ivon_weight_decay: float = like_train_config("ivon_weight_decay")
     ivon_clip_radius: float = like_train_config("ivon_clip_radius")
     train_mc_samples: int = like_train_config("train_mc_samples")
@@ -524,6 +524,13 @@ class IVONTrainer(AdaLoraCheckpoints, Trainer):
             self._ivon_noise = NoiseStream(self.args.seed, device)
         return self._ivon_noise
 
+    def run_steps(self) -> int:
+        """The optimizer steps `train()` runs (what `--ivon-beta2 auto` follows)."""
+        if self.state.max_steps:
+            return self.state.max_steps
+        dataset = self.train_dataset
+        return trainer_max_steps(self.args, len(dataset) if hasattr(dataset, "__len__") else None)
+
     def create_optimizer(self, model=None):
         """IVON over the trainable parameters (unless one was passed in), with `sync=True` under several
         processes; for bayes-adalora, the posterior allocator; the fast path where the arguments ask for
@@ -532,7 +539,7 @@ class IVONTrainer(AdaLoraCheckpoints, Trainer):
         if self.optimizer is None:
             self._ivon_noise = None  # a new optimizer (a new train() or trial) draws from a new stream of args.seed
             self.optimizer = make_optimizer(model if model is not None else self.model, settings, self.ivon_ess(),
-                                            sync=self.args.world_size > 1)
+                                            sync=self.args.world_size > 1, total_steps=self.run_steps())
         optimizer = self.ivon_optimizer
         if self.args.world_size > 1 and optimizer.hess_approx == "price":  # ivon-opt cannot sync 'gradsq'
             optimizer.sync = True  # one passed in too: else accumulated micro-batches stay per process

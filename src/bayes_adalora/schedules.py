@@ -48,3 +48,11 @@ def default_adalora_phases(total_steps: int) -> tuple[int, int, int]:
     tfinal = int(PAPER_TFINAL_SHARE * total_steps)
     delta_t = max(1, (total_steps - tinit - tfinal) // PAPER_MASKINGS)
     return tinit, tfinal, delta_t
+
+
+def masking_steps(total_steps: int, tinit: int, tfinal: int, delta_t: int) -> tuple[int, int] | None:
+    """The first and the last step at which AdaLoRA masks by score while its budget falls: the steps after
+    `tinit` and up to `total_steps - tfinal` that `delta_t` divides (peft's `budget_schedule`); None if none."""
+    first = (tinit // delta_t + 1) * delta_t
+    last = (total_steps - tfinal) // delta_t * delta_t
+    return (first, last) if first <= last else None

@@ -27,13 +27,16 @@ PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 PROJECT = "bayes-adalora"  # the W&B project and MLflow experiment unless the environment names another
 
 
-def sigma_statistics(sigma: dict[str, torch.Tensor]) -> dict[str, float]:
-    """{"sigma/<factor>/{p01,median,p99}": value} over the posterior sigma of every P, lambda and Q entry."""
+def sigma_statistics(sigma: dict[str, torch.Tensor], overall: bool = False) -> dict[str, float]:
+    """{"sigma/<factor>/{p01,median,p99}": value} over the posterior sigma of every P, lambda and Q entry;
+    with `overall`, also "sigma/all/..." over all of them together."""
     by_factor: dict[str, list[np.ndarray]] = {}
     for name, values in sigma.items():
         role = parameter_module(name)[1]
         if role in FACTOR_TAGS:
             by_factor.setdefault(FACTOR_TAGS[role], []).append(values.detach().float().cpu().reshape(-1).numpy())
+    if overall and by_factor:
+        by_factor["all"] = [chunk for chunks in list(by_factor.values()) for chunk in chunks]
     out = {}
     for factor, chunks in by_factor.items():
         p01, median, p99 = np.percentile(np.concatenate(chunks), [1, 50, 99])

@@ -52,6 +52,7 @@ from .kinds import task_kind
 from .models import LABELS_FILE, default_model_path, label_maps
 from .predict import named_posterior_sigma
 from .run_folder import TRACKER_DIR, check_output_dir, write_json, write_outputs
+from .schedules import masking_steps
 from .tasks import get_task
 from .trackers import sigma_statistics, tracking
 
@@ -191,7 +192,7 @@ def _train(config: TrainConfig, figures: Figures | None, closing: ExitStack) -> 
     model = on_device(build_trainable_model(model, config, plan.total_steps, fresh), device)
     forward_model = procs.wrap(model)  # DDP under accelerate; peft's allocator works on `model`
     model.train()
-    optimizer = make_optimizer(model, config, plan.ivon_ess, sync=procs.world > 1)
+    optimizer = make_optimizer(model, config, plan.ivon_ess, sync=procs.world > 1, total_steps=plan.total_steps)
     training_step = make_training_step(optimizer, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(config, plan.total_steps, plan.warmup_steps))
     correlations = CorrelationLog() if config.logs_correlations else None
@@ -218,6 +219,8 @@ def _train(config: TrainConfig, figures: Figures | None, closing: ExitStack) -> 
         shutil.rmtree(out / TRACKER_DIR, ignore_errors=True)
 
     history = done.history
+    sigma_steps = (masking_steps(plan.total_steps, plan.tinit, plan.tfinal, plan.delta_t) or ()) \
+        if config.uses_ivon and config.uses_adalora else ()
     tracker = (closing.enter_context(tracking(config.report_to, out, settings))
                if procs.is_main else None)
     bar = tqdm(total=plan.total_steps, initial=done.step, disable=not (config.progress and procs.is_main),
@@ -254,6 +257,9 @@ def _train(config: TrainConfig, figures: Figures | None, closing: ExitStack) -> 
             history["loss"].append(loss)
             history["lr"].append(lr_now)
             history["budget"].append(budget)
+            if step in sigma_steps:  # the posterior's spread where the ranks are first and last decided
+                history.setdefault("sigma", []).append(
+                    {"step": step, **sigma_statistics(named_posterior_sigma(model, optimizer), overall=True)})
             if tracker is not None:
                 allocated = allocated and step <= plan.total_steps - plan.tfinal and config.uses_ivon
                 sigma = sigma_statistics(named_posterior_sigma(model, optimizer)) if allocated else {}

@@ -1,0 +1,109 @@
+"""A first screen of IVON settings for a posterior that moves within a short run, on held-out data.
+
+Each arm is one `bayes-adalora train` run on a held-out 10% of a task's *training* file (the split of
+`mini_glue_v2.heldout_dir`; the dev sets are not looked at), seed 100, with the posterior predictive over
+16 draws at the end. Per run it keeps the task metrics, ECE/NLL/Brier (point and MC) and the spread of
+IVON's sigma (p01, median, p99 over every P, lambda and Q entry) at the first and the last masking step.
+A run whose JSON exists is skipped, so the screen resumes.
+
+    python benchmarks/ivon_screen.py --glue-dir ../shared/data/glue --work /tmp/screen [--jobs 2]
+    python benchmarks/ivon_screen.py --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from mini_glue_v2 import git_commit, heldout_dir  # noqa: E402
+
+RESULTS = HERE / "results" / "ivon-screen"
+STEPS, MAX_LENGTH, SEED, MC = 200, 64, 100, 16
+TASKS = {"mrpc": [], "sst2": ["--max-eval-samples", "2000"]}
+# arm -> flags; the v2 settings are the defaults of the commit the screen started at
+ARMS = {
+    "adalora": ["--method", "adalora", "--no-log-correlations"],
+    "v2": [],
+    "beta2-auto": ["--ivon-beta2", "auto"],
+    "beta2-auto-wd1e-2": ["--ivon-beta2", "auto", "--ivon-weight-decay", "1e-2"],
+    "beta2-auto-wd1e-1": ["--ivon-beta2", "auto", "--ivon-weight-decay", "0.1"],
+}
+IVON_FLAGS = ["--mc-samples", str(MC)]
+
+
+def run(task: str, arm: str, glue: Path, work: Path) -> dict | None:
+    path = RESULTS / f"{task}-{arm}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    out = work / f"{task}-{arm}"
+    args = ["train", "--task", task, "--seed", str(SEED), "--max-steps", str(STEPS), "--max-length", str(MAX_LENGTH),
+            "--eval-steps", str(STEPS), "--data-dir", str(heldout_dir(work, glue, task)), "--output-dir", str(out),
+            "--overwrite", "--no-plots", "--no-progress", *TASKS[task], *ARMS[arm]]
+    if arm != "adalora":
+        args += IVON_FLAGS
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(HERE.parent / "src")}
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-m", "bayes_adalora.cli", *args], env=env, capture_output=True, text=True)
+    record = {"task": task, "arm": arm, "command": " ".join(["bayes-adalora", *args]), "commit": git_commit(),
+              "wall_seconds": round(time.time() - start, 1)}
+    if proc.returncode != 0:
+        record["failed"] = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
+    else:
+        results = json.loads((out / "results.json").read_text())
+        history = json.loads((out / "history.json").read_text())
+        record.update(metrics=results["metrics"], sigma=history.get("sigma", []),
+                      loss_curve=history["loss"][:: max(1, STEPS // 20)])
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def report() -> str:
+    lines = ["| task | arm | accuracy | f1 | ECE point / MC | NLL point / MC | sigma p99/p01 first / last mask |",
+             "|---|---|---|---|---|---|---|"]
+    for task in TASKS:
+        for arm in ARMS:
+            path = RESULTS / f"{task}-{arm}.json"
+            if not path.exists():
+                continue
+            r = json.loads(path.read_text())
+            if "failed" in r:
+                lines.append(f"| {task} | {arm} | failed: {r['failed']} | | | | |")
+                continue
+            final, mc = r["metrics"]["final"], r["metrics"].get("mc", {})
+            ratio = " / ".join(f"{s['sigma/all/p99'] / s['sigma/all/p01']:.2f}" for s in r["sigma"]) or "-"
+            fmt = lambda d, k: f"{d[k]:.4f}" if k in d else "-"  # noqa: E731
+            lines.append(f"| {task} | {arm} | {fmt(final, 'accuracy')} | {fmt(final, 'f1')} | "
+                         f"{fmt(final, 'ece')} / {fmt(mc, 'ece')} | {fmt(final, 'nll')} / {fmt(mc, 'nll')} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--glue-dir", type=Path, default=Path(os.environ.get("GLUE_DIR", "../shared/data/glue")))
+    parser.add_argument("--work", type=Path, default=Path("/tmp/ivon-screen"))
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--report", action="store_true")
+    args = parser.parse_args()
+    if not args.report:
+        todo = [(t, a) for t in TASKS for a in ARMS]
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(lambda ta: run(*ta, args.glue_dir, args.work), todo))
+    text = report()
+    (RESULTS.parent / "ivon-screen.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
