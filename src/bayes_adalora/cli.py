@@ -34,7 +34,7 @@ def flag_kwargs(field) -> dict:
             kwargs[key] = field.metadata[key]
     if base is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
-    elif field.metadata.get("auto"):
+    elif getattr(field.metadata.get("bounds"), "auto", False):
         kwargs.update(type=number_or_auto, metavar="{auto,NUMBER}")
     elif "nargs" in kwargs:
         kwargs["type"] = base

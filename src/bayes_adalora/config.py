@@ -41,6 +41,7 @@ class Bounds:
     high_open: bool = False
     off: float | None = None
     why: str = ""  # said after the refusal
+    auto: bool = False  # the field also takes "auto", resolved when the run is planned
 
     def contains(self, value: float) -> bool:
         if self.off is not None and value == self.off:
@@ -153,7 +154,8 @@ class TrainConfig:
     ivon_hess_init: float = _f(1.0, "IVON initial Hessian.", bounds=POSITIVE_REAL)
     ivon_beta1: float = _f(0.9, "IVON momentum.", bounds=UNIT_RIGHT_OPEN)
     ivon_beta2: float | str = _f(0.99999, "IVON Hessian EMA; auto: 1 - 10/steps, a horizon of a tenth of the run "
-                                          "(so the posterior learns within it).", bounds=UNIT_RIGHT_OPEN, auto=True)
+                                          "(so the posterior learns within it).",
+                                bounds=dataclasses.replace(UNIT_RIGHT_OPEN, auto=True))
     ivon_weight_decay: float = _f(1e-8, "IVON weight decay (prior precision per example).", bounds=NON_NEGATIVE)
     ivon_clip_radius: float = _f(1e-3, "IVON elementwise update clip.", bounds=POSITIVE_REAL)
     train_mc_samples: int = _f(1, "IVON posterior samples per training step.", bounds=POSITIVE)
@@ -286,7 +288,7 @@ def check_field(f: dataclasses.Field, value, owner: type | None = None) -> None:
     """One field's value against its metadata: one of its `choices`, or a number within its `bounds`
     (finite, and whole for an int field); None passes where the field allows it. `owner`: the
     dataclass of the field (default `TrainConfig`)."""
-    if value == AUTO and f.metadata.get("auto"):
+    if value == AUTO and getattr(f.metadata.get("bounds"), "auto", False):
         return
     if value is None:
         if type(None) not in typing.get_args(typing.get_type_hints(owner or TrainConfig)[f.name]):
