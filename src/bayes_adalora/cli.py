@@ -12,6 +12,7 @@ from pathlib import Path
 from . import __version__
 from .config import config_fields, field_type, make_config
 from .errors import TrainingDiverged, UserError
+from .paths import require_file
 
 
 def flag_kwargs(field) -> dict:
@@ -152,8 +153,7 @@ def read_config_file(path: str | None) -> dict | None:
     if path is None:
         return None
     file = Path(path)
-    if not file.is_file():
-        raise UserError(f"--config {file}: no such file")
+    require_file(file, "--config")
     try:
         values = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

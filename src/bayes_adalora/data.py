@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
 from .errors import UserError
+from .paths import require_file, require_folder
 from .tasks import TaskSpec, check_own_files, class_order, data_task_spec, get_task
 
 HUB_DATASET = "nyu-mll/glue"
@@ -55,10 +56,7 @@ class TaskData:
 
 def _read_text(path: Path) -> str:
     """The file's text, refusing missing, binary, non-UTF-8 and empty files."""
-    if not path.exists():
-        raise UserError(f"data file {path} does not exist")
-    if not path.is_file():
-        raise UserError(f"data file {path} is a folder, not a file")
+    require_file(path, "data file")
     raw = path.read_bytes()
     encoding = "utf-8-sig"  # -sig: MRPC's header starts with a BOM
     if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # what some editors save as "Unicode"
@@ -269,9 +267,7 @@ def _parquet_records(path: Path, columns: Sequence[str], optional: str | None = 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if not path.is_file():
-        raise UserError(f"data file {path} does not exist" if not path.exists() else f"data file {path} is a folder, "
-                        f"not a file")
+    require_file(path, "data file")
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as err:
@@ -415,8 +411,7 @@ def load_hub(spec: TaskSpec) -> tuple[TextDataset, dict[str, TextDataset]]:
 
 def _task_dir(spec: TaskSpec, data_dir: Path) -> Path:
     """The folder holding the task's TSV files: `data_dir/<glue_dir>`, or `data_dir` itself."""
-    if not data_dir.is_dir():
-        raise UserError(f"the GLUE data folder {data_dir} does not exist")
+    require_folder(data_dir, "the GLUE data folder")
     for folder in (data_dir / spec.glue_dir, data_dir):
         if (folder / "train.tsv").is_file():
             return folder

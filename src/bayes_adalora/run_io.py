@@ -39,8 +39,9 @@ from .errors import UserError
 from .evaluation import mc_predictive, point_predictive, predictive_metrics
 from .kinds import task_kind
 from .methods import get_method
+from .paths import FOLDER, path_kind
 from .predict import predict, predict_sampled
-from .run_folder import SavedRun, read_run
+from .run_folder import SavedRun, check_new_file, read_run
 from .tasks import LMTaskSpec, TaskSpec
 
 # ----------------------------------------------------------------------------- the model
@@ -220,12 +221,10 @@ def load_eval_data(run: SavedRun, data_dir: str | None, data_file: str | None, s
 
 
 def check_predictions_path(path: Path) -> None:
-    """Refuse, before any work, a predictions path that cannot be written."""
-    if path.is_dir():
+    """Refuse, before any work, a predictions path that cannot be written or where something already is."""
+    if path_kind(path) == FOLDER:
         raise UserError(f"--predictions {path} is a folder: give a file name")
-    parent = next((p for p in (path.parent, *path.parent.parents) if p.exists()), Path("."))
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise UserError(f"--predictions {path}: {parent} cannot be written to")
+    check_new_file(path, "--predictions")
 
 
 def write_predictions(path: Path, spec: TaskSpec, splits: dict[str, EvalSplit], predictive: dict) -> None:
