@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
 import json
 import sys
 import typing
@@ -10,7 +12,7 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from .config import config_fields, field_type, make_config
+from .config import RunPlan, config_fields, field_type, make_config
 from .errors import TrainingDiverged, UserError
 from .paths import require_file
 
@@ -148,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def read_config_file(path: str | None) -> dict | None:
     """The settings of a --config file: a run's config.json, or any JSON object of TrainConfig fields
-    (keys that are not fields, such as the plan's total_steps, are left out, and so are --resume and
-    --overwrite)."""
+    (the plan's keys a run's config.json adds, such as total_steps, are left out, and so are --resume and
+    --overwrite; any other key is refused, naming the setting it may misspell)."""
     if path is None:
         return None
     file = Path(path)
@@ -160,7 +162,15 @@ def read_config_file(path: str | None) -> dict | None:
         raise UserError(f"--config {file} is not a JSON file ({err})") from None
     if not isinstance(values, dict):
         raise UserError(f"--config {file} must hold a JSON object of settings, not a {type(values).__name__}")
-    names = {f.name for f in config_fields()} - {"resume", "overwrite"}  # how to run, not what: give them anew
+    fields = {f.name for f in config_fields()}
+    known = fields | {f.name for f in dataclasses.fields(RunPlan)} | {"derived"}  # a run's config.json holds its plan
+    unknown = sorted(set(values) - known)
+    if unknown:  # a misspelled key would otherwise leave its setting at the default, unsaid
+        near = difflib.get_close_matches(unknown[0], sorted(fields), n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise UserError(f"--config {file}: unknown setting {unknown[0]!r}{hint}; a config file holds TrainConfig's "
+                        f"settings as a run's config.json names them")
+    names = fields - {"resume", "overwrite"}  # how to run, not what: give them anew
     names.add("derived")  # what the run derived, make_config derives again
     return {k: v for k, v in values.items() if k in names}
 

@@ -1,8 +1,10 @@
 """The run configuration: one dataclass whose fields carry their help text and their allowed values,
 serving the CLI and the API, valid by construction; and the run plan resolved from it once.
 
-A field's metadata says what it accepts: `choices`, or for a number its `bounds` (finite always; an
-integer where the field is an int). `TrainConfig.__post_init__` checks every field against it and the
+A field says what it accepts: `choices` in its metadata, or for a number its bounds (finite always; an
+integer where the field is an int), declared with the field and kept beside it (`bounds_of`): the metadata
+holds only keys argparse takes, so transformers' `HfArgumentParser` reads the dataclasses built on these
+fields. `TrainConfig.__post_init__` checks every field against it and the
 fields against each other, so a config that exists is valid, whether built by the CLI or in Python.
 """
 
@@ -68,8 +70,15 @@ UNIT_OPEN = Bounds(low=0, high=1, low_open=True, high_open=True)
 UNIT_RIGHT_OPEN = Bounds(low=0, high=1, high_open=True)
 
 
-def _f(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
+_BOUNDS_OF_FIELD: dict[int, Bounds] = {}  # id of a field object -> its bounds, named in FIELD_BOUNDS below
+
+
+def _f(default, help: str, bounds: Bounds | None = None, **kw):
+    """A field with its help (and argparse's `choices`) as metadata; its bounds kept beside it."""
+    made = field(default=default, metadata={"help": help, **kw})
+    if bounds is not None:
+        _BOUNDS_OF_FIELD[id(made)] = bounds
+    return made
 
 
 @dataclass
@@ -231,6 +240,9 @@ class TrainConfig:
         if self.load_in and method.adapter is None:
             raise UserError(f"--load-in {self.load_in} quantizes the frozen base under an adapter; --method full "
                             f"trains every weight and cannot train quantized ones")
+        if self.criterion != DEFAULT_CRITERION and not method.reads_posterior:  # the default: no criterion read
+            raise UserError(f"--criterion {self.criterion} reads IVON's posterior and needs --method bayes-adalora, "
+                            f"not {self.method}")
         if self.lambda_init != "zero" and not method.uses_adalora:
             raise UserError(f"--lambda-init sets AdaLoRA's lambda and needs an AdaLoRA method, not {self.method}")
 
@@ -280,6 +292,16 @@ def coerce_field(obj, f: dataclasses.Field) -> None:
         setattr(obj, f.name, list(value))
 
 
+# the bounds of TrainConfig's number fields by name (the dataclass holds the field objects _f made)
+FIELD_BOUNDS: dict[str, Bounds] = {f.name: _BOUNDS_OF_FIELD[id(f)] for f in dataclasses.fields(TrainConfig)
+                                   if id(f) in _BOUNDS_OF_FIELD}
+
+
+def bounds_of(f: dataclasses.Field) -> Bounds | None:
+    """The bounds of a number field (of `TrainConfig`, or a field made like one: same name), None for others."""
+    return FIELD_BOUNDS.get(f.name)
+
+
 def check_field(f: dataclasses.Field, value, owner: type | None = None) -> None:
     """One field's value against its metadata: one of its `choices`, or a number within its `bounds`
     (finite, and whole for an int field); None passes where the field allows it. `owner`: the
@@ -301,7 +323,7 @@ def check_field(f: dataclasses.Field, value, owner: type | None = None) -> None:
         raise UserError(
             f"unknown {f.name.replace('_', ' ')} {value!r}: choose one of {', '.join(f.metadata['choices'])}"
         )
-    bounds = f.metadata.get("bounds")
+    bounds = bounds_of(f)
     if bounds is None:
         return
     integer = kind is int
@@ -351,6 +373,8 @@ def make_config(given: dict, base: dict | None = None) -> tuple[TrainConfig, set
         values = {**kept, **recipe, **given}  # --recipe paper beside a file of another run: the recipe over it
     else:
         values = {**recipe, **stated}
+    if "criterion" not in given and not get_method(values.get("method", fields["method"].default)).reads_posterior:
+        values.pop("criterion", None)  # a --config file's criterion is not read by another method: not carried over
     config = TrainConfig(**values)
     if "criterion" in given and not config.method_spec.reads_posterior:
         raise UserError(

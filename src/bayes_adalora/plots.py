@@ -274,6 +274,8 @@ PLOTS = {"ranks.png": plot_ranks, "training.png": plot_training, "sigma.png": pl
          "correlations.png": plot_correlations}
 
 
+PLOT_SOURCES = {"ranks.png": "results.json", "training.png": "history.json", "sigma.png": "posterior.safetensors",
+                "correlations.png": "correlations.json"}  # the file each figure is drawn from
 FIGURE_SOFTWARE = "bayes-adalora"  # in each PNG's Software text chunk: a later plot may replace the figure
 
 
@@ -303,7 +305,11 @@ def plot_run(folder: str | Path, output_dir: str | Path | None = None) -> list[P
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, plot in PLOTS.items():
-        figure = plot(run)
+        try:
+            figure = plot(run)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as err:  # a file of the wrong shape
+            raise UserError(f"{run.folder / PLOT_SOURCES[name]} does not hold what a run writes there "
+                            f"({type(err).__name__}: {err}): the run is damaged; train it again") from None
         if figure is not None:
             figure.savefig(out / name, metadata={"Software": FIGURE_SOFTWARE})
             written.append(out / name)

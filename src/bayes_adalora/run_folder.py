@@ -239,12 +239,25 @@ class SavedRun:
     def json(self, name: str) -> dict | None:
         """One of the run's JSON files (history.json, correlations.json), None where the run has none."""
         path = self.folder / name
-        return json.loads(path.read_text()) if path.is_file() else None
+        return read_run_json(path) if path.is_file() else None
 
     def posterior(self, kind: str) -> dict[str, torch.Tensor] | None:
         """posterior.safetensors' `<name>.<kind>` tensors (kind: mean, hess, sigma) by parameter name, or None."""
         path = self.folder / POSTERIOR_FILE
         return read_posterior(path, kind) if path.is_file() else None
+
+
+def read_run_json(path: Path) -> dict:
+    """One JSON object of a run's files, refusing a malformed, non-UTF-8 or non-object file in one sentence."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}, line {err.lineno}: the JSON is malformed ({err.msg})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text: it is not a run's {path.name}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} holds a JSON {type(value).__name__}, not the object a run's {path.name} is")
+    return value
 
 
 def read_run(folder: str | Path) -> SavedRun:
@@ -256,14 +269,7 @@ def read_run(folder: str | Path) -> SavedRun:
         path = folder / name
         if not path.is_file():
             raise UserError(f"{folder} is not a finished run: it has no {name}")
-        try:
-            files[name] = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}, line {err.lineno}: the JSON is malformed ({err.msg})") from None
-        except UnicodeDecodeError:
-            raise UserError(f"{path} is not UTF-8 text: it is not a run's {name}") from None
-        if not isinstance(files[name], dict):
-            raise UserError(f"{path} holds a JSON {type(files[name]).__name__}, not the object a run's {name} is")
+        files[name] = read_run_json(path)
     run = SavedRun(folder, files["config.json"], files["results.json"])
     run.require("task", "method")
     run.config  # noqa: B018 - refused here, in one sentence, if config.json does not hold a valid configuration

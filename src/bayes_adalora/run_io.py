@@ -285,6 +285,7 @@ def evaluate_run(run_dir: str | Path, data_dir: str | None = None, data_file: st
         if value is not None:
             check_field(fields[name], value)
     run = read_run(run_dir)
+    resolve_device(device)  # a device this machine lacks is refused before any data or model is read
     if isinstance(run.spec, LMTaskSpec):
         return evaluate_lm_run(run, data_dir, data_file, split, mc_samples, predictions, seed, device, max_eval_samples)
     spec, config = run.spec, run.config
