@@ -21,7 +21,7 @@ import torch
 from transformers import DataCollatorWithPadding
 
 from .config import TrainConfig, data_dir_of
-from .data import TaskData, encode, load_task_data, make_loader
+from .data import TaskData, check_scorable, encode, load_task_data, make_loader
 from .errors import UserError
 from .lm_data import (
     ChoiceDataset,
@@ -84,6 +84,7 @@ class ClassifierKind:
         for ds in data.dev.values():
             if config.max_eval_samples:
                 ds.texts, ds.labels = ds.texts[: config.max_eval_samples], ds.labels[: config.max_eval_samples]
+            check_scorable(data.spec, ds)
         return data
 
     def load_model(self, name: str, config: TrainConfig, device: torch.device):

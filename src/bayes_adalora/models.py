@@ -4,7 +4,9 @@ how a sequence classifier or a causal LM is loaded."""
 from __future__ import annotations
 
 import functools
+import os
 import re
+from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
@@ -12,6 +14,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .errors import UserError
+from .paths import path_kind
 from .tasks import TaskSpec
 
 # Module-name suffixes AdaLoRA adapts, per `config.model_type`: the attention projections and every
@@ -105,11 +108,22 @@ def label_maps(spec: TaskSpec) -> dict:
     return {"id2label": dict(enumerate(spec.labels)), "label2id": {name: i for i, name in enumerate(spec.labels)}}
 
 
+def check_local_model(name: str) -> None:
+    """Refuse a model named by a path (absolute, ./ ../ ~/, or two folders deep or more: no hub name is) that
+    is not a folder: transformers would otherwise take it for a hub name and retry the hub for about a minute."""
+    local = os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
+    if local and not os.path.isdir(os.path.expanduser(name)):
+        raise UserError(f"model {name!r} is a path, and {path_kind(Path(os.path.expanduser(name)))} is there: "
+                        f"a model folder was moved or deleted (a run's base model is named in its config.json); "
+                        f"put it back, or name the model anew")
+
+
 def load_model(name: str, spec: TaskSpec, trust_remote_code: bool):
     """(tokenizer, model for sequence classification, newly initialised module names); the model's
     config names the classes (`id2label`, `label2id`), so a saved config carries them."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    check_local_model(name)
     if spec.labels == ():
         raise UserError(f"task {spec.name!r} takes its classes from its training file, and none was read "
                         f"(data.load_task_data gives the task with its classes)")
@@ -244,6 +258,7 @@ def load_causal_lm(name: str, trust_remote_code: bool, device: torch.device,
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_local_model(name)
     quantized = quantization_config(load_in, device)
     kwargs = dict(trust_remote_code=trust_remote_code, dtype=torch.bfloat16 if bf16_base else torch.float32)
     if quantized is not None:

@@ -24,6 +24,7 @@ from .config import check_field, config_fields
 from .data import (
     TextDataset,
     check_header,
+    check_scorable,
     column_index,
     encode,
     load_task_data,
@@ -214,6 +215,9 @@ def load_eval_data(run: SavedRun, data_dir: str | None, data_file: str | None, s
             n = max_eval_samples
             s.data = dataclasses.replace(s.data, texts=s.data.texts[:n], labels=s.data.labels[:n])
             s.index = s.index[:max_eval_samples]
+    for s in splits.values():
+        if s.labeled:
+            check_scorable(spec, s.data)
     return splits
 
 
