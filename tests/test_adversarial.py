@@ -420,3 +420,269 @@ def test_posterior_predictive_refuses_an_optimizer_without_a_posterior(optimizer
 
     with pytest.raises(UserError, match=f"the optimizer is torch.optim.*{optimizer}, not IVON: it keeps no posterior"):
         posterior_predictive(Wrapped(), opt, {"x": torch.ones(1, 3)})
+
+
+# ----------------------------------------------------------------------------- wrong results: files read as they say
+
+
+def own_files(tmp_path: Path, train_rows: list[dict], dev_rows: list[dict] | None = None, suffix: str = ".jsonl"):
+    """--train-file and --validation-file of the user's own data, as JSON Lines (or a JSON list)."""
+    paths = []
+    for name, rows in (("train", train_rows), ("dev", dev_rows if dev_rows is not None else train_rows)):
+        path = tmp_path / f"{name}{suffix}"
+        lines = [json.dumps(r, ensure_ascii=False) if isinstance(r, dict) else r for r in rows]
+        path.write_text("\n".join(lines) + "\n" if suffix == ".jsonl" else "[" + ", ".join(lines) + "]\n",
+                        encoding="utf-8")
+        paths.append(path)
+    return paths
+
+
+TWICE = {
+    "a label given twice (.jsonl)": (".jsonl", "classification", '{"text": "a", "label": "pos", "label": "neg"}',
+                                     "line 3: the key 'label' is given twice"),
+    "a text given twice (.json)": (".json", "classification", '{"text": "a", "text": "b", "label": "pos"}',
+                                   "item 3: the key 'text' is given twice"),
+    "a causal-LM text given twice": (".jsonl", "causal-lm", '{"text": "a b", "text": "c d"}',
+                                     "line 3: the key 'text' is given twice"),
+    "a multiple-choice answer given twice": (".jsonl", "multiple-choice",
+                                             '{"question": "q", "choices": ["a", "b"], "answer": 0, "answer": 1}',
+                                             "line 3: the key 'answer' is given twice"),
+}
+
+
+@pytest.mark.parametrize("case", TWICE)
+def test_a_key_given_twice_in_a_row_is_refused_naming_the_line(case, tmp_path, capfd):
+    suffix, task, bad, words = TWICE[case]
+    good = {"classification": ['{"text": "x", "label": "pos"}', '{"text": "y", "label": "neg"}'],
+            "causal-lm": ['{"text": "x y"}', '{"text": "y z"}'],
+            "multiple-choice": ['{"question": "q", "choices": ["a", "b"], "answer": 0}'] * 2}[task]
+    train, dev = own_files(tmp_path, [*good, bad], good, suffix)
+    line = refused(capfd, ["train", "--task", task, "--train-file", train, "--validation-file", dev,
+                           "--output-dir", tmp_path / "run"])
+    assert line == (f"bayes-adalora: error: {train}, {words}, and JSON readers keep only one of them; "
+                    f"give each key once")
+
+
+@pytest.mark.parametrize("first, second, reads_as", [
+    ("1", "01", "number"), ("1", "+1", "number"), ("yes", "yes\u200b", "text"), ("A", "\uff21", "text"),  # full-width A
+    ("10", "1.0e1", None),  # a number with a decimal point or an exponent: one class by design, as 3 and 3.0
+])
+def test_class_names_that_read_the_same_are_refused(first, second, reads_as, tmp_path):
+    from bayes_adalora.data import load_task_data
+    from bayes_adalora.errors import UserError
+
+    rows = [{"text": "a", "label": first}, {"text": "b", "label": second}, {"text": "c", "label": "other"}]
+    train, dev = own_files(tmp_path, rows)
+    if reads_as is None:
+        data = load_task_data("classification", train_file=train, validation_file=dev)
+        assert data.spec.labels == ("10", "other") and data.train.labels == [0, 0, 1]
+        return
+    with pytest.raises(UserError) as err:
+        load_task_data("classification", train_file=train, validation_file=dev)
+    a, b = sorted((first, second), key=lambda n: (float(n), n) if reads_as == "number" else (0.0, n))  # class order
+    assert str(err.value) == (f"{train}, column 'label': the labels {a!r} and {b!r} read as the same "
+                              f"{reads_as} but are spelled differently, so they would be two classes; write each "
+                              f"class one way")
+
+
+def test_text_and_labels_are_read_in_one_normal_form(tmp_path):
+    """NFC: 'café' typed as one code point or as 'e' and a combining accent is one text, one class."""
+    import unicodedata
+
+    from bayes_adalora.data import load_task_data
+
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    assert composed != decomposed and unicodedata.normalize("NFC", decomposed) == composed
+    rows = [{"text": decomposed, "label": composed}, {"text": composed, "label": decomposed},
+            {"text": "tea", "label": "other"}]
+    train, dev = own_files(tmp_path, rows)
+    data = load_task_data("classification", train_file=train, validation_file=dev)
+    assert data.spec.labels == ("caf\u00e9", "other")
+    assert data.train.texts == [(composed,), (composed,), ("tea",)] and data.train.labels == [0, 0, 1]
+
+
+@pytest.mark.parametrize("columns, words", [
+    (["--text-columns", "label"], "the label column 'label' is also a text column"),
+    (["--text-columns", "text", "label"], "the label column 'label' is also a text column"),
+    (["--text-columns", "text", "--label-column", "text"], "the label column 'text' is also a text column"),
+    (["--text-columns", "text", "text"], "the text column 'text' is named twice"),
+])
+def test_a_column_read_as_text_and_as_label_is_refused(columns, words, tmp_path, capfd):
+    train, dev = own_files(tmp_path, [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}])
+    line = refused(capfd, ["train", "--task", "classification", "--train-file", train, "--validation-file", dev,
+                           *columns, "--output-dir", tmp_path / "run"])
+    assert line.startswith(f"bayes-adalora: error: {words}")
+
+
+@pytest.mark.parametrize("row, words", [
+    ({"prompt": "the sky is", "text": "blue"}, "the row gives 'text' and 'prompt'"),
+    ({"text": "the sky is blue", "completion": " blue"}, "the row gives 'text' and 'completion'"),
+    ({"prompt": "the sky is"}, "a causal-LM example needs a 'text' column, or 'prompt' and 'completion' columns "
+                               "(it has 'prompt')"),
+    ({"completion": " blue"}, "a causal-LM example needs a 'text' column, or 'prompt' and 'completion' columns "
+                              "(it has 'completion')"),
+])
+def test_a_causal_lm_row_that_mixes_its_forms_is_refused(row, words, tmp_path):
+    from bayes_adalora.errors import UserError
+    from bayes_adalora.lm_data import read_completion_file
+
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(UserError) as err:
+        read_completion_file(path)
+    assert str(err.value).startswith(f"{path}, line 2: {words}")
+
+
+def test_a_causal_lm_csv_with_both_forms_reads_each_row_by_the_cells_it_fills(tmp_path):
+    from bayes_adalora.lm_data import read_completion_file
+
+    path = tmp_path / "train.csv"
+    path.write_text("text,prompt,completion\nthe sky is blue,,\n,the sky is, blue\n")
+    data = read_completion_file(path)
+    assert (data.prompts, data.completions) == (["", "the sky is"], ["the sky is blue", " blue"])
+
+
+@pytest.mark.parametrize("key, near", [("max_step", "max_steps"), ("lr_schedul", "lr_schedule"),
+                                       ("methdo", "method"), ("zzz", None)])
+def test_a_misspelled_key_in_a_config_file_is_refused_naming_the_near_setting(key, near, tmp_path, capfd):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"task": "sst2", key: 3}))
+    line = refused(capfd, ["train", "--config", config, "--output-dir", tmp_path / "run"])
+    hint = f" (did you mean {near!r}?)" if near else ""
+    assert line == (f"bayes-adalora: error: --config {config}: unknown setting {key!r}{hint}; a config file holds "
+                    f"TrainConfig's settings as a run's config.json names them")
+
+
+def test_a_runs_own_config_json_is_read_back_whole(run, tmp_path, glue_dir, tiny_deberta):
+    again = tmp_path / "again"
+    assert main(["train", "--config", str(run / "config.json"), "--output-dir", str(again)]) == 0
+    assert json.loads((again / "results.json").read_text())["metrics"] == \
+        json.loads((run / "results.json").read_text())["metrics"]
+
+
+@pytest.mark.parametrize("where", ["own dev file", "STS-B cut to one example", "evaluate's data file"])
+def test_constant_regression_labels_are_refused_not_scored_as_null(where, glue_dir, tiny_deberta, tmp_path, capfd):
+    out = tmp_path / "run"
+    if where == "own dev file":
+        rows = [{"text": f"row {i}", "label": 0.5 * i} for i in range(8)]
+        train, dev = own_files(tmp_path, rows, [{"text": f"row {i}", "label": 2.5} for i in range(4)])
+        args = ["train", "--task", "regression", "--model", tiny_deberta, "--train-file", train, "--validation-file",
+                dev, "--max-steps", "2", "--max-length", "16", "--output-dir", out, "--no-progress", "--no-plots"]
+        source, value, n = dev, "2.5", 4
+    else:
+        args = ["train", "--task", "stsb", "--data-dir", glue_dir, "--model", tiny_deberta, "--max-steps", "2",
+                "--max-length", "16", "--output-dir", out, "--no-progress", "--no-plots", "--max-eval-samples", "1"]
+        source, value, n = glue_dir / "STS-B" / "dev.tsv", "0.5", 1
+    if where == "evaluate's data file":
+        assert main([str(a) for a in args[:-2]]) == 0  # the run on the whole dev set
+        data = tmp_path / "flat.jsonl"
+        data.write_text("".join(json.dumps({"sentence1": "a", "sentence2": "b", "label": 1.0}) + "\n"
+                                for _ in range(3)))
+        args, source, value, n = ["evaluate", out, "--data-file", data, "--device", "cpu"], data, "1", 3
+    line = refused(capfd, args)
+    assert line == (f"bayes-adalora: error: {source}: every label is {value} in the {n} examples evaluated, and the "
+                    f"correlation of a constant is undefined; evaluate on examples with two or more different labels")
+
+
+# ----------------------------------------------------------------------------- messages that send the right way
+
+
+@pytest.mark.parametrize("task, max_length", [("causal-lm", 1), ("multiple-choice", 1)])
+def test_no_token_to_predict_is_said_so_not_diverged(task, max_length, tiny_lms, tmp_path, capfd):
+    data = tiny_lms["data"]
+    line = refused(capfd, ["train", "--task", task, "--model", tiny_lms["gpt2"], "--train-file",
+                           data / f"{task}-train.jsonl", "--validation-file", data / f"{task}-dev.jsonl",
+                           "--max-steps", "2", "--max-length", str(max_length), "--output-dir", tmp_path / "run",
+                           "--no-progress", "--no-plots"])
+    assert "hold no token to predict at --max-length 1" in line and line.endswith("give --max-length 2 or more")
+    assert "diverged" not in line and "--lr" not in line
+
+
+def test_a_one_token_text_without_a_context_token_has_nothing_to_predict():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from bayes_adalora.errors import UserError
+    from bayes_adalora.lm_data import CompletionDataset, encode_completions
+
+    tok = Tokenizer(models.WordLevel({"red": 0, "green": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")  # no BOS, no EOS
+    data = CompletionDataset(["", ""], ["red green", "red"], "train.jsonl")
+    with pytest.raises(UserError, match=r"^1 of 2 sequences of train.jsonl hold no token to predict at --max-length "
+                                        r"8 .*: give each a prompt, or a text of two tokens or more$"):
+        encode_completions(data, tokenizer, 8, eos=True)
+
+
+@pytest.mark.parametrize("label", ["1e200", "-1e30", "1e19"])
+def test_regression_labels_too_large_for_float32_are_refused_not_diverged(label, tmp_path, capfd, tiny_deberta):
+    rows = [{"text": f"row {i}", "label": float(i)} for i in range(4)]
+    train, dev = own_files(tmp_path, [*rows, {"text": "big", "label": float(label)}], rows)
+    line = refused(capfd, ["train", "--task", "regression", "--model", tiny_deberta, "--train-file", train,
+                           "--validation-file", dev, "--output-dir", tmp_path / "run"])
+    assert line == (f"bayes-adalora: error: {train}, line 5: label {float(label)!r} is too large to train on: training "
+                    f"squares it in float32, which holds at most 3.4e38; rescale the labels (e.g. divide them by a "
+                    f"power of 10)")
+
+
+def test_a_resume_after_the_training_data_grew_names_the_data(run, glue_dir, tiny_deberta, tmp_path, capfd):
+    grown = tmp_path / "glue"
+    shutil.copytree(glue_dir, grown)
+    train = grown / "SST-2" / "train.tsv"
+    train.write_text(train.read_text() + "one more film , quite good\t1\n")
+    checkpoint = run / "checkpoints" / "step-0000001"
+    line = refused(capfd, train_argv(grown, tiny_deberta, tmp_path / "resumed", "--save-steps", "1", "--resume",
+                                     checkpoint))
+    assert f"the checkpoint {checkpoint} was trained on other training data (64 examples there, 65 here)" in line
+    assert "--ivon-ess" not in line
+
+
+@pytest.mark.parametrize("gone", ["deleted", "a file now", "relative path"])
+def test_a_base_model_that_is_gone_is_refused_at_once_not_retried_on_the_hub(gone, run, tmp_path, capfd,
+                                                                             monkeypatch):
+    import time
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # as a user's shell: the hub would be tried
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    config = json.loads((copy / "config.json").read_text())
+    model = {"deleted": str(tmp_path / "models" / "base"), "a file now": str(tmp_path / "base.bin"),
+             "relative path": "./no/such/model"}[gone]
+    if gone == "a file now":
+        Path(model).write_text("not a model")
+    (copy / "config.json").write_text(json.dumps({**config, "model": model}))
+    start = time.monotonic()
+    line = refused(capfd, ["export", copy, "--merge"])
+    kind = "a file" if gone == "a file now" else "nothing"
+    assert line == (f"bayes-adalora: error: model {model!r} is a path, and {kind} is there: a model folder was moved "
+                    f"or deleted (a run's base model is named in its config.json); put it back, or name the model anew")
+    assert time.monotonic() - start < 10 and not (copy / "merged").exists()
+
+
+def test_columns_are_listed_unambiguously(tmp_path, capfd):
+    train = tmp_path / "train.csv"
+    train.write_text('"review, short",label\n"good, really",pos\n"bad",neg\n')
+    line = refused(capfd, ["train", "--task", "classification", "--train-file", train, "--validation-file", train,
+                           "--output-dir", tmp_path / "run"])
+    assert line == (f"bayes-adalora: error: {train}, line 1: the header has no column 'text' (it has 'review, short', "
+                    f"'label')")
+
+
+def test_a_column_whose_name_holds_a_comma_is_chosen_quoted_as_in_csv(tmp_path, tiny_deberta, capfd):
+    train = tmp_path / "train.csv"
+    train.write_text('"review, short",label\n' + "".join(f'"{w} film, {i}",{w}\n' for i, w in
+                                                         enumerate(["good", "bad"] * 8)))
+    out = tmp_path / "run"
+    assert main(["train", "--task", "classification", "--model", str(tiny_deberta), "--train-file", str(train),
+                 "--validation-file", str(train), "--text-columns", '"review, short"', "--max-steps", "2",
+                 "--max-length", "16", "--output-dir", str(out), "--no-progress", "--no-plots"]) == 0
+    assert json.loads((out / "config.json").read_text())["text_columns"] == ['"review, short"']  # read back as one
+    final = json.loads((out / "results.json").read_text())["metrics"]["final"]
+    capfd.readouterr()
+    assert main(["evaluate", str(out), "--device", "cpu"]) == 0  # config.json's columns read back: the same data
+    assert json.loads(capfd.readouterr().out)["metrics"]["point"] == final
+    # unquoted, the comma splits the name in two, and neither half is a column
+    line = refused(capfd, ["train", "--task", "classification", "--train-file", train, "--validation-file", train,
+                           "--text-columns", "review, short", "--output-dir", tmp_path / "other"])
+    assert line == (f"bayes-adalora: error: {train}, line 1: the header has no column 'review' (it has "
+                    f"'review, short', 'label')")

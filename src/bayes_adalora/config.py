@@ -10,6 +10,7 @@ fields against each other, so a config that exists is valid, whether built by th
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import math
@@ -98,7 +99,8 @@ class TrainConfig:
     data_dir: str | None = _f(None, "Folder of GLUE TSVs (<TASK>/train.tsv, dev.tsv); default $GLUE_DIR, else the hub.")
     train_file: str | None = _f(None, "Your own training data (.csv .tsv .json .jsonl .parquet).")
     validation_file: str | None = _f(None, "Your own validation data (same format as --train-file).")
-    text_columns: list[str] | None = _f(None, "Text column(s) in --train-file: one or two, as A B or A,B "
+    text_columns: list[str] | None = _f(None, "Text column(s) in --train-file: one or two, as A B or A,B; a name "
+                                              "holding a comma quoted as in CSV, '\"A, B\"' "
                                               "(default: the GLUE task's, or text).")
     label_column: str | None = _f(None, "Label column in --train-file (default: label).")
     max_length: int = _f(128, "Truncate inputs to this many tokens (padding is per batch).", bounds=POSITIVE)
@@ -231,8 +233,8 @@ class TrainConfig:
         if self.target_r == self.init_r and method.uses_adalora:
             raise UserError(f"--target-r equals --init-r ({self.init_r}): AdaLoRA has no rank to reallocate; "
                             f"lower --target-r, or use --method lora for a fixed rank")
-        if self.text_columns is not None:  # "a,b" is two columns, as "a b" is
-            self.text_columns = [c for given in self.text_columns for c in given.split(",") if c]
+        if self.text_columns is not None:  # "a,b" is two columns, as "a b" is; '"a,b"' is one, quoted as in CSV
+            self.text_columns = [c for given in self.text_columns for c in next(csv.reader([given])) if c]
         if self.text_columns is not None and not 1 <= len(self.text_columns) <= 2:
             raise UserError(f"--text-columns takes one or two column names, got {len(self.text_columns)}")
         if self.load_in and get_task(self.task).peft_task_type != "CAUSAL_LM":
@@ -267,7 +269,19 @@ class TrainConfig:
         return self.lr if self.lr is not None else self.method_spec.default_lr
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The settings as config.json holds them: a text column whose name holds a comma or a quote quoted as
+        in CSV, so that the file read back (`--config`, `evaluate`) names the same columns."""
+        values = dataclasses.asdict(self)
+        if self.text_columns is not None:
+            values["text_columns"] = [csv_quoted(c) for c in self.text_columns]
+        return values
+
+
+def csv_quoted(name: str) -> str:
+    """`name` as one field of a CSV row: quoted where it holds a comma or a quote."""
+    if "," not in name and '"' not in name:
+        return name
+    return '"' + name.replace('"', '""') + '"'
 
 
 def flag(name: str) -> str:

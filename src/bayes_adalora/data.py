@@ -358,10 +358,10 @@ def read_user_records(path: str | Path, text_columns: Sequence[str], label_colum
     path = Path(path)
     if not 1 <= len(text_columns) <= 2:
         raise UserError(f"give 1 or 2 text columns, not {len(text_columns)}")
-    check_columns_apart(text_columns, label_column)
     columns = (*text_columns, label_column)
     checked = columns if labels_required else tuple(text_columns)
     records = read_records(path, USER_FILE_TYPES, checked, optional=label_column)
+    check_columns_apart(text_columns, label_column)  # after the file's own header is checked
     if not records:
         raise UserError(f"{path} has no examples")
     labeled = labels_required or any(isinstance(r, dict) and label_column in r for _, r in records)

@@ -109,11 +109,7 @@ def read_completion_file(path: str | Path) -> CompletionDataset:
             prompt, completion = text_field(record, "prompt", where), text_field(record, "completion", where)
         elif "text" in record and not {"prompt", "completion"} & set(given):
             prompt, completion = "", text_field(record, "text", where)
-        elif "prompt" in record or "completion" in record:
-            lacking = "completion" if "prompt" in record else "prompt"
-            raise UserError(f"{where}: the row has a {'prompt' if lacking == 'completion' else 'completion'} and no "
-                            f"{lacking!r}: give both, or the whole example as 'text'")
-        else:
+        else:  # a prompt without its completion, or the reverse, is neither form: its columns are named
             raise UserError(f"{where}: a causal-LM example needs a 'text' column, or 'prompt' and 'completion' "
                             f"columns (it has {', '.join(map(repr, record)) or 'none'})")
         if not completion.strip():
