@@ -25,7 +25,7 @@ from scipy import stats
 from sklearn.metrics import accuracy_score
 
 from bayes_adalora.cli import main
-from bayes_adalora.config import config_fields
+from bayes_adalora.config import bounds_of, config_fields
 
 METHODS = ("full", "lora", "adalora", "adalora-ivon", "bayes-adalora")
 ADAPTER_METHODS = ("lora", "adalora", "adalora-ivon", "bayes-adalora")
@@ -447,13 +447,13 @@ def test_bad_flags_are_refused_with_one_line(case, capfd, tmp_path, glue_dir, ti
     assert_refused(capfd, argv, tmp_path / "out", *words)
 
 
-NUMBER_FIELDS = [f for f in config_fields() if "bounds" in f.metadata]
+NUMBER_FIELDS = [f for f in config_fields() if bounds_of(f) is not None]
 
 
 def refused_values(f) -> list[str]:
     """What a number flag must refuse, generated from its field's bounds: NaN, inf, and 0, a negative
     value and one above its top where those are outside."""
-    bounds = f.metadata["bounds"]
+    bounds = bounds_of(f)
     values = ["nan", "inf"] + [str(v) for v in (0, -1) if not bounds.contains(v)]
     if math.isfinite(bounds.high):
         values.append(str(int(bounds.high) + 1))

@@ -13,7 +13,15 @@ import pytest
 import torch
 
 from bayes_adalora.checkpoint import checkpoint_settings, load_checkpoint, save_checkpoint
-from bayes_adalora.config import TrainConfig, config_fields, field_type, make_config, plan_run, planned_config
+from bayes_adalora.config import (
+    TrainConfig,
+    bounds_of,
+    config_fields,
+    field_type,
+    make_config,
+    plan_run,
+    planned_config,
+)
 from bayes_adalora.errors import UserError
 from bayes_adalora.methods import METHODS
 
@@ -38,12 +46,12 @@ def test_a_bad_config_fails_in_one_sentence_from_python():
         "a smaller factor stops any run at its first step")
 
 
-NUMERIC = [f for f in config_fields() if "bounds" in f.metadata]
+NUMERIC = [f for f in config_fields() if bounds_of(f) is not None]
 
 
 def outside(f) -> list:
     """Values the field must refuse: NaN, inf, and 0 and -1 where its bounds exclude them."""
-    return [math.nan, math.inf] + [v for v in (0, -1) if not f.metadata["bounds"].contains(v)]
+    return [math.nan, math.inf] + [v for v in (0, -1) if not bounds_of(f).contains(v)]
 
 
 @pytest.mark.parametrize("f", NUMERIC, ids=lambda f: f.name)

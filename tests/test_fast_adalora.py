@@ -16,7 +16,10 @@ from bayes_adalora.fast_adalora import FastAdaLoraModel, FastSVDLinear, enable_f
 from bayes_adalora.ivon_inplace import InplaceIVON
 from bayes_adalora.run_io import evaluate_run, load_run_model, read_run
 from bayes_adalora.train import train
+from helpers import rounding_bound
 
+# MiniLM: 6 layers, its longest sum the 1536 terms of the feed-forward; a gradient goes through them twice
+MINILM_SUM, MINILM_LAYERS = 1536, 6
 MINILM_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 
 
@@ -63,9 +66,11 @@ def test_loss_and_gradients_equal_stock_peft(minilm_path, orth_reg):
     inputs = batch(minilm_path)
     loss_stock, grads_stock = loss_and_grads(stock, inputs)
     loss_fast, grads_fast = loss_and_grads(fast, inputs)
-    assert abs(loss_stock - loss_fast) <= 1e-6
+    assert abs(loss_stock - loss_fast) <= rounding_bound(torch.tensor(loss_stock), MINILM_SUM, MINILM_LAYERS)
     assert set(grads_stock) == set(grads_fast) and any("lora_E" in n for n in grads_fast)
-    assert max((grads_stock[n] - grads_fast[n]).abs().max().item() for n in grads_stock) <= 1e-5
+    all_stock = torch.cat([g.flatten() for g in grads_stock.values()])
+    worst = max((grads_stock[n] - grads_fast[n]).abs().max().item() for n in grads_stock)
+    assert worst <= rounding_bound(all_stock, MINILM_SUM, 2 * MINILM_LAYERS)
     if orth_reg:  # the penalty is in the loss: without it, the loss changes
         without = copy.deepcopy(fast)
         without.base_model.peft_config["default"].orth_reg_weight = 0.0
@@ -115,11 +120,12 @@ def test_merged_disabled_and_dropout_fall_back_to_peft(minilm_path):
     with stock.disable_adapter(), fast.disable_adapter():  # autograd on: the fused layer would apply
         assert torch.equal(stock(**inputs).logits, fast(**inputs).logits)
     fused = fast(**inputs).logits
-    assert (fused - stock(**inputs).logits).abs().max() <= 1e-6
+    assert (fused - stock(**inputs).logits).abs().max() <= rounding_bound(fused, MINILM_SUM, MINILM_LAYERS)
     with torch.no_grad():
         for layer in (m for m in fast.modules() if isinstance(m, FastSVDLinear)):
             layer.merge()
-    assert (fast(**inputs).logits - fused).abs().max() <= 1e-5  # merged: the base layer alone
+    merged = fast(**inputs).logits  # the base layer alone, its weight holding the adapter's update
+    assert (merged - fused).abs().max() <= rounding_bound(fused, MINILM_SUM, MINILM_LAYERS)
 
 
 def test_final_masks_equal_peft_mask_using_rank_pattern(minilm_path):
@@ -175,7 +181,9 @@ def test_same_rank_pattern_as_stock_after_100_steps_and_stock_peft_reads_the_ada
     fast = copy.deepcopy(stock)
     enable_fast_path(fast)
     inputs = {"input_ids": torch.randint(5, 1000, (4, 16), generator=torch.Generator().manual_seed(0))}
-    assert (stock(**inputs).logits - fast(**inputs).logits).abs().max() <= 1e-6  # autograd on: the fused layer
+    logits = stock(**inputs).logits
+    # autograd on: the fused layer; the tiny DeBERTa: 2 layers, its longest sum 64 terms
+    assert (logits - fast(**inputs).logits).abs().max() <= rounding_bound(logits, 64, 2)
     with torch.no_grad():  # evaluation: peft's own forward, the same numbers
         assert torch.equal(stock(**inputs).logits, fast(**inputs).logits)
 

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from bayes_adalora.cli import main
+from helpers import rounding_bound
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import tiny_lm  # examples/tiny_lm.py: the README's offline model and data
@@ -510,7 +511,9 @@ def test_two_processes_tune_a_decoder_lm_as_one_does(tiny_lms, tmp_path):
     batch hold unequal numbers of scored tokens: the same global batches, so the same ranks and, up to the order of
     float sums, the same adapter and metrics as one process (worst 7e-5 relative). Each process averaging its own
     tokens, and DDP averaging those means, would weigh the shorter half's tokens more: the adapters then differ by
-    2.0 relative (tried). lr 3, not 30: at 30 IVON amplifies the float-sum order to 1.1e-3 in 6 steps."""
+    2.0 relative (tried). lr 3, not 30: at 30 IVON amplifies the float-sum order to 1.1e-3 in 6 steps. IVON's clip
+    is off: it is a step function, and an update on its edge flips with the last bit of a sum, which moved the
+    adapter by 1.6e-2 relative under AVX-512 kernels (7e-5 under AVX2); without it 2.9e-5 under AVX-512."""
     import os
     import subprocess
 
@@ -528,8 +531,8 @@ def test_two_processes_tune_a_decoder_lm_as_one_does(tiny_lms, tmp_path):
     def args(out: Path) -> list[str]:
         return ["train", "--task", "causal-lm", "--model", str(tiny_lms["llama"]), "--train-file",
                 str(data / "train.jsonl"), "--validation-file", str(data / "dev.jsonl"), "--max-steps", "6",
-                "--batch-size", "16", "--max-length", "128", "--lr", "3", "--output-dir", str(out), "--no-progress",
-                "--no-plots"]
+                "--batch-size", "16", "--max-length", "128", "--lr", "3", "--ivon-clip-radius", "1e9",
+                "--output-dir", str(out), "--no-progress", "--no-plots"]
 
     single, double = tmp_path / "single", tmp_path / "double"
     assert main(args(single)) == 0
@@ -542,7 +545,8 @@ def test_two_processes_tune_a_decoder_lm_as_one_does(tiny_lms, tmp_path):
     assert (one["processes"], two["processes"]) == (1, 2) and one["final_ranks"] == two["final_ranks"]
     a, b = (load_file(r / "adapter" / "adapter_model.safetensors") for r in (single, double))
     worst = max((a[k] - b[k]).abs().max().item() / (a[k].abs().max().item() + 1e-12) for k in a if a[k].numel())
-    assert worst < 1e-3, worst
+    # float-sum order alone: sums of up to 16 x 128 tokens, through 2 layers forward and back, over 6 steps
+    assert worst < rounding_bound(torch.ones(()), 16 * 128, 6 * 2 * 2), worst
     assert two["metrics"]["final"]["nll"] == pytest.approx(one["metrics"]["final"]["nll"], rel=1e-5)
     # the logged loss is the global batch's per-token mean too
     hist = [json.loads((r / "history.json").read_text())["loss"] for r in (single, double)]

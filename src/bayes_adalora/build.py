@@ -33,6 +33,13 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name} asked for CUDA, but no CUDA device is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise UserError(f"--device {name}: this machine has {count} CUDA device{'s' if count > 1 else ''} "
+                        f"(cuda:0 to cuda:{count - 1})")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name} asked for Apple's Metal (MPS), which this torch build or machine lacks: "
+                        f"choose cpu{', cuda' if torch.cuda.is_available() else ''} or auto")
     return device
 
 

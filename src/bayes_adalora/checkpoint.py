@@ -242,9 +242,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, tuner, settings: di
     if not (path / "state.pt").exists() or not (path / "weights.safetensors").exists():
         raise UserError(f"{path} is not a complete checkpoint (weights.safetensors and state.pt are needed)")
     weights, state = read_checkpoint(path)
+    # the data first: another training set changes what the run derives from its size (IVON's ess, the
+    # step count of --epochs), and the message must name the data, not the setting derived from it
+    check_same_data(path, state.get("train_data"), train_data)
     if settings is not None:
         check_same_settings(path, state.get("settings"), settings)
-    check_same_data(path, state.get("train_data"), train_data)
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
     unknown = [n for n in weights if n not in params]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
 import json
 import sys
 import typing
@@ -10,18 +12,10 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from .config import config_fields, field_type, make_config
+from .config import RunPlan, bounds_of, config_fields, field_type, make_config
 from .errors import TrainingDiverged, UserError
-
-
-def number_or_auto(text: str) -> float | str:
-    """argparse's type for a setting that takes a number or `auto`."""
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
+from .ivon_settings import NumberOrAuto
+from .paths import require_file
 
 
 def flag_kwargs(field) -> dict:
@@ -34,8 +28,8 @@ def flag_kwargs(field) -> dict:
             kwargs[key] = field.metadata[key]
     if base is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
-    elif getattr(field.metadata.get("bounds"), "auto", False):
-        kwargs.update(type=number_or_auto, metavar="{auto,NUMBER}")
+    elif getattr(bounds_of(field), "auto", False):
+        kwargs.update(type=NumberOrAuto, metavar="{auto,NUMBER}")
     elif "nargs" in kwargs:
         kwargs["type"] = base
     elif typing.get_origin(base) is list:
@@ -159,20 +153,27 @@ def main(argv: list[str] | None = None) -> int:
 
 def read_config_file(path: str | None) -> dict | None:
     """The settings of a --config file: a run's config.json, or any JSON object of TrainConfig fields
-    (keys that are not fields, such as the plan's total_steps, are left out, and so are --resume and
-    --overwrite)."""
+    (the plan's keys a run's config.json adds, such as total_steps, are left out, and so are --resume and
+    --overwrite; any other key is refused, naming the setting it may misspell)."""
     if path is None:
         return None
     file = Path(path)
-    if not file.is_file():
-        raise UserError(f"--config {file}: no such file")
+    require_file(file, "--config")
     try:
         values = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"--config {file} is not a JSON file ({err})") from None
     if not isinstance(values, dict):
         raise UserError(f"--config {file} must hold a JSON object of settings, not a {type(values).__name__}")
-    names = {f.name for f in config_fields()} - {"resume", "overwrite"}  # how to run, not what: give them anew
+    fields = {f.name for f in config_fields()}
+    known = fields | {f.name for f in dataclasses.fields(RunPlan)} | {"derived"}  # a run's config.json holds its plan
+    unknown = sorted(set(values) - known)
+    if unknown:  # a misspelled key would otherwise leave its setting at the default, unsaid
+        near = difflib.get_close_matches(unknown[0], sorted(fields), n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise UserError(f"--config {file}: unknown setting {unknown[0]!r}{hint}; a config file holds TrainConfig's "
+                        f"settings as a run's config.json names them")
+    names = fields - {"resume", "overwrite"}  # how to run, not what: give them anew
     names.add("derived")  # what the run derived, make_config derives again
     return {k: v for k, v in values.items() if k in names}
 

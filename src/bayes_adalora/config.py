@@ -1,13 +1,16 @@
 """The run configuration: one dataclass whose fields carry their help text and their allowed values,
 serving the CLI and the API, valid by construction; and the run plan resolved from it once.
 
-A field's metadata says what it accepts: `choices`, or for a number its `bounds` (finite always; an
-integer where the field is an int). `TrainConfig.__post_init__` checks every field against it and the
+A field says what it accepts: `choices` in its metadata, or for a number its bounds (finite always; an
+integer where the field is an int), declared with the field and kept beside it (`bounds_of`): the metadata
+holds only keys argparse takes, so transformers' `HfArgumentParser` reads the dataclasses built on these
+fields. `TrainConfig.__post_init__` checks every field against it and the
 fields against each other, so a config that exists is valid, whether built by the CLI or in Python.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import math
@@ -70,8 +73,15 @@ UNIT_OPEN = Bounds(low=0, high=1, low_open=True, high_open=True)
 UNIT_RIGHT_OPEN = Bounds(low=0, high=1, high_open=True)
 
 
-def _f(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
+_BOUNDS_OF_FIELD: dict[int, Bounds] = {}  # id of a field object -> its bounds, named in FIELD_BOUNDS below
+
+
+def _f(default, help: str, bounds: Bounds | None = None, **kw):
+    """A field with its help (and argparse's `choices`) as metadata; its bounds kept beside it."""
+    made = field(default=default, metadata={"help": help, **kw})
+    if bounds is not None:
+        _BOUNDS_OF_FIELD[id(made)] = bounds
+    return made
 
 
 @dataclass
@@ -91,7 +101,8 @@ class TrainConfig:
     data_dir: str | None = _f(None, "Folder of GLUE TSVs (<TASK>/train.tsv, dev.tsv); default $GLUE_DIR, else the hub.")
     train_file: str | None = _f(None, "Your own training data (.csv .tsv .json .jsonl .parquet).")
     validation_file: str | None = _f(None, "Your own validation data (same format as --train-file).")
-    text_columns: list[str] | None = _f(None, "Text column(s) in --train-file: one or two, as A B or A,B "
+    text_columns: list[str] | None = _f(None, "Text column(s) in --train-file: one or two, as A B or A,B; a name "
+                                              "holding a comma quoted as in CSV, '\"A, B\"' "
                                               "(default: the GLUE task's, or text).")
     label_column: str | None = _f(None, "Label column in --train-file (default: label).")
     max_length: int = _f(128, "Truncate inputs to this many tokens (padding is per batch).", bounds=POSITIVE)
@@ -226,8 +237,8 @@ class TrainConfig:
         if self.target_r == self.init_r and method.uses_adalora:
             raise UserError(f"--target-r equals --init-r ({self.init_r}): AdaLoRA has no rank to reallocate; "
                             f"lower --target-r, or use --method lora for a fixed rank")
-        if self.text_columns is not None:  # "a,b" is two columns, as "a b" is
-            self.text_columns = [c for given in self.text_columns for c in given.split(",") if c]
+        if self.text_columns is not None:  # "a,b" is two columns, as "a b" is; '"a,b"' is one, quoted as in CSV
+            self.text_columns = [c for given in self.text_columns for c in next(csv.reader([given])) if c]
         if self.text_columns is not None and not 1 <= len(self.text_columns) <= 2:
             raise UserError(f"--text-columns takes one or two column names, got {len(self.text_columns)}")
         if self.load_in and get_task(self.task).peft_task_type != "CAUSAL_LM":
@@ -235,6 +246,9 @@ class TrainConfig:
         if self.load_in and method.adapter is None:
             raise UserError(f"--load-in {self.load_in} quantizes the frozen base under an adapter; --method full "
                             f"trains every weight and cannot train quantized ones")
+        if self.criterion != DEFAULT_CRITERION and not method.reads_posterior:  # the default: no criterion read
+            raise UserError(f"--criterion {self.criterion} reads IVON's posterior and needs --method bayes-adalora, "
+                            f"not {self.method}")
         if self.lambda_init != "zero" and not method.uses_adalora:
             raise UserError(f"--lambda-init sets AdaLoRA's lambda and needs an AdaLoRA method, not {self.method}")
 
@@ -259,7 +273,19 @@ class TrainConfig:
         return self.lr if self.lr is not None else self.method_spec.default_lr
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The settings as config.json holds them: a text column whose name holds a comma or a quote quoted as
+        in CSV, so that the file read back (`--config`, `evaluate`) names the same columns."""
+        values = dataclasses.asdict(self)
+        if self.text_columns is not None:
+            values["text_columns"] = [csv_quoted(c) for c in self.text_columns]
+        return values
+
+
+def csv_quoted(name: str) -> str:
+    """`name` as one field of a CSV row: quoted where it holds a comma or a quote."""
+    if "," not in name and '"' not in name:
+        return name
+    return '"' + name.replace('"', '""') + '"'
 
 
 def flag(name: str) -> str:
@@ -284,11 +310,21 @@ def coerce_field(obj, f: dataclasses.Field) -> None:
         setattr(obj, f.name, list(value))
 
 
+# the bounds of TrainConfig's number fields by name (the dataclass holds the field objects _f made)
+FIELD_BOUNDS: dict[str, Bounds] = {f.name: _BOUNDS_OF_FIELD[id(f)] for f in dataclasses.fields(TrainConfig)
+                                   if id(f) in _BOUNDS_OF_FIELD}
+
+
+def bounds_of(f: dataclasses.Field) -> Bounds | None:
+    """The bounds of a number field (of `TrainConfig`, or a field made like one: same name), None for others."""
+    return FIELD_BOUNDS.get(f.name)
+
+
 def check_field(f: dataclasses.Field, value, owner: type | None = None) -> None:
     """One field's value against its metadata: one of its `choices`, or a number within its `bounds`
     (finite, and whole for an int field); None passes where the field allows it. `owner`: the
     dataclass of the field (default `TrainConfig`)."""
-    if value == AUTO and getattr(f.metadata.get("bounds"), "auto", False):
+    if value == AUTO and getattr(bounds_of(f), "auto", False):
         return
     if value is None:
         if type(None) not in typing.get_args(typing.get_type_hints(owner or TrainConfig)[f.name]):
@@ -307,7 +343,7 @@ def check_field(f: dataclasses.Field, value, owner: type | None = None) -> None:
         raise UserError(
             f"unknown {f.name.replace('_', ' ')} {value!r}: choose one of {', '.join(f.metadata['choices'])}"
         )
-    bounds = f.metadata.get("bounds")
+    bounds = bounds_of(f)
     if bounds is None:
         return
     integer = kind is int
@@ -357,6 +393,8 @@ def make_config(given: dict, base: dict | None = None) -> tuple[TrainConfig, set
         values = {**kept, **recipe, **given}  # --recipe paper beside a file of another run: the recipe over it
     else:
         values = {**recipe, **stated}
+    if "criterion" not in given and not get_method(values.get("method", fields["method"].default)).reads_posterior:
+        values.pop("criterion", None)  # a --config file's criterion is not read by another method: not carried over
     config = TrainConfig(**values)
     if "criterion" in given and not config.method_spec.reads_posterior:
         raise UserError(

@@ -15,6 +15,7 @@ import io
 import json
 import math
 import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
 from .errors import UserError
+from .paths import require_file, require_folder
 from .tasks import TaskSpec, check_own_files, class_order, data_task_spec, get_task
 
 HUB_DATASET = "nyu-mll/glue"
@@ -55,10 +57,7 @@ class TaskData:
 
 def _read_text(path: Path) -> str:
     """The file's text, refusing missing, binary, non-UTF-8 and empty files."""
-    if not path.exists():
-        raise UserError(f"data file {path} does not exist")
-    if not path.is_file():
-        raise UserError(f"data file {path} is a folder, not a file")
+    require_file(path, "data file")
     raw = path.read_bytes()
     encoding = "utf-8-sig"  # -sig: MRPC's header starts with a BOM
     if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # what some editors save as "Unicode"
@@ -102,7 +101,7 @@ def check_header(path: Path, header: list[str]) -> list[str]:
 def column_index(path: Path, header: list[str], column: str) -> int:
     if column not in header:
         raise UserError(
-            f"{path}, line 1: the header has no column {column!r} (it has {', '.join(header)})")
+            f"{path}, line 1: the header has no column {column!r} (it has {', '.join(map(repr, header))})")
     return header.index(column)
 
 
@@ -122,8 +121,39 @@ def _as_int(value) -> int | None:
     return None
 
 
+# the squared error of a larger label overflows float32 (3.4e38), and the loss is infinite at the first step
+LARGEST_REGRESSION_LABEL = 1e18
+
 # a number written with a decimal point or an exponent ("2.0", "0.5", "1e3"), as pandas writes a float column
 _DECIMAL = re.compile(r"[+-]?(\d+\.\d*|\.\d+|\d+(?=[eE]))([eE][+-]?\d+)?")
+
+
+def normal_text(text: str) -> str:
+    """The one normal form of the user's texts and labels: Unicode NFC, so that a letter typed as one code
+    point or as a base and an accent (what macOS file names and some editors write) is the same text."""
+    return unicodedata.normalize("NFC", text)
+
+
+def reading_of(name: str) -> tuple:
+    """What a class name reads as, to the eye: a number ("1", "01", "+1", "1.0" are 1) or its text without
+    invisible format characters (zero-width spaces, BOMs) in compatibility form (NFKC: a full-width "Ａ" is "A")."""
+    try:
+        return ("number", float(name))
+    except ValueError:
+        pass
+    shown = "".join(c for c in unicodedata.normalize("NFKC", name) if unicodedata.category(c) != "Cf")
+    return ("text", shown.strip())
+
+
+def check_class_spellings(classes: Sequence[str], where: str) -> None:
+    """Refuse two class names that read the same ("1" and "01", "yes" and "yes" with a zero-width space)."""
+    seen: dict[tuple, str] = {}
+    for name in classes:
+        other = seen.setdefault(reading_of(name), name)
+        if other != name:
+            raise UserError(f"{where}: the labels {other!r} and {name!r} read as the same "
+                            f"{reading_of(name)[0]} but are spelled differently, so they would be two classes; "
+                            f"write each class one way")
 
 
 def label_name(value, where: str) -> str:
@@ -140,7 +170,7 @@ def label_name(value, where: str) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, str) and value.strip():
-        return value.strip()
+        return normal_text(value.strip())
     if isinstance(value, str):
         raise UserError(f"{where}: the label is empty")
     raise UserError(f"{where}: label {value!r} is neither text nor a whole number; "
@@ -171,6 +201,9 @@ def _parse_label(spec: TaskSpec, value, where: str, allow_index: bool):
             number = math.nan
         if not math.isfinite(number):
             raise UserError(f"{where}: label {value!r} is not a number")
+        if abs(number) > LARGEST_REGRESSION_LABEL:
+            raise UserError(f"{where}: label {value!r} is too large to train on: training squares it in float32, "
+                            f"which holds at most 3.4e38; rescale the labels (e.g. divide them by a power of 10)")
         low, high = spec.label_range
         if not low <= number <= high:
             raise UserError(f"{where}: label {value!r} lies outside {spec.name}'s range [{low:g}, {high:g}]")
@@ -235,18 +268,42 @@ def _table_records(path: Path, delimiter: str, quoting: int,
     return records
 
 
+class KeyGivenTwice(dict):
+    """A JSON object that gave a key more than once (`json` keeps the last silently): refused by the readers."""
+
+    twice: str = ""
+
+
+def _json_object(pairs: list[tuple[str, object]]) -> dict:
+    """`json`'s object_pairs_hook: a dict, marked where a key came twice."""
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        seen: set[str] = set()
+        obj = KeyGivenTwice(obj)
+        obj.twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+    return obj
+
+
+def _refuse_keys_twice(records: list[tuple[str, object]]) -> list[tuple[str, object]]:
+    for where, record in records:
+        if isinstance(record, KeyGivenTwice):
+            raise UserError(f"{where}: the key {record.twice!r} is given twice, and JSON readers keep only one of "
+                            f"them; give each key once")
+    return records
+
+
 def _json_records(path: Path) -> list[tuple[str, dict]]:
     """(where, object) for a .json file holding one list of objects, or one object per line (JSON
     Lines, what `datasets`' `Dataset.to_json` writes by default)."""
     try:
-        items = json.loads(_read_text(path))
+        items = json.loads(_read_text(path), object_pairs_hook=_json_object)
     except json.JSONDecodeError as err:
         if err.msg == "Extra data" and _read_text(path).lstrip().startswith("{"):
             return _jsonl_records(path)
         raise UserError(f"{path}, line {err.lineno}: the JSON is malformed ({err.msg})") from None
     if not isinstance(items, list):
         raise UserError(f"{path} must hold a JSON list of objects, one per example")
-    return [(f"{path}, item {i}", item) for i, item in enumerate(items, start=1)]
+    return _refuse_keys_twice([(f"{path}, item {i}", item) for i, item in enumerate(items, start=1)])
 
 
 def _jsonl_records(path: Path) -> list[tuple[str, dict]]:
@@ -256,10 +313,10 @@ def _jsonl_records(path: Path) -> list[tuple[str, dict]]:
         if not text.strip():
             continue
         try:
-            records.append((f"{path}, line {line}", json.loads(text)))
+            records.append((f"{path}, line {line}", json.loads(text, object_pairs_hook=_json_object)))
         except json.JSONDecodeError as err:
             raise UserError(f"{path}, line {line}: the JSON is malformed ({err.msg})") from None
-    return records
+    return _refuse_keys_twice(records)
 
 
 def _parquet_records(path: Path, columns: Sequence[str], optional: str | None = None) -> list[tuple[str, dict]]:
@@ -269,9 +326,7 @@ def _parquet_records(path: Path, columns: Sequence[str], optional: str | None = 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if not path.is_file():
-        raise UserError(f"data file {path} does not exist" if not path.exists() else f"data file {path} is a folder, "
-                        f"not a file")
+    require_file(path, "data file")
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as err:
@@ -306,6 +361,7 @@ def read_user_records(path: str | Path, text_columns: Sequence[str], label_colum
     columns = (*text_columns, label_column)
     checked = columns if labels_required else tuple(text_columns)
     records = read_records(path, USER_FILE_TYPES, checked, optional=label_column)
+    check_columns_apart(text_columns, label_column)  # after the file's own header is checked
     if not records:
         raise UserError(f"{path} has no examples")
     labeled = labels_required or any(isinstance(r, dict) and label_column in r for _, r in records)
@@ -321,8 +377,18 @@ def read_user_records(path: str | Path, text_columns: Sequence[str], label_colum
         for column, text in zip(text_columns, texts):
             if not isinstance(text, str):
                 raise UserError(f"{where}: column {column!r} holds {text!r}, not text")
-        rows.append((where, texts, record[label_column] if labeled else None))
+        rows.append((where, tuple(map(normal_text, texts)), record[label_column] if labeled else None))
     return UserRecords(path, rows, labeled)
+
+
+def check_columns_apart(text_columns: Sequence[str], label_column: str) -> None:
+    """Refuse a label column that is also a text column (the model would read its answer), and a text
+    column named twice."""
+    if label_column in text_columns:
+        raise UserError(f"the label column {label_column!r} is also a text column: the model would read the "
+                        f"answer it is to predict; choose other --text-columns or --label-column")
+    if len(set(text_columns)) < len(text_columns):
+        raise UserError(f"the text column {text_columns[0]!r} is named twice: give two different columns, or one")
 
 
 def records_to_dataset(spec: TaskSpec, records: UserRecords) -> TextDataset:
@@ -354,6 +420,7 @@ def spec_from_labels(task: str, train: UserRecords, label_column: str) -> TaskSp
     if task == "regression":
         return data_task_spec(task)
     classes = class_order(label_name(label, where) for where, _, label in train.rows)
+    check_class_spellings(classes, f"{train.path}, column {label_column!r}")
     if len(classes) < 2:
         raise UserError(f"{train.path}: every label in column {label_column!r} is {classes[0]!r}; "
                         f"classification needs at least two classes")
@@ -415,8 +482,7 @@ def load_hub(spec: TaskSpec) -> tuple[TextDataset, dict[str, TextDataset]]:
 
 def _task_dir(spec: TaskSpec, data_dir: Path) -> Path:
     """The folder holding the task's TSV files: `data_dir/<glue_dir>`, or `data_dir` itself."""
-    if not data_dir.is_dir():
-        raise UserError(f"the GLUE data folder {data_dir} does not exist")
+    require_folder(data_dir, "the GLUE data folder")
     for folder in (data_dir / spec.glue_dir, data_dir):
         if (folder / "train.tsv").is_file():
             return folder
@@ -455,6 +521,15 @@ def load_task_data(spec: TaskSpec | str, data_dir: str | Path | None = None,
         return TaskData(spec, train, dev)
     train, dev = load_hub(spec)
     return TaskData(spec, train, dev)
+
+
+def check_scorable(spec: TaskSpec, dataset: TextDataset) -> None:
+    """Refuse regression dev data whose labels are all one value: Pearson's and Spearman's correlations with
+    a constant are undefined, so no evaluation could be scored and no best step chosen."""
+    if spec.is_regression and len(dataset) and len(set(dataset.labels)) == 1:
+        raise UserError(f"{dataset.source}: every label is {dataset.labels[0]:g} in the {len(dataset)} examples "
+                        f"evaluated, and the correlation of a constant is undefined; evaluate on examples with "
+                        f"two or more different labels")
 
 
 # ----------------------------------------------------------------------------- tokens and batches

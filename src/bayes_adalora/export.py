@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 from .adapters import damaged_file
 from .config import config_fields, flag
 from .errors import UserError
-from .run_folder import read_run
+from .paths import exists_at_all
+from .run_folder import EXPORT_CARD_LINE, check_output_folder, read_run, write_marker
 from .run_io import load_run_model
 
 METADATA_PREFIX = "bayes_adalora."
@@ -88,7 +89,7 @@ def model_card(run, merged: bool) -> str:
         lines.append(f"- rank budget: init_r {config.init_r}, target_r {config.target_r} per matrix; "
                      f"final total rank {results.get('total_rank')} over {len(ranks)} matrices")
     lines += [f"- steps: {results.get('steps')}, seed {results.get('seed')}", "",
-              "Trained with (reconstructed from the run's config.json):", "", "```", train_command(run.resolved),
+              EXPORT_CARD_LINE, "", "```", train_command(run.resolved),
               "```", "", "## Final dev metrics", "", "| metric | value |", "|---|---|", *rows]
     if ranks:
         lines += ["", "## Final ranks", "", "| matrix | rank |", "|---|---|",
@@ -103,8 +104,9 @@ def export_run(run_dir: str | Path, output_dir: str | Path | None = None, merge:
         raise UserError(f"{run.folder} is a {run.method} run: its model/ folder is already the full model, "
                         f"there is no adapter to export")
     out = Path(output_dir) if output_dir is not None else run.folder / ("merged" if merge else "export")
-    if out.exists():
+    if exists_at_all(out):
         raise UserError(f"--output-dir {out} already exists: remove it or choose another folder")
+    check_output_folder(out)  # not inside the run's own adapter/ or model/, and writable
     adapter = run.folder / "adapter"
     if not (adapter / "adapter_model.safetensors").is_file():
         raise UserError(f"{run.folder} holds no adapter (adapter/adapter_model.safetensors)")
@@ -126,6 +128,7 @@ def export_run(run_dir: str | Path, output_dir: str | Path | None = None, merge:
                 raise damaged_file(adapter / "adapter_model.safetensors") from None
             save_file(weights, tmp / "adapter_model.safetensors", metadata={"format": "pt", **adapter_metadata(run)})
         (tmp / "README.md").write_text(model_card(run, merge), encoding="utf-8")
+        write_marker(tmp, "export")  # an --overwrite of the run removes its own old exports, and only those
         tmp.rename(out)
     except OSError as err:
         raise UserError(f"the export could not be written to {out} ({err.strerror or err})") from None

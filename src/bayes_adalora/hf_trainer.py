@@ -42,6 +42,7 @@ from .build import build_trainable_model, make_optimizer, use_fast_path
 from .checkpoint import allocator_state, load_allocator_state, place_ivon_state
 from .config import TrainConfig, adalora_phases, check_field, coerce_field
 from .evaluation import Predictive, calibration_from_statistics, calibration_metrics
+from .ivon_settings import NumberOrAuto
 from .kinds import task_kind
 from .lm_metrics import IGNORE_INDEX
 from .methods import IVON_METHODS, METHODS, get_method
@@ -82,7 +83,7 @@ class IVONArguments:
     ivon_ess: float | None = like_train_config("ivon_ess")
     ivon_hess_init: float = like_train_config("ivon_hess_init")
     ivon_beta1: float = like_train_config("ivon_beta1")
-    ivon_beta2: float | str = like_train_config("ivon_beta2")
+    ivon_beta2: NumberOrAuto = like_train_config("ivon_beta2")  # noqa: RUF009 (a float or "auto"; HfArgumentParser reads either)
     ivon_weight_decay: float = like_train_config("ivon_weight_decay")
     ivon_clip_radius: float = like_train_config("ivon_clip_radius")
     train_mc_samples: int = like_train_config("train_mc_samples")

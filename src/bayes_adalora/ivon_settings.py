@@ -8,6 +8,7 @@ posterior criterion ranks by magnitude alone.
 
 from __future__ import annotations
 
+import argparse
 import math
 
 import torch
@@ -16,6 +17,19 @@ from torch import Tensor
 AUTO = "auto"
 BETA2_HORIZONS = 10.0  # Hessian time constants per run: 1 - beta2 = 10 / steps
 BETA2_MIN = 0.9  # the shortest horizon (10 steps), for runs under 100 steps
+
+
+class NumberOrAuto:
+    """The type of a setting that takes a number or `auto`: called on a command line's text (by argparse,
+    or by `HfArgumentParser` for a dataclass field annotated with it), it gives a float or "auto"."""
+
+    def __new__(cls, text: str | float) -> float | str:  # type: ignore[misc]
+        if text == AUTO:
+            return AUTO
+        try:
+            return float(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected a number or {AUTO}, got {text!r}") from None
 
 
 def auto_beta2(total_steps: int) -> float:

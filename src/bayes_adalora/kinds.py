@@ -21,7 +21,7 @@ import torch
 from transformers import DataCollatorWithPadding
 
 from .config import TrainConfig, data_dir_of
-from .data import TaskData, encode, load_task_data, make_loader
+from .data import TaskData, check_scorable, encode, load_task_data, make_loader
 from .errors import UserError
 from .lm_data import (
     ChoiceDataset,
@@ -42,7 +42,14 @@ from .lm_predict import (
     evaluate_choices,
     evaluate_choices_sampled,
 )
-from .models import causal_lm_token_loss, load_causal_lm, load_model, loss_type_of
+from .models import (
+    attends_causally,
+    causal_lm_token_loss,
+    check_max_length,
+    load_causal_lm,
+    load_model,
+    loss_type_of,
+)
 from .predict import evaluate, evaluate_sampled
 from .tasks import LMTaskSpec, TaskSpec
 
@@ -77,10 +84,14 @@ class ClassifierKind:
         for ds in data.dev.values():
             if config.max_eval_samples:
                 ds.texts, ds.labels = ds.texts[: config.max_eval_samples], ds.labels[: config.max_eval_samples]
+            check_scorable(data.spec, ds)
         return data
 
     def load_model(self, name: str, config: TrainConfig, device: torch.device):
-        return load_model(name, self.spec, config.trust_remote_code)
+        """(tokenizer, model, newly initialised modules), refusing a --max-length past its positions."""
+        tokenizer, model, fresh = load_model(name, self.spec, config.trust_remote_code)
+        check_max_length(model, name, config.max_length)
+        return tokenizer, model, fresh
 
     def check_processes(self, model, world: int) -> None:
         """A classifier's mean loss is weighted by `loss_scale` alone: any model trains on several processes."""
@@ -142,8 +153,17 @@ class CausalLMKind:
                        {self.spec.dev_splits[0]: dev.head(config.max_eval_samples or len(dev))})
 
     def load_model(self, name: str, config: TrainConfig, device: torch.device):
+        """(tokenizer, model, newly initialised modules), refusing a --max-length past its positions and a
+        model that sees the tokens it is to predict (an encoder such as BERT)."""
         frozen_bf16 = config.bf16 and device.type == "cuda" and config.method_spec.adapter is not None
-        return load_causal_lm(name, config.trust_remote_code, device, config.load_in, bf16_base=frozen_bf16)
+        tokenizer, model, fresh = load_causal_lm(name, config.trust_remote_code, device, config.load_in,
+                                                 bf16_base=frozen_bf16)
+        check_max_length(model, name, config.max_length)
+        if not attends_causally(model):
+            raise UserError(f"--task {self.spec.name} needs a decoder, and model {name!r} ({model.config.model_type}) "
+                            f"attends both ways: it would see each token it is to predict; choose a causal LM "
+                            f"(GPT-2, Llama, Qwen2, ...)")
+        return tokenizer, model, fresh
 
     def check_processes(self, model, world: int) -> None:
         """Several processes weigh each one's tokens through transformers' causal-LM loss, which divides by

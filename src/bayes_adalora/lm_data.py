@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .data import make_loader, read_records
+from .data import make_loader, normal_text, read_records
 from .errors import UserError
 from .lm_metrics import IGNORE_INDEX
 
@@ -101,17 +101,21 @@ def read_completion_file(path: str | Path) -> CompletionDataset:
     path = Path(path)
     prompts, completions = [], []
     for where, record in checked_records(path, CAUSAL_LM_FILES):
-        if "prompt" in record and "completion" in record:
+        given = [k for k in ("text", "prompt", "completion") if record.get(k) not in (None, "")]  # a CSV's empty cell
+        if "text" in given and len(given) > 1:  # which is the example? neither is dropped silently
+            raise UserError(f"{where}: the row gives 'text' and {given[1]!r}: give either 'text', or 'prompt' and "
+                            f"'completion'")
+        if "prompt" in record and "completion" in record and "text" not in given:
             prompt, completion = text_field(record, "prompt", where), text_field(record, "completion", where)
-        elif "text" in record:
+        elif "text" in record and not {"prompt", "completion"} & set(given):
             prompt, completion = "", text_field(record, "text", where)
-        else:
+        else:  # a prompt without its completion, or the reverse, is neither form: its columns are named
             raise UserError(f"{where}: a causal-LM example needs a 'text' column, or 'prompt' and 'completion' "
                             f"columns (it has {', '.join(map(repr, record)) or 'none'})")
         if not completion.strip():
             raise UserError(f"{where}: the {'completion' if prompt else 'text'} is empty: there is nothing to learn")
-        prompts.append(prompt)
-        completions.append(completion)
+        prompts.append(normal_text(prompt))
+        completions.append(normal_text(completion))
     return CompletionDataset(prompts, completions, str(path))
 
 
@@ -227,6 +231,14 @@ def encode_completions(data: CompletionDataset, tokenizer, max_length: int, eos:
         if len(completion) < len(whole):
             cut, longest = cut + 1, max(longest, needed)
         encoded.append({"input_ids": prompt + completion, "labels": [IGNORE_INDEX] * len(prompt) + completion})
+    # the loss predicts each token from those before it: a sequence needs a scored token after its first
+    unscored = sum(all(t == IGNORE_INDEX for t in e["labels"][1:]) for e in encoded)
+    if unscored:
+        fix = ("give --max-length 2 or more" if max_length < 2 else
+               "give each a prompt, or a text of two tokens or more")
+        raise UserError(f"{unscored} of {len(data)} sequences of {data.source} hold no token to predict at "
+                        f"--max-length {max_length} (a causal LM predicts each token from the ones before it, so a "
+                        f"sequence needs one of context and one to predict): {fix}")
     if cut:
         print(f"bayes-adalora: warning: {cut} of {len(data)} sequences of {data.source} have a "
               f"{'completion' if any(data.prompts) else 'text'} longer than --max-length {max_length} tokens and "

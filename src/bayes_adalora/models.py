@@ -4,7 +4,9 @@ how a sequence classifier or a causal LM is loaded."""
 from __future__ import annotations
 
 import functools
+import os
 import re
+from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
@@ -12,6 +14,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .errors import UserError
+from .paths import path_kind
 from .tasks import TaskSpec
 
 # Module-name suffixes AdaLoRA adapts, per `config.model_type`: the attention projections and every
@@ -105,11 +108,22 @@ def label_maps(spec: TaskSpec) -> dict:
     return {"id2label": dict(enumerate(spec.labels)), "label2id": {name: i for i, name in enumerate(spec.labels)}}
 
 
+def check_local_model(name: str) -> None:
+    """Refuse a model named by a path (absolute, ./ ../ ~/, or two folders deep or more: no hub name is) that
+    is not a folder: transformers would otherwise take it for a hub name and retry the hub for about a minute."""
+    local = os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
+    if local and not os.path.isdir(os.path.expanduser(name)):
+        raise UserError(f"model {name!r} is a path, and {path_kind(Path(os.path.expanduser(name)))} is there: "
+                        f"a model folder was moved or deleted (a run's base model is named in its config.json); "
+                        f"put it back, or name the model anew")
+
+
 def load_model(name: str, spec: TaskSpec, trust_remote_code: bool):
     """(tokenizer, model for sequence classification, newly initialised module names); the model's
     config names the classes (`id2label`, `label2id`), so a saved config carries them."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    check_local_model(name)
     if spec.labels == ():
         raise UserError(f"task {spec.name!r} takes its classes from its training file, and none was read "
                         f"(data.load_task_data gives the task with its classes)")
@@ -127,8 +141,64 @@ def load_model(name: str, spec: TaskSpec, trust_remote_code: bool):
                                                                          ignore_mismatched_sizes=True, **kwargs)
     except (OSError, SafetensorError) as exc:
         raise UserError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from exc
+    if tokenizer.pad_token is None:  # a decoder's tokenizer (GPT-2): pad with EOS, as the causal-LM tasks do
+        pad_with_eos(tokenizer, name)
+    if model.config.pad_token_id is None:  # the head reads the last token that is not padding
+        model.config.pad_token_id = tokenizer.pad_token_id
     new = set(info.get("missing_keys", ())) | {key for key, *_ in info.get("mismatched_keys", ())}
     return tokenizer, model, newly_initialized_modules(new, model)
+
+
+def pad_with_eos(tokenizer, name: str) -> None:
+    """Give a tokenizer without a pad token its EOS token to pad with (batches are padded on the right)."""
+    if tokenizer.eos_token is None:
+        raise UserError(f"the tokenizer of {name!r} has neither a pad token nor an EOS token to pad with")
+    tokenizer.pad_token = tokenizer.eos_token
+
+
+# ----------------------------------------------------------------------------- what a model can do
+
+
+def position_limit(model: nn.Module) -> int | None:
+    """The most tokens the model's learned absolute position embeddings hold (BERT's position_embeddings,
+    GPT-2's wpe, OPT's embed_positions), None where it has none (rotary or relative positions): a longer
+    input indexes past the table. RoBERTa's table starts after its padding index, OPT's after its offset."""
+    limits = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_TABLES:
+            start = getattr(module, "offset", 0) or 0
+            if module.padding_idx is not None:
+                start = max(start, module.padding_idx + 1)
+            limits.append(module.num_embeddings - start)
+    return min(limits) if limits else None
+
+
+POSITION_TABLES = ("position_embeddings", "wpe", "embed_positions")
+
+
+def attends_causally(model: nn.Module) -> bool:
+    """Whether each token's output ignores the tokens after it, tried on the model itself: two inputs that
+    differ only in their last token must give the same logits before it (a decoder does; an encoder such
+    as BERT, which attends both ways and so sees the token it is asked to predict, does not)."""
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.tensor([[1, 2, 3], [1, 2, 4]]) % vocab
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(model.device)).logits.float()
+    finally:
+        model.train(training)
+    before = logits[:, :2]
+    return bool(torch.allclose(before[0], before[1], rtol=1e-3, atol=1e-4 * before.abs().max().item()))
+
+
+def check_max_length(model: nn.Module, name: str, max_length: int) -> None:
+    """Refuse a --max-length longer than the model's position embeddings hold."""
+    limit = position_limit(model)
+    if limit is not None and max_length > limit:
+        raise UserError(f"--max-length {max_length} is longer than model {name!r} can read: its position "
+                        f"embeddings hold {limit} tokens; give --max-length {limit} or less")
 
 
 def loss_type_of(model) -> str | None:
@@ -188,6 +258,7 @@ def load_causal_lm(name: str, trust_remote_code: bool, device: torch.device,
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_local_model(name)
     quantized = quantization_config(load_in, device)
     kwargs = dict(trust_remote_code=trust_remote_code, dtype=torch.bfloat16 if bf16_base else torch.float32)
     if quantized is not None:
@@ -198,9 +269,7 @@ def load_causal_lm(name: str, trust_remote_code: bool, device: torch.device,
     except (OSError, SafetensorError, ValueError) as exc:
         raise UserError(f"cannot load model {name!r} as a causal LM: {str(exc).splitlines()[0]}") from exc
     if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise UserError(f"the tokenizer of {name!r} has neither a pad token nor an EOS token to pad with")
-        tokenizer.pad_token = tokenizer.eos_token
+        pad_with_eos(tokenizer, name)
     tokenizer.padding_side = "right"
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id

@@ -21,7 +21,8 @@ from matplotlib.patches import Patch
 
 from .adapters import FACTORS, parameter_module
 from .errors import UserError
-from .run_folder import SavedRun, check_writable, read_run
+from .paths import exists_at_all
+from .run_folder import SavedRun, check_output_folder, folder_kind, read_run
 
 _LAYER = re.compile(r"^(?P<stack>.*?)\.?(?:layer|layers|h|block|blocks)\.(?P<index>\d+)\.(?P<module>.+)$")
 _FACTOR_COLORS = {"P": "#4C72B0", "λ": "#DD8452", "Q": "#55A868", "head": "#8C8C8C"}
@@ -273,19 +274,43 @@ PLOTS = {"ranks.png": plot_ranks, "training.png": plot_training, "sigma.png": pl
          "correlations.png": plot_correlations}
 
 
+PLOT_SOURCES = {"ranks.png": "results.json", "training.png": "history.json", "sigma.png": "posterior.safetensors",
+                "correlations.png": "correlations.json"}  # the file each figure is drawn from
+FIGURE_SOFTWARE = "bayes-adalora"  # in each PNG's Software text chunk: a later plot may replace the figure
+
+
+def is_our_figure(path: Path) -> bool:
+    """Whether the PNG at `path` was drawn by `plot_run` (its text chunks come before the image data)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return head.startswith(b"\x89PNG") and b"tEXtSoftware\x00" + FIGURE_SOFTWARE.encode() in head
+
+
 def plot_run(folder: str | Path, output_dir: str | Path | None = None) -> list[Path]:
     """Write the run's figures (those its files allow) into `output_dir` (default: the run folder)."""
     run = read_run(folder)
     out = Path(output_dir) if output_dir else run.folder
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output-dir {out} is a file, not a folder")
     if output_dir:
-        check_writable(out)
+        check_output_folder(out)
+        if folder_kind(out) == "run" and out.resolve() != run.folder.resolve():
+            raise UserError(f"--output-dir {out} holds another run, whose figures these would replace: "
+                            f"choose another folder")
+        taken = [name for name in PLOTS if exists_at_all(out / name) and not is_our_figure(out / name)]
+        if taken:
+            raise UserError(f"--output-dir {out} already holds {taken[0]}, which bayes-adalora did not write: "
+                            f"remove it or choose another folder")
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, plot in PLOTS.items():
-        figure = plot(run)
+        try:
+            figure = plot(run)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as err:  # a file of the wrong shape
+            raise UserError(f"{run.folder / PLOT_SOURCES[name]} does not hold what a run writes there "
+                            f"({type(err).__name__}: {err}): the run is damaged; train it again") from None
         if figure is not None:
-            figure.savefig(out / name)
+            figure.savefig(out / name, metadata={"Software": FIGURE_SOFTWARE})
             written.append(out / name)
     return written

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
+from .errors import UserError
+
 
 def posterior_sigma_from_hessian(hess: Tensor, ess: float, weight_decay: float) -> Tensor:
     """sigma = 1 / sqrt(ess * (h + weight_decay)), IVON's posterior standard deviation; in float32 at least
@@ -22,7 +24,12 @@ def posterior_sigma_from_hessian(hess: Tensor, ess: float, weight_decay: float) 
 
 
 def hessian_views(optimizer) -> Iterator[tuple[nn.Parameter, Tensor, dict]]:
-    """(parameter, its slice of the group's flat Hessian reshaped like it, the group)."""
+    """(parameter, its slice of the group's flat Hessian reshaped like it, the group); an optimizer that keeps
+    no Hessian (AdamW) is refused: it has no posterior."""
+    if not all("hess" in group for group in optimizer.param_groups):
+        raise UserError(f"the optimizer is {type(optimizer).__module__}.{type(optimizer).__name__}, not IVON: it "
+                        f"keeps no posterior (no Hessian estimate) to draw from; train with ivon.IVON "
+                        f"(--method bayes-adalora or adalora-ivon)")
     for group in optimizer.param_groups:
         offset = 0
         for p in group["params"]:

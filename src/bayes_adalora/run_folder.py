@@ -17,52 +17,144 @@ from .adapters import POSTERIOR_FILE, read_posterior
 from .checkpoint import CHECKPOINTS
 from .config import TrainConfig, config_fields
 from .errors import UserError
+from .paths import FOLDER, exists_at_all, path_kind, require_folder
 from .tasks import TaskSpec, get_task, is_data_task
 
-RUN_MARKERS = ("results.json", "config.json")
-RUN_FILES = ("adapter", "model", POSTERIOR_FILE, "history.json", "correlations.json",
+RUN_MARKER = "bayes-adalora.json"  # {"written_by": "bayes-adalora", "kind": "run" | "export" | "figures"}
+RUN_FILES = ("results.json", "config.json", "adapter", "model", POSTERIOR_FILE, "history.json", "correlations.json",
              "ranks.png", "training.png", "sigma.png", "correlations.png")  # --overwrite replaces them all
+EXPORTS = ("export", "merged")  # `export`'s default folders inside a run: an --overwrite of the run removes them
+EXPORT_CARD_LINE = "Trained with (reconstructed from the run's config.json):"  # in every export's README.md
 TRACKER_DIR = "tensorboard"  # --report-to tensorboard writes here while the run goes (kept by a resume)
+
+
+# ----------------------------------------------------------------------------- what is ours
+
+
+def read_json_object(path: Path) -> dict | None:
+    """The JSON object in `path`, or None where there is none (no file, not JSON, not an object)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def folder_kind(folder: Path) -> str | None:
+    """What bayes-adalora wrote `folder` as: "run", "export" or "figures"; None where it is not ours.
+
+    Our marker says so; a run written before the marker existed is known by its config.json (the
+    resolved settings: task, method and the plan's total_steps), an export by its model card. A
+    folder holding some other config.json (a transformers model's) is not a run.
+    """
+    if not folder.is_dir():
+        return None
+    marker = read_json_object(folder / RUN_MARKER)
+    if marker is not None and marker.get("written_by") == "bayes-adalora":
+        return marker.get("kind")
+    config = read_json_object(folder / "config.json")
+    if config is not None and {"task", "method", "total_steps"} <= config.keys():
+        return "run"
+    card = folder / "README.md"
+    if card.is_file() and EXPORT_CARD_LINE in card.read_text(errors="replace"):
+        return "export"
+    return None
+
+
+def write_marker(folder: Path, kind: str) -> None:
+    """Mark `folder` as written by bayes-adalora (what `folder_kind` reads)."""
+    (folder / RUN_MARKER).write_text(json.dumps({"written_by": "bayes-adalora", "kind": kind}) + "\n")
+
+
+def own_files_holding(path: Path) -> tuple[Path, Path] | None:
+    """(run folder, its file or folder) where `path` lies inside one of a run's own files or folders
+    (its adapter/, model/, checkpoints/, ...), else None: no command writes there."""
+    path = Path(os.path.abspath(path))
+    for parent in path.parents:
+        if folder_kind(parent) == "run" or (parent / CHECKPOINTS).is_dir():
+            inside = path.relative_to(parent).parts[0]
+            if inside in (*RUN_FILES, CHECKPOINTS, TRACKER_DIR, RUN_MARKER):
+                return parent, parent / inside
+            return None
+    return None
+
+
+def check_not_in_a_run(path: Path, flag: str) -> None:
+    """Refuse an output path inside a run's own files: writing there would change the run."""
+    held = own_files_holding(path)
+    if held is not None:
+        raise UserError(f"{flag} {path} lies inside {held[1]}, part of the run in {held[0]}; "
+                        f"choose a folder outside the run's own files")
+
+
+def check_new_file(path: Path, flag: str) -> None:
+    """Refuse, before any work, a file to write where anything already is (nothing is written over), inside a
+    run's own files, or where it cannot be made."""
+    kind = path_kind(path)
+    if exists_at_all(path):
+        raise UserError(f"{flag} {path} already exists ({kind}): bayes-adalora writes only new files here; "
+                        f"remove it or choose another name")
+    check_not_in_a_run(path, flag)
+    parent = next((p for p in (path.parent, *path.parent.parents) if exists_at_all(p)), Path("."))
+    if path_kind(parent) != FOLDER:
+        raise UserError(f"{flag} {path} lies under {parent}, which is {path_kind(parent)}, not a folder")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{flag} {path}: {parent} cannot be written to")
 
 
 # ----------------------------------------------------------------------------- writing
 
 
-def check_writable(path: Path) -> None:
+def check_writable(path: Path, flag: str = "--output-dir") -> None:
     """Refuse a folder that cannot be made or written to: under a file, read-only, or not permitted.
 
     Tried by making (and removing) a temporary folder where the run's files will go: in `path` if it
     exists, else in its nearest existing parent, and beside it, where the outputs are first written.
     """
     for target in (path, path.parent):
-        existing = next(p for p in (target, *target.parents) if p.exists() or p == p.parent)
-        if not existing.is_dir():
-            raise UserError(f"--output-dir {path} lies under {existing}, which is a file, not a folder")
+        existing = next(p for p in (target, *target.parents) if exists_at_all(p) or p == p.parent)
+        if path_kind(existing) != FOLDER:
+            raise UserError(f"{flag} {path} lies under {existing}, which is {path_kind(existing)}, not a folder")
         try:
             os.rmdir(tempfile.mkdtemp(prefix=".bayes-adalora-probe-", dir=existing))
         except OSError as err:
-            raise UserError(f"--output-dir {path} cannot be written: {existing} refuses new files "
+            raise UserError(f"{flag} {path} cannot be written: {existing} refuses new files "
                             f"({err.strerror or err}); choose another folder") from None
+
+
+def check_output_folder(path: Path, flag: str = "--output-dir") -> None:
+    """Refuse an output folder that is something else (a file, a FIFO, a symlink loop), lies inside a run's
+    own files, or cannot be written."""
+    kind = path_kind(path)
+    if exists_at_all(path) and kind != FOLDER:
+        raise UserError(f"{flag} {path} is {kind}, not a folder")
+    check_not_in_a_run(path, flag)
+    check_writable(path, flag)
 
 
 def check_output_dir(path: Path, overwrite: bool, resume: str | None = None) -> None:
     """Refuse, before any work, an output folder that cannot be written or holds something a run must
-    not replace."""
-    if path.exists() and not path.is_dir():
-        raise UserError(f"--output-dir {path} is a file, not a folder")
-    check_writable(path)
+    not replace: --overwrite replaces a run (known by our marker, `folder_kind`), never anything else."""
+    check_output_folder(path)
     if not path.is_dir():
         return
-    holds_run = any((path / m).exists() for m in RUN_MARKERS)
+    kind = folder_kind(path)
+    holds_run = kind == "run"
     holds_checkpoints = (path / CHECKPOINTS).is_dir()
+    if kind in ("export", "figures"):
+        raise UserError(f"--output-dir {path} holds a bayes-adalora {kind}, not a run: choose another folder")
     if holds_run and not overwrite:
         raise UserError(f"{path} already holds a run: pass --overwrite to replace it, or choose another --output-dir")
     if holds_checkpoints and not holds_run and not (overwrite or resume):
         raise UserError(f"{path} holds an unfinished run: pass --resume to continue it, or --overwrite to start again")
     # refused up front, not after training; and --overwrite only ever deletes a run, never other files
-    others = [p for p in path.iterdir() if p.name not in (*RUN_MARKERS, CHECKPOINTS, TRACKER_DIR, *RUN_FILES)]
-    if not holds_run and not holds_checkpoints and others:
-        raise UserError(f"--output-dir {path} holds files that are not a run: choose a new or empty folder")
+    others = sorted(p.name for p in path.iterdir()
+                    if p.name not in (RUN_MARKER, CHECKPOINTS, TRACKER_DIR, *RUN_FILES, *EXPORTS))
+    if not holds_run and not holds_checkpoints and (others or any((path / n).exists() for n in RUN_FILES)):
+        names = others or [n for n in RUN_FILES if (path / n).exists()]
+        raise UserError(f"--output-dir {path} holds files that are not a bayes-adalora run ({', '.join(names[:3])}"
+                        f"{', ...' if len(names) > 3 else ''}), which --overwrite never replaces: choose a new or "
+                        f"empty folder")
 
 
 def finite_or_none(obj):
@@ -92,11 +184,12 @@ def write_outputs(out: Path, write) -> None:
         if not out.exists():
             tmp.rename(out)
             return
-        for name in (*RUN_MARKERS, *RUN_FILES):  # a run being overwritten is replaced, not merged into
-            old = out / name
-            if old.is_dir():
+        stale = [out / n for n in (RUN_MARKER, *RUN_FILES)]
+        stale += [out / n for n in EXPORTS if folder_kind(out / n) == "export"]  # an old export's card is wrong now
+        for old in stale:  # a run being overwritten is replaced, not merged into
+            if old.is_dir() and not old.is_symlink():
                 shutil.rmtree(old)
-            elif old.exists():
+            elif exists_at_all(old):
                 old.unlink()
         for item in tmp.iterdir():
             os.replace(item, out / item.name)
@@ -146,7 +239,7 @@ class SavedRun:
     def json(self, name: str) -> dict | None:
         """One of the run's JSON files (history.json, correlations.json), None where the run has none."""
         path = self.folder / name
-        return json.loads(path.read_text()) if path.is_file() else None
+        return read_run_json(path) if path.is_file() else None
 
     def posterior(self, kind: str) -> dict[str, torch.Tensor] | None:
         """posterior.safetensors' `<name>.<kind>` tensors (kind: mean, hess, sigma) by parameter name, or None."""
@@ -154,24 +247,29 @@ class SavedRun:
         return read_posterior(path, kind) if path.is_file() else None
 
 
+def read_run_json(path: Path) -> dict:
+    """One JSON object of a run's files, refusing a malformed, non-UTF-8 or non-object file in one sentence."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}, line {err.lineno}: the JSON is malformed ({err.msg})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text: it is not a run's {path.name}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} holds a JSON {type(value).__name__}, not the object a run's {path.name} is")
+    return value
+
+
 def read_run(folder: str | Path) -> SavedRun:
     """The run in `folder`, refusing anything that is not a finished run."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"the run folder {folder} does not exist")
+    require_folder(folder, "the run folder")
     files = {}
     for name in ("config.json", "results.json"):
         path = folder / name
         if not path.is_file():
             raise UserError(f"{folder} is not a finished run: it has no {name}")
-        try:
-            files[name] = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}, line {err.lineno}: the JSON is malformed ({err.msg})") from None
-        except UnicodeDecodeError:
-            raise UserError(f"{path} is not UTF-8 text: it is not a run's {name}") from None
-        if not isinstance(files[name], dict):
-            raise UserError(f"{path} holds a JSON {type(files[name]).__name__}, not the object a run's {name} is")
+        files[name] = read_run_json(path)
     run = SavedRun(folder, files["config.json"], files["results.json"])
     run.require("task", "method")
     run.config  # noqa: B018 - refused here, in one sentence, if config.json does not hold a valid configuration

@@ -24,6 +24,7 @@ from .config import check_field, config_fields
 from .data import (
     TextDataset,
     check_header,
+    check_scorable,
     column_index,
     encode,
     load_task_data,
@@ -39,8 +40,9 @@ from .errors import UserError
 from .evaluation import mc_predictive, point_predictive, predictive_metrics
 from .kinds import task_kind
 from .methods import get_method
+from .paths import FOLDER, path_kind
 from .predict import predict, predict_sampled
-from .run_folder import SavedRun, read_run
+from .run_folder import SavedRun, check_new_file, read_run
 from .tasks import LMTaskSpec, TaskSpec
 
 # ----------------------------------------------------------------------------- the model
@@ -213,6 +215,9 @@ def load_eval_data(run: SavedRun, data_dir: str | None, data_file: str | None, s
             n = max_eval_samples
             s.data = dataclasses.replace(s.data, texts=s.data.texts[:n], labels=s.data.labels[:n])
             s.index = s.index[:max_eval_samples]
+    for s in splits.values():
+        if s.labeled:
+            check_scorable(spec, s.data)
     return splits
 
 
@@ -220,12 +225,10 @@ def load_eval_data(run: SavedRun, data_dir: str | None, data_file: str | None, s
 
 
 def check_predictions_path(path: Path) -> None:
-    """Refuse, before any work, a predictions path that cannot be written."""
-    if path.is_dir():
+    """Refuse, before any work, a predictions path that cannot be written or where something already is."""
+    if path_kind(path) == FOLDER:
         raise UserError(f"--predictions {path} is a folder: give a file name")
-    parent = next((p for p in (path.parent, *path.parent.parents) if p.exists()), Path("."))
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise UserError(f"--predictions {path}: {parent} cannot be written to")
+    check_new_file(path, "--predictions")
 
 
 def write_predictions(path: Path, spec: TaskSpec, splits: dict[str, EvalSplit], predictive: dict) -> None:
@@ -286,6 +289,7 @@ def evaluate_run(run_dir: str | Path, data_dir: str | None = None, data_file: st
         if value is not None:
             check_field(fields[name], value)
     run = read_run(run_dir)
+    resolve_device(device)  # a device this machine lacks is refused before any data or model is read
     if isinstance(run.spec, LMTaskSpec):
         return evaluate_lm_run(run, data_dir, data_file, split, mc_samples, predictions, seed, device, max_eval_samples)
     spec, config = run.spec, run.config

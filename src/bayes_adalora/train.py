@@ -51,7 +51,7 @@ from .errors import TrainingDiverged, UserError
 from .kinds import task_kind
 from .models import LABELS_FILE, default_model_path, label_maps
 from .predict import named_posterior_sigma
-from .run_folder import TRACKER_DIR, check_output_dir, write_json, write_outputs
+from .run_folder import TRACKER_DIR, check_output_dir, write_json, write_marker, write_outputs
 from .schedules import masking_steps
 from .tasks import get_task
 from .trackers import sigma_statistics, tracking
@@ -356,6 +356,7 @@ def write_run(folder: Path, config: TrainConfig, settings: dict, model: nn.Modul
         tensors, meta = posterior_state_dict(optimizer, {p: n for n, p in model.named_parameters()})
         save_file(tensors, folder / POSTERIOR_FILE, metadata=meta)
     write_json(settings, folder / "config.json")
+    write_marker(folder, "run")  # what --overwrite and the other commands know a run by (not its config.json)
     write_json(history, folder / "history.json")
     write_json(results, folder / "results.json")
     if correlations is not None:

@@ -1,0 +1,64 @@
+"""What a path names, in words a message can use: a file, a folder, a FIFO, a symlink loop, nothing.
+
+One place, so that every reader and writer describes the same thing the same way (a FIFO is never
+"a folder", a symlink loop never "does not exist").
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+from .errors import UserError
+
+NOTHING = "nothing"
+FILE = "a file"
+FOLDER = "a folder"
+
+
+def path_kind(path: Path) -> str:
+    """What `path` names: FILE, FOLDER, NOTHING, or another phrase ("a FIFO (named pipe)", "a symlink loop")."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "a symlink loop"
+        if os.path.islink(path):
+            return "a symbolic link to nothing"
+        if err.errno in (errno.EACCES, errno.EPERM):
+            return "something that cannot be read (permission denied)"
+        return NOTHING  # ENOENT, and ENOTDIR: a path under a file names nothing
+    if stat.S_ISDIR(mode):
+        return FOLDER
+    if stat.S_ISREG(mode):
+        return FILE
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a device"
+
+
+def exists_at_all(path: Path) -> bool:
+    """Whether anything is at `path`, a broken or looping symlink included."""
+    return os.path.lexists(path)
+
+
+def require_file(path: Path, what: str) -> None:
+    """Refuse a path to read that is not a regular file, saying what it is instead."""
+    kind = path_kind(path)
+    if kind == NOTHING:
+        raise UserError(f"{what} {path} does not exist")
+    if kind != FILE:
+        raise UserError(f"{what} {path} is {kind}, not a file")
+
+
+def require_folder(path: Path, what: str) -> None:
+    """Refuse a path to read that is not a folder, saying what it is instead."""
+    kind = path_kind(path)
+    if kind == NOTHING:
+        raise UserError(f"{what} {path} does not exist")
+    if kind != FOLDER:
+        raise UserError(f"{what} {path} is {kind}, not a folder")
