@@ -33,7 +33,7 @@ majority class (accuracy, not F1: MRPC's F1 of the majority answer is 0.81), CoL
 Every table number is the final model's (the MC predictive is the final posterior's); the best-step metrics are kept.
 
 Order (so an interrupted grid has the most useful cells first) and cost, estimated from v2's measured seconds per
-step and per dev pass on one core (`COST`; `--estimate` prints it from the plan itself):
+step and per dev pass on one core of the AMD EPYC it ran on (`COST`; `--estimate` prints it from the plan itself):
   0 tune     adalora and IVON-new, 3 rungs x 4 tasks:            24 runs,  4.9 h (one more round, if due: +1.6 h)
   1 core     adalora, bayes-adalora on 4 tasks, seeds 0-2:       24 cells, 6.9 h
   2 ablation adalora-ivon, bayes-mean_abs, bayes-inv_sigma, bayes-adalora-v2 on SST-2 and STS-B, seeds 0-2:
@@ -92,9 +92,17 @@ LOSS_POINTS = 60  # the loss curve a cell keeps: about this many steps, evenly s
 
 # The new IVON defaults: ONE place, changed when the screen (benchmarks/ivon_screen.py) decides them.
 NEW_IVON = ("--ivon-beta2", "auto")
-# v2's settings, spelled out so they stay v2's whatever the defaults become; ess: the training-set size, the default
-V2_IVON = ("--ivon-beta2", "0.99999", "--ivon-hess-init", "1.0", "--ivon-weight-decay", "1e-8")
-IVON_SETTINGS = {"new": "NEW_IVON", "v2": "V2_IVON"}  # looked up when a command is built: NEW_IVON stays one place
+# v2's settings (the defaults of its commit, 1d584d8), spelled out so they stay v2's whatever the defaults become;
+# ess: the training-set size, the default then and now
+V2_IVON = ("--ivon-beta2", "0.99999", "--ivon-hess-init", "1.0", "--ivon-weight-decay", "1e-8", "--ivon-beta1", "0.9",
+           "--ivon-clip-radius", "1e-3")
+
+
+def ivon_flags(setting: str) -> tuple[str, ...]:
+    """The IVON flags of a setting, "new" or "v2", read when a command is built (so NEW_IVON stays one place)."""
+    return {"new": NEW_IVON, "v2": V2_IVON}[setting]
+
+
 FIXED_LRS = {"ivon-v2": 4.24}  # v2's tuned IVON lr (mini-glue-v2.json, learning_rates.ivon)
 
 
@@ -104,7 +112,7 @@ class Arm:
     method: str
     family: str  # whose learning rate it trains with: adalora, lora, ivon (new defaults, tuned), ivon-v2 (fixed)
     criterion: str | None = None
-    ivon: str | None = None  # a key of IVON_SETTINGS: the IVON flags; IVON arms also get the MC predictive
+    ivon: str | None = None  # the IVON setting ("new", "v2"; see ivon_flags); IVON arms also get the MC predictive
 
     def flags(self) -> list[str]:
         """The `train` flags that make this arm what it is (beyond task, seed, lr and the run's length)."""
@@ -112,7 +120,7 @@ class Arm:
         if self.criterion:
             out += ["--criterion", self.criterion]
         if self.ivon:
-            out += [*globals()[IVON_SETTINGS[self.ivon]], "--mc-samples", str(MC_SAMPLES)]
+            out += [*ivon_flags(self.ivon), "--mc-samples", str(MC_SAMPLES)]
         return out
 
 
@@ -183,8 +191,8 @@ SIGMA_SPREAD = 3.0  # p99/p01 of sigma at the first masking step
 ACCURACY_TOLERANCE = -0.003  # bayes-adalora - adalora, in mean, on every learned task
 CALIBRATION_TASKS_NEEDED = 3  # of 4; STS-B (regression) has no ECE or NLL, so all three classification tasks
 
-# Cost model (one thread, this AMD EPYC), from v2's cells: seconds per training step (median train_seconds/steps)
-# and per pass over the dev set ((wall - train - 15 s of start-up) / 4 evaluations)
+# Cost model (one thread of the AMD EPYC v2 ran on), from v2's cells: seconds per training step (the median of
+# train_seconds / steps) and per pass over the dev set ((wall - train - 15 s of start-up) / 4 evaluations)
 COST = {"sst2": (1.43, 18.5), "stsb": (2.63, 48.0), "mrpc": (3.44, 26.0), "cola": (0.86, 14.0)}
 STARTUP_SECONDS = 15.0
 

@@ -1,5 +1,7 @@
 """Mini-GLUE v3's plan, resume, statistics and goals on hand-made cells, and one real cell through the CLI."""
 
+import contextlib
+import io
 import json
 import sys
 from pathlib import Path
@@ -8,6 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import mini_glue_v3 as grid
+from bayes_adalora import cli
 
 TINY_FLAGS = ["--tinit", "1", "--tfinal", "2", "--delta-t", "1", "--warmup-steps", "1", "--eval-batch-size", "16"]
 TWO_TASKS = {t: grid.TASKS[t] for t in ("sst2", "stsb")}  # the tasks the glue_dir fixture has
@@ -240,3 +243,13 @@ def test_one_cell_through_the_real_cli_keeps_every_metric_the_loss_curve_and_sig
     assert "--ivon-beta2 auto" in record["command"] and record["commit"]
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["ivon_beta2"] == "auto" and config["criterion"] == "snr_abs"
+
+    # v2's arm: its spelled-out settings are flags the CLI takes, and they are v2's (in-process: no second start-up)
+    v2_arm = grid.ARMS["bayes-adalora-v2"]
+    args = grid.train_args("sst2", v2_arm, 0, 0.5, glue_dir, tmp_path / "v2", [*extra, "--max-steps", "4"])
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert cli.main(args) == 0, err.getvalue()[-500:]
+    config = json.loads((tmp_path / "v2" / "config.json").read_text())
+    assert (config["ivon_beta2"], config["ivon_hess_init"], config["ivon_weight_decay"]) == (0.99999, 1.0, 1e-8)
+    assert (config["ivon_beta1"], config["ivon_clip_radius"], config["ivon_ess"]) == (0.9, 1e-3, 64)  # 64 rows
