@@ -437,7 +437,7 @@ def goal_sigma(spreads: dict[str, list[float]]) -> dict:
 def goal_accuracy(tasks: dict) -> dict:
     """Met when, on every learned task, bayes-adalora - adalora (judged metric) is >= ACCURACY_TOLERANCE in mean and
     its interval is not wholly below 0; missed as soon as one learned task fails; pending while a task's learned
-    status or its paired difference is not known."""
+    status or its paired difference is not known; not judged when every task is known and none was learned."""
     failed, pending, passed = [], [], []
     for task, t in tasks.items():
         if t["learned_status"] != "yes":
@@ -451,7 +451,7 @@ def goal_accuracy(tasks: dict) -> dict:
             failed.append(f"{task} {signed(d['mean'])} [{signed(d['low'])}, {signed(d['high'])}]")
         else:
             passed.append(task)
-    status = "missed" if failed else ("pending" if pending else ("met" if passed else "pending"))
+    status = "missed" if failed else ("pending" if pending else ("met" if passed else "not judged: no task learned"))
     evidence = "; ".join(filter(None, [f"fails on {', '.join(failed)}" if failed else "",
                                        f"holds on {', '.join(passed)}" if passed else "",
                                        f"not decided on {', '.join(pending)}" if pending else ""]))

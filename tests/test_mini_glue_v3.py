@@ -180,6 +180,31 @@ def test_goals_met_and_missed_on_fabricated_cells(tmp_path, glue_dir, monkeypatc
     assert summary["tasks"]["mrpc"]["learned_status"] == "no" and summary["goals"]["accuracy"]["status"] == "met"
 
 
+def test_the_accuracy_goal_needs_the_mean_within_tolerance_and_no_interval_wholly_below_zero():
+    def goal(mean, low, high, status="yes"):
+        pair = {"n": 5, "mean": mean, "low": low, "high": high, "significant": not low <= 0 <= high}
+        return grid.goal_accuracy({"sst2": {"learned_status": status, "paired": {"bayes-adalora": pair}}})["status"]
+
+    assert goal(-0.002, -0.010, 0.006) == "met"
+    assert goal(-0.004, -0.012, 0.004) == "missed"  # the interval holds 0, but the mean is 0.004 below
+    assert goal(-0.002, -0.003, -0.001) == "missed"  # within the tolerance, but the interval is wholly below 0
+    assert goal(-0.05, -0.06, -0.04, status="no") == "not judged: no task learned"
+    assert goal(-0.002, -0.010, 0.006, status="pending (1 of 3 adalora seeds)") == "pending"
+
+
+def test_the_calibration_goal_needs_both_nll_and_ece_lower_on_three_tasks():
+    lower = {"mean": -0.02, "low": -0.03, "high": -0.01}
+    level = {"mean": -0.01, "low": -0.03, "high": 0.01}
+
+    def goal(*pairs):
+        tasks = {t: {"calibration": {"nll": nll, "ece": ece}} for t, (nll, ece) in zip(("sst2", "mrpc", "cola"), pairs)}
+        return grid.goal_calibration({**tasks, "stsb": {"calibration": None}})["status"]
+
+    assert goal((lower, lower), (lower, lower), (lower, lower)) == "met"
+    assert goal((lower, lower), (lower, lower), (lower, level)) == "missed"  # NLL lower on CoLA, ECE not
+    assert goal((lower, lower), (lower, lower), (None, None)) == "pending"  # CoLA can still make it
+
+
 def test_claim4_is_decided_once_its_arms_have_intervals_on_a_sigma_that_varies(tmp_path, glue_dir, monkeypatch):
     monkeypatch.setattr(grid, "trivial_baseline", lambda task, glue, metric: 0.0)
     for task in grid.ABLATION_TASKS:
