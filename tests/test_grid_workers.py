@@ -173,7 +173,9 @@ def test_the_workers_drive_the_pinned_v3_grid_each_job_once_and_its_sweep_first(
         done = {"metric": "accuracy", "best": 0.8, "final": 0.8, "train_seconds": 1,
                 "metrics": {"final": {"accuracy": 0.8 + (record.get("lr") == 2e-3) / 10}}}
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({**record, **done}))
+        tmp = path.with_suffix(".partial")  # whole or absent, as v2.run_cell writes it: the other worker reads it
+        tmp.write_text(json.dumps({**record, **done}))
+        tmp.replace(path)
         return done
 
     v3.run_cell = run_cell
