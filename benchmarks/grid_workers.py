@@ -1,8 +1,8 @@
-"""Run a pinned Mini-GLUE v2 grid N cells at a time (one thread each) on a machine with N free cores.
+"""Run a pinned Mini-GLUE grid (v2, or v3 with `--driver mini_glue_v3`) N cells at a time (one thread each).
 
 The cells, their commands and their order are the pinned checkout's own: this imports that checkout's
-`benchmarks/mini_glue_v2.py` unchanged and calls its `jobs()` and `run_cell()`, so every cell's JSON
-(with the pinned commit) is what `mini_glue_v2.py` itself would write. Only the scheduling differs:
+`benchmarks/<driver>.py` unchanged and calls its `jobs()` and `run_cell()`, so every cell's JSON
+(with the pinned commit) is what the driver itself would write. Only the scheduling differs:
 workers take the first cell that is neither on disk nor taken by another worker, and an extra seed
 (3, 4) starts only once seeds 0-2 of adalora and bayes-adalora are all on disk, as the sequential
 script would see them. Interrupted, it resumes from the cells on disk like the script. With
@@ -13,6 +13,11 @@ default they decide is the next thing to settle).
 
     python benchmarks/grid_workers.py --pinned /work/grid --workers 2 --glue-dir ../shared/data/glue \
         --results /work/main/benchmarks/results/mini-glue-v2 --work /work/grid-runs
+    python benchmarks/grid_workers.py --driver mini_glue_v3 --pinned /work/grid-v3 --workers 1 \
+        --glue-dir /work/shared/data/glue --results /work/main/benchmarks/results/mini-glue-v3 --work /work/grid-v3-runs
+
+A driver gives: SEEDS, EXTRA_SEEDS, CORE (cells with a `name`), cell_path(results, task, cell, seed),
+chosen_lrs(results), jobs(results, work, glue_dir, lrs, extra) and run_cell(args, record, path, threads).
 """
 
 from __future__ import annotations
@@ -31,10 +36,13 @@ from pathlib import Path
 IDLE_SECONDS = 30  # how often a worker with nothing to start looks again (a tuning cell may be running)
 
 
-def load_pinned(checkout: Path):
-    """The pinned checkout's mini_glue_v2 module (its own `baselines` beside it)."""
+DRIVERS = ("mini_glue_v2", "mini_glue_v3")
+
+
+def load_pinned(checkout: Path, driver: str = "mini_glue_v2"):
+    """The pinned checkout's driver module (what it imports, `baselines` or `mini_glue_v2`, from beside it)."""
     sys.path.insert(0, str(checkout / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("pinned_mini_glue_v2", checkout / "benchmarks" / "mini_glue_v2.py")
+    spec = importlib.util.spec_from_file_location(f"pinned_{driver}", checkout / "benchmarks" / f"{driver}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -140,6 +148,8 @@ def run_workers(scheduler: Scheduler, workers: int, threads: int) -> list:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pinned", type=Path, required=True, help="the pinned checkout (a git worktree)")
+    parser.add_argument("--driver", choices=DRIVERS, default="mini_glue_v2",
+                        help="the grid: benchmarks/<driver>.py of the pinned checkout")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="threads per cell")
     parser.add_argument("--glue-dir", type=Path, required=True)
@@ -153,10 +163,13 @@ def main(argv=None) -> int:
     parser.add_argument("--plan", help="as mini_glue_v2.py's: cpu (the default) or gpu")
     parser.add_argument("--minutes", type=float, help="start no new cell after this many minutes")
     args = parser.parse_args(argv)
-    grid = load_pinned(args.pinned.resolve())
+    if not (args.pinned / "benchmarks" / f"{args.driver}.py").is_file():
+        parser.error(f"the pinned checkout {args.pinned} has no benchmarks/{args.driver}.py")
+    grid = load_pinned(args.pinned.resolve(), args.driver)
     if args.plan:
-        if args.plan not in grid.PLANS:
-            parser.error(f"--plan must be one of the pinned script's plans ({', '.join(grid.PLANS)}), "
+        if args.plan not in getattr(grid, "PLANS", ()):
+            parser.error(f"--plan must be one of the pinned script's plans "
+                         f"({', '.join(getattr(grid, 'PLANS', ())) or 'it has none'}), "
                          f"got {args.plan!r}")
         grid.use_plan(args.plan)
     deadline = time.time() + 60 * args.minutes if args.minutes is not None else math.inf

@@ -230,8 +230,18 @@ def run_train(args: list[str], threads: int) -> tuple[int, str]:
     return proc.returncode, proc.stderr
 
 
-def run_cell(args: list[str], record: dict, path: Path, threads: int) -> dict:
-    """Train one cell and write its JSON (a diverged run is a result too)."""
+def read_main_metric(out: Path) -> dict:
+    """What a v2 cell keeps of a finished run folder: its main metric's best and final dev score."""
+    results = json.loads((out / "results.json").read_text())
+    metric = results["main_metric"]
+    return dict(metric=metric, best=results["metrics"]["best"][metric], best_step=results["metrics"]["best"]["step"],
+                final=results["metrics"]["final"][metric], steps=results["steps"],
+                train_seconds=round(results["train_seconds"], 1), total_rank=results["total_rank"])
+
+
+def run_cell(args: list[str], record: dict, path: Path, threads: int, read=read_main_metric) -> dict:
+    """Train one cell and write its JSON (a diverged run is a result too); `read(run_folder)` gives what
+    the JSON keeps of a finished run (Mini-GLUE v3 keeps every metric, the loss curve and sigma)."""
     start = time.time()
     code, stderr = run_train(args, threads)
     out = Path(args[args.index("--output-dir") + 1])
@@ -239,12 +249,7 @@ def run_cell(args: list[str], record: dict, path: Path, threads: int) -> dict:
               "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "wall_seconds": round(time.time() - start, 1), "machine": machine()}
     if code == 0:
-        results = json.loads((out / "results.json").read_text())
-        metric = results["main_metric"]
-        record.update(metric=metric, best=results["metrics"]["best"][metric],
-                      best_step=results["metrics"]["best"]["step"], final=results["metrics"]["final"][metric],
-                      steps=results["steps"], train_seconds=round(results["train_seconds"], 1),
-                      total_rank=results["total_rank"])
+        record.update(read(out))
     elif code == 1 and "diverged" in stderr:
         record.update(diverged=stderr.strip().splitlines()[-1])
     else:

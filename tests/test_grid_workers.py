@@ -1,10 +1,13 @@
 """benchmarks/grid_workers.py: a pinned grid's cells, each run once, by several workers."""
 
+import json
 import sys
 import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import grid_workers
@@ -151,3 +154,49 @@ def test_first_takes_the_named_cells_before_the_rest_of_their_stage_and_after_th
     assert started[:2] == ["tune0", "tune1"] and len(started) == 2 + 6 + 6
     assert [n.rsplit("-", 1)[0] for n in started[8:]] == ["lambda-paper"] * 3 + ["bayes-snr"] * 3
     assert {n.rsplit("-", 1)[0] for n in started[2:8]} == {"adalora", "bayes-adalora"}  # the core first
+
+
+def test_the_workers_drive_the_pinned_v3_grid_each_job_once_and_its_sweep_first(tmp_path, glue_dir, monkeypatch):
+    """v3 through --driver: its own jobs and order, with run_cell stubbed (no training here)."""
+    monkeypatch.setattr(grid_workers, "IDLE_SECONDS", 0.01)
+    checkout = Path(__file__).resolve().parents[1]
+    v3 = grid_workers.load_pinned(checkout, "mini_glue_v3")
+    assert v3.__file__ == str(checkout / "benchmarks" / "mini_glue_v3.py") and v3.CORE[1].name == "bayes-adalora"
+    v3.TASKS = {"sst2": v3.TASKS["sst2"]}  # the fixture's task; a module of this test's own, nothing to restore
+    v3.LADDERS = {"adalora": (1e-3, 2e-3), "ivon": (1.0, 2.0), "lora": (1e-3,)}
+    v3.EXTRA_ROUNDS = 0
+    order, lock = [], threading.Lock()
+
+    def run_cell(args, record, path, threads):
+        with lock:
+            order.append((record["stage"], record["cell"], record["seed"], record["lr"]))
+        done = {"metric": "accuracy", "best": 0.8, "final": 0.8, "train_seconds": 1,
+                "metrics": {"final": {"accuracy": 0.8 + (record.get("lr") == 2e-3) / 10}}}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".partial")  # whole or absent, as v2.run_cell writes it: the other worker reads it
+        tmp.write_text(json.dumps({**record, **done}))
+        tmp.replace(path)
+        return done
+
+    v3.run_cell = run_cell
+    scheduler = grid_workers.Scheduler(v3, tmp_path, tmp_path / "work", glue_dir)
+    assert not grid_workers.run_workers(scheduler, 2, 1)
+    planned = [c for c in v3.planned_cells() if c[1] == "sst2"]
+    assert len(order) == len(set(order)) == 4 + 1 + len(planned)  # the sweeps (adalora+ivon, lora), every cell
+    assert {o[0] for o in order[:4]} == {"tune"}  # nothing before the main contrast's sweep is done
+    lrs = v3.chosen_lrs(tmp_path)["sst2"]
+    assert lrs["adalora"] == 2e-3 and lrs["ivon"] == 1.0 and lrs["ivon-v2"] == 4.24
+    extra = [i for i, (s, *_) in enumerate(order) if s == "extra"]
+    core = [i for i, (s, c, seed, _) in enumerate(order) if c in ("adalora", "bayes-adalora") and seed in (0, 1, 2)
+            and s != "tune"]
+    assert min(extra) > max(core)  # seeds 3-4 only once seeds 0-2 of the main contrast are on disk
+
+
+def test_an_unknown_driver_or_one_the_pinned_checkout_lacks_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        grid_workers.main(["--pinned", str(tmp_path), "--driver", "mini_glue_v3", "--glue-dir", ".", "--results", ".",
+                           "--work", "."])
+    assert exit_.value.code == 2 and "has no benchmarks/mini_glue_v3.py" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        grid_workers.main(["--pinned", str(tmp_path), "--driver", "mini_glue", "--glue-dir", ".", "--results", ".",
+                           "--work", "."])
