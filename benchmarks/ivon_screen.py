@@ -97,7 +97,8 @@ def report() -> str:
             final, mc = r["metrics"]["final"], r["metrics"].get("mc", {})
             ratio = " / ".join(f"{s['sigma/all/p99'] / s['sigma/all/p01']:.2f}" for s in r["sigma"]) or "-"
             fmt = lambda d, k: f"{d[k]:.4f}" if k in d else "-"  # noqa: E731
-            lines.append(f"| {task} | {arm} | {fmt(final, 'accuracy' if 'accuracy' in final else 'pearson')} | {fmt(final, 'f1')} | "
+            main = "accuracy" if "accuracy" in final else "pearson"
+            lines.append(f"| {task} | {arm} | {fmt(final, main)} | {fmt(final, 'f1')} | "
                          f"{fmt(final, 'ece')} / {fmt(mc, 'ece')} | {fmt(final, 'nll')} / {fmt(mc, 'nll')} | {ratio} |")
     return "\n".join(lines) + "\n"
 
