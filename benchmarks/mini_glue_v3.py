@@ -92,10 +92,9 @@ LOSS_POINTS = 60  # the loss curve a cell keeps: about this many steps, evenly s
 
 # The new IVON defaults: ONE place, changed when the screen (benchmarks/ivon_screen.py) decides them.
 NEW_IVON = ("--ivon-beta2", "auto")
-# v2's settings (the defaults of its commit, 1d584d8), spelled out so they stay v2's whatever the defaults become;
-# ess: the training-set size, the default then and now
-V2_IVON = ("--ivon-beta2", "0.99999", "--ivon-hess-init", "1.0", "--ivon-weight-decay", "1e-8", "--ivon-beta1", "0.9",
-           "--ivon-clip-radius", "1e-3")
+# v2's settings (the defaults of its commit, 1d584d8), spelled out so they stay v2's whatever the defaults become
+V2_IVON = ("--ivon-ess", "train-size", "--ivon-beta2", "0.99999", "--ivon-hess-init", "1.0", "--ivon-weight-decay",
+           "1e-8", "--ivon-beta1", "0.9", "--ivon-clip-radius", "1e-3")
 
 
 def ivon_flags(setting: str) -> tuple[str, ...]:

@@ -385,8 +385,12 @@ def test_hf_argument_parser_reads_ivon_arguments_from_argv_with_the_same_checks(
     # a setting that takes a number or auto reads both from the command line, as the CLI does
     assert parser.parse_args_into_dataclasses(["--ivon_beta2", "auto"])[0].ivon_beta2 == "auto"
     assert parser.parse_args_into_dataclasses(["--ivon_beta2", "0.999"])[0].ivon_beta2 == 0.999
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match=r"^--ivon-beta2 must be a number or auto, got 'sometimes'$"):
         parser.parse_args_into_dataclasses(["--ivon_beta2", "sometimes"])
+    for word in ("auto", "train-size"):
+        assert parser.parse_args_into_dataclasses(["--ivon_ess", word])[0].ivon_ess == word
+    with pytest.raises(UserError, match=r"^--ivon-beta2 must be a number or auto, got 'train-size'$"):
+        parser.parse_args_into_dataclasses(["--ivon_beta2", "train-size"])  # a word of another setting
 
 
 @pytest.mark.parametrize("method, criterion", [("adalora", "snr"), ("adalora-ivon", "mean_abs"),

@@ -247,7 +247,8 @@ def test_every_method_trains_and_writes_its_run(method, trained, tiny_deberta):
 def test_posterior_file_holds_ivon_sigma(method, trained):
     tensors, meta = read_tensors(trained(method) / "posterior.safetensors")
     ess, weight_decay = float(meta["ess"]), float(meta["weight_decay"])
-    assert ess == N_TRAIN  # default ess: the number of training examples
+    trainable = read_json(trained(method) / "results.json")["trainable_parameters"]
+    assert ess == max(N_TRAIN, 10 * trainable)  # default ess (auto): 10 per trainable parameter, or the examples
     assert weight_decay == 1e-8  # default IVON weight decay (paper-glue.md)
     names = {k.removesuffix(".hess") for k in tensors if k.endswith(".hess")}
     assert names and {k.rsplit(".", 1)[0] for k in tensors} == names

@@ -95,13 +95,24 @@ def test_the_registry_decides_every_method_property():
     assert TrainConfig(method="adalora").resolved_lr() == 2e-3 and TrainConfig().resolved_lr() == 3.0
 
 
+TRAINABLE = 20_000  # an adapter's trainable parameters, for the plans of IVON runs (--ivon-ess auto)
+
+
 def test_the_plan_resolves_every_default_once():
-    plan = plan_run(TrainConfig(epochs=2.0), "m", train_examples=1000, batches_per_epoch=32)
-    # 64 steps: 6% warm-up is 3 steps, ten evaluations, ess the training-set size
-    assert (plan.total_steps, plan.warmup_steps, plan.eval_steps, plan.ivon_ess, plan.lr) == (64, 3, 6, 1000.0, 3.0)
+    plan = plan_run(TrainConfig(epochs=2.0), "m", train_examples=1000, batches_per_epoch=32, trainable_parameters=500)
+    # 64 steps: 6% warm-up is 3 steps, ten evaluations, ess 10 per trainable parameter (above the 1000 examples)
+    assert (plan.total_steps, plan.warmup_steps, plan.eval_steps, plan.ivon_ess_resolved, plan.lr) == (
+        64, 3, 6, 5000.0, 3.0)
+    assert plan_run(TrainConfig(epochs=2.0), "m", 1000, 32, trainable_parameters=99).ivon_ess_resolved == 1000.0
+    paper = plan_run(TrainConfig(epochs=2.0, ivon_ess="train-size"), "m", 1000, 32, trainable_parameters=500)
+    assert paper.ivon_ess_resolved == 1000.0
+    assert plan_run(TrainConfig(ivon_ess=77.0), "m", 1000, 32).ivon_ess_resolved == 77  # a number needs no size
+    with pytest.raises(ValueError, match="give the plan trainable_parameters"):
+        plan_run(TrainConfig(), "m", 1000, 32)
     assert 0 <= plan.tinit < plan.total_steps - plan.tfinal and plan.delta_t >= 1
     lora = plan_run(TrainConfig(method="lora", max_steps=10, warmup_steps=0), "m", 1000, 32)
-    assert (lora.total_steps, lora.warmup_steps, lora.ivon_ess, lora.tinit, lora.lr) == (10, 0, None, None, 1e-3)
+    assert (lora.total_steps, lora.warmup_steps, lora.ivon_ess_resolved, lora.tinit, lora.lr) == (
+        10, 0, None, None, 1e-3)
     with pytest.raises(UserError, match="--tinit 6 and --tfinal 6 leave no steps"):
         plan_run(TrainConfig(max_steps=12, tinit=6, tfinal=6), "m", 1000, 32)
 
@@ -113,8 +124,7 @@ def test_config_json_reruns_the_same_plan_and_explicit_values_win():
     again, explicit = make_config({}, base=saved)
     assert explicit == set() and plan_run(again, "some/model", 500, 16) == plan
     # what was derived is derived again: on other data, as a fresh run with the same flags
-    assert saved["derived"] == ["model", "data_dir", "lr", "warmup_steps", "eval_steps", "ivon_ess", "tinit",
-                                "tfinal", "delta_t"]
+    assert saved["derived"] == ["model", "data_dir", "lr", "warmup_steps", "eval_steps", "tinit", "tfinal", "delta_t"]
     other = plan_run(again, "some/model", train_examples=999, batches_per_epoch=99)
     assert other == plan_run(config, "some/model", 999, 99) and other.tinit != plan.tinit
     changed, explicit = make_config({"seed": 4}, base=saved)
@@ -143,7 +153,7 @@ def test_a_config_file_read_by_the_cli_re_derives_what_its_run_derived(tmp_path)
 
 def test_what_the_paper_recipe_filled_in_it_fills_in_again_for_another_method():
     config, _ = make_config({"task": "mrpc", "method": "bayes-adalora", "recipe": "paper", "seed": 3})
-    saved = planned_config(config, plan_run(config, "m", 3668, 115))
+    saved = planned_config(config, plan_run(config, "m", 3668, 115, trainable_parameters=TRAINABLE))
     adamw, _ = make_config({"method": "adalora"}, base=saved)
     fresh, _ = make_config({"task": "mrpc", "method": "adalora", "recipe": "paper", "seed": 3})
     assert adamw == fresh and adamw.lr != config.lr
@@ -153,10 +163,11 @@ def test_flags_beside_a_config_file_win_for_epochs_and_the_paper_recipe():
     """--epochs over a file that counted steps trained the file's steps; --recipe paper over a plain run's
     file kept the file's ranks, alpha and epochs under the recipe's lr (a mix of the two)."""
     config = TrainConfig(task="sst2", max_steps=300)
-    saved = planned_config(config, plan_run(config, "m", 67349, 2105))
+    saved = planned_config(config, plan_run(config, "m", 67349, 2105, trainable_parameters=TRAINABLE))
     assert make_config({"epochs": 5}, base=saved)[0].max_steps is None
     assert make_config({"epochs": 5, "max_steps": 40}, base=saved)[0].max_steps == 40
-    plain = planned_config(TrainConfig(task="sst2"), plan_run(TrainConfig(task="sst2"), "m", 67349, 2105))
+    plain = TrainConfig(task="sst2")
+    plain = planned_config(plain, plan_run(plain, "m", 67349, 2105, trainable_parameters=TRAINABLE))
     recipe, _ = make_config({"recipe": "paper"}, base=plain)
     paper, _ = make_config({"task": "sst2", "recipe": "paper"})
     assert (recipe.init_r, recipe.target_r, recipe.lora_alpha, recipe.epochs, recipe.lr) == (
@@ -172,8 +183,9 @@ def test_a_warm_up_longer_than_the_run_or_a_two_phase_step_outside_it_is_refused
     for const, steps in ((500, 300), (50, 1000), (100, 1000)):  # no second phase; inside the warm-up; no hold
         config = TrainConfig(lr_schedule="two-phase", two_phase_const=const, warmup_steps=100, max_steps=steps)
         with pytest.raises(UserError, match=rf"^--two-phase-const {const} must lie after the warm-up's end"):
-            plan_run(config, "m", 67349, 2105)
-    plan_run(TrainConfig(lr_schedule="two-phase", two_phase_const=500, warmup_steps=100, max_steps=1500), "m", 1, 1)
+            plan_run(config, "m", 67349, 2105, trainable_parameters=TRAINABLE)
+    plan_run(TrainConfig(lr_schedule="two-phase", two_phase_const=500, warmup_steps=100, max_steps=1500), "m", 1, 1,
+             trainable_parameters=TRAINABLE)
 
 
 def test_ivon_arguments_take_whole_floats_as_the_config_does():
@@ -192,8 +204,8 @@ def test_a_checkpoint_refuses_a_resume_with_other_settings_but_takes_a_new_lr(tm
 
     def resume(**given):
         again, _ = make_config({"method": "adalora", "max_steps": 300, **given})
-        return load_checkpoint(path, model, optimizer, scheduler, None, planned_config(again, plan_run(again, "m", 1000,
-                                                                                                       32)))
+        plan = plan_run(again, "m", 1000, 32, trainable_parameters=TRAINABLE)
+        return load_checkpoint(path, model, optimizer, scheduler, None, planned_config(again, plan))
 
     with pytest.raises(UserError, match=r"other settings \(the step count 300 there, 3000 here\)"):
         resume(max_steps=3000)

@@ -277,4 +277,5 @@ def test_one_cell_through_the_real_cli_keeps_every_metric_the_loss_curve_and_sig
         assert cli.main(args) == 0, err.getvalue()[-500:]
     config = json.loads((tmp_path / "v2" / "config.json").read_text())
     assert (config["ivon_beta2"], config["ivon_hess_init"], config["ivon_weight_decay"]) == (0.99999, 1.0, 1e-8)
-    assert (config["ivon_beta1"], config["ivon_clip_radius"], config["ivon_ess"]) == (0.9, 1e-3, 64)  # 64 rows
+    assert (config["ivon_beta1"], config["ivon_clip_radius"], config["ivon_ess"]) == (0.9, 1e-3, "train-size")
+    assert config["ivon_ess_resolved"] == 64  # 64 rows

@@ -14,7 +14,7 @@ from pathlib import Path
 from . import __version__
 from .config import RunPlan, bounds_of, config_fields, field_type, make_config
 from .errors import TrainingDiverged, UserError
-from .ivon_settings import NumberOrAuto
+from .ivon_settings import NumberOrWord
 from .paths import require_file
 
 
@@ -28,8 +28,8 @@ def flag_kwargs(field) -> dict:
             kwargs[key] = field.metadata[key]
     if base is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
-    elif getattr(bounds_of(field), "auto", False):
-        kwargs.update(type=NumberOrAuto, metavar="{auto,NUMBER}")
+    elif getattr(bounds_of(field), "words", ()):
+        kwargs.update(type=NumberOrWord, metavar="{" + ",".join((*bounds_of(field).words, "NUMBER")) + "}")
     elif "nargs" in kwargs:
         kwargs["type"] = base
     elif typing.get_origin(base) is list:

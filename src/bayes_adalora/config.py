@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from .errors import UserError
 from .importance import DEFAULT_CRITERION, POSTERIOR_CRITERIA
-from .ivon_settings import AUTO, resolve_beta2
+from .ivon_settings import AUTO, TRAIN_SIZE, resolve_beta2, resolve_ess
 from .methods import METHOD_NAMES, get_method
 from .recipes import paper_recipe
 from .schedules import default_adalora_phases
@@ -44,7 +44,7 @@ class Bounds:
     high_open: bool = False
     off: float | None = None
     why: str = ""  # said after the refusal
-    auto: bool = False  # the field also takes "auto", resolved when the run is planned
+    words: tuple[str, ...] = ()  # besides numbers, the field takes these words (e.g. "auto"), resolved by the plan
 
     def contains(self, value: float) -> bool:
         if self.off is not None and value == self.off:
@@ -159,14 +159,17 @@ class TrainConfig:
     lora_alpha: float = _f(32.0, "LoRA/AdaLoRA alpha (update scale).", bounds=POSITIVE_REAL)
     lora_dropout: float = _f(0.0, "Dropout on the adapter input.", bounds=UNIT_RIGHT_OPEN)
     # IVON
-    ivon_ess: float | None = _f(
-        None, "IVON effective sample size (default: the training-set size).", bounds=POSITIVE_REAL
+    ivon_ess: float | str | None = _f(
+        AUTO, "IVON effective sample size. auto: the training-set size, or 10 x the trainable parameters where "
+              "that is larger (the noise of IVON's draws then costs at most about 0.05 nats of training loss); "
+              "train-size: the training-set size (the paper's).",
+        bounds=dataclasses.replace(POSITIVE_REAL, words=(AUTO, TRAIN_SIZE)),
     )
     ivon_hess_init: float = _f(1.0, "IVON initial Hessian.", bounds=POSITIVE_REAL)
     ivon_beta1: float = _f(0.9, "IVON momentum.", bounds=UNIT_RIGHT_OPEN)
     ivon_beta2: float | str = _f(0.99999, "IVON Hessian EMA; auto: 1 - 10/steps, a horizon of a tenth of the run "
                                           "(so the posterior learns within it).",
-                                bounds=dataclasses.replace(UNIT_RIGHT_OPEN, auto=True))
+                                bounds=dataclasses.replace(UNIT_RIGHT_OPEN, words=(AUTO,)))
     ivon_weight_decay: float = _f(1e-8, "IVON weight decay (prior precision per example).", bounds=NON_NEGATIVE)
     ivon_clip_radius: float = _f(1e-3, "IVON elementwise update clip.", bounds=POSITIVE_REAL)
     train_mc_samples: int = _f(1, "IVON posterior samples per training step.", bounds=POSITIVE)
@@ -324,7 +327,7 @@ def check_field(f: dataclasses.Field, value, owner: type | None = None) -> None:
     """One field's value against its metadata: one of its `choices`, or a number within its `bounds`
     (finite, and whole for an int field); None passes where the field allows it. `owner`: the
     dataclass of the field (default `TrainConfig`)."""
-    if value == AUTO and getattr(bounds_of(f), "auto", False):
+    if isinstance(value, str) and value in getattr(bounds_of(f), "words", ()):
         return
     if value is None:
         if type(None) not in typing.get_args(typing.get_type_hints(owner or TrainConfig)[f.name]):
@@ -348,7 +351,8 @@ def check_field(f: dataclasses.Field, value, owner: type | None = None) -> None:
         return
     integer = kind is int
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UserError(f"{flag(f.name)} must be a number, got {value!r}")
+        words = "".join(f" or {word}" for word in bounds.words)
+        raise UserError(f"{flag(f.name)} must be a number{words}, got {value!r}")
     if not math.isfinite(value):
         raise UserError(f"{flag(f.name)} must be a finite number, got {value}")
     if integer and value != int(value):
@@ -448,7 +452,7 @@ class RunPlan:
     total_steps: int
     warmup_steps: int
     eval_steps: int
-    ivon_ess: float | None  # IVON methods only
+    ivon_ess_resolved: float | None  # IVON methods only: --ivon-ess, auto and train-size resolved for the run
     ivon_beta2_resolved: float | None  # IVON methods only: --ivon-beta2, auto resolved for the run's length
     tinit: int | None  # AdaLoRA methods only: its phases
     tfinal: int | None
@@ -458,9 +462,10 @@ class RunPlan:
 
 
 def plan_run(config: TrainConfig, model: str, train_examples: int, batches_per_epoch: int,
-             spec: TaskSpec | None = None) -> RunPlan:
+             spec: TaskSpec | None = None, trainable_parameters: int | None = None) -> RunPlan:
     """The run's resolved plan, from the config and the size of its training data; `spec` is the
-    task's as its data gave it (classification: with the classes read from the training file)."""
+    task's as its data gave it (classification: with the classes read from the training file);
+    `trainable_parameters`: the adapted model's, which `--ivon-ess auto` needs."""
     spec = spec or get_task(config.task)
     total_steps = total_steps_for(config, batches_per_epoch)
     tinit, tfinal, delta_t = adalora_phases(config, total_steps) if config.uses_adalora else (
@@ -476,7 +481,8 @@ def plan_run(config: TrainConfig, model: str, train_examples: int, batches_per_e
         model=model, data_dir=data_dir_of(config), lr=config.resolved_lr(), total_steps=total_steps,
         warmup_steps=warmup,
         eval_steps=config.eval_steps or max(1, total_steps // 10),
-        ivon_ess=(config.ivon_ess or float(train_examples)) if config.uses_ivon else None,
+        ivon_ess_resolved=resolve_ess(config.ivon_ess, train_examples, trainable_parameters)
+        if config.uses_ivon else None,
         ivon_beta2_resolved=resolve_beta2(config.ivon_beta2, total_steps) if config.uses_ivon else None,
         tinit=tinit, tfinal=tfinal, delta_t=delta_t, num_labels=spec.num_labels,
         labels=None if spec.labels is None else list(spec.labels),

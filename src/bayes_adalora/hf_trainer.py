@@ -42,7 +42,7 @@ from .build import build_trainable_model, make_optimizer, use_fast_path
 from .checkpoint import allocator_state, load_allocator_state, place_ivon_state
 from .config import TrainConfig, adalora_phases, check_field, coerce_field
 from .evaluation import Predictive, calibration_from_statistics, calibration_metrics
-from .ivon_settings import NumberOrAuto
+from .ivon_settings import NumberOrWord, resolve_ess
 from .kinds import task_kind
 from .lm_metrics import IGNORE_INDEX
 from .methods import IVON_METHODS, METHODS, get_method
@@ -80,10 +80,10 @@ class IVONArguments:
     tfinal: int | None = like_train_config("tfinal")
     delta_t: int | None = like_train_config("delta_t")
     orth_reg: float = like_train_config("orth_reg")
-    ivon_ess: float | None = like_train_config("ivon_ess")
+    ivon_ess: NumberOrWord | None = like_train_config("ivon_ess")  # noqa: RUF009 (a float, "auto" or "train-size")
     ivon_hess_init: float = like_train_config("ivon_hess_init")
     ivon_beta1: float = like_train_config("ivon_beta1")
-    ivon_beta2: NumberOrAuto = like_train_config("ivon_beta2")  # noqa: RUF009 (a float or "auto"; HfArgumentParser reads either)
+    ivon_beta2: NumberOrWord = like_train_config("ivon_beta2")  # noqa: RUF009 (a float or "auto")
     ivon_weight_decay: float = like_train_config("ivon_weight_decay")
     ivon_clip_radius: float = like_train_config("ivon_clip_radius")
     train_mc_samples: int = like_train_config("train_mc_samples")
@@ -452,7 +452,8 @@ class IVONTrainer(AdaLoraCheckpoints, Trainer):
     Takes the Trainer's arguments plus `ivon_args`, an `IVONArguments` (default: `bayes-adalora`), or
     `config`, a `TrainConfig` whose same fields are read. The model is any peft AdaLoRA model, of any
     task type. IVON's learning rate is `args.learning_rate` and follows the Trainer's scheduler; its
-    effective sample size is `ivon_ess`, else the training-set size.
+    effective sample size is `ivon_ess` (with `auto`, the default, the training-set size or 10 per trainable
+    parameter where larger; with `train-size`, the training-set size).
 
     One optimizer step: for each micro-batch and each of `train_mc_samples` posterior samples,
     the loss (the micro-batch mean) is back-propagated at the sampled weights; IVON averages those
@@ -509,13 +510,18 @@ class IVONTrainer(AdaLoraCheckpoints, Trainer):
             raise ValueError(f"IVONTrainer needs an ivon.IVON optimizer, got {type(optimizer).__name__}")
         return optimizer
 
-    def ivon_ess(self) -> float:
-        if self.ivon_args.ivon_ess is not None:
-            return float(self.ivon_args.ivon_ess)
+    def ivon_ess(self, model: torch.nn.Module | None = None) -> float:
+        """IVON's effective sample size for `model` (default: the Trainer's): `ivon_args.ivon_ess` resolved
+        (`ivon_settings.resolve_ess`) with the training set's size and the model's trainable parameters."""
+        setting = self.ivon_args.ivon_ess
+        if isinstance(setting, (int, float)):
+            return float(setting)
         try:
-            return float(len(self.train_dataset))
+            examples = len(self.train_dataset)
         except TypeError as exc:
-            raise ValueError("the training set has no length: set IVONArguments.ivon_ess") from exc
+            raise ValueError("the training set has no length: set IVONArguments.ivon_ess to a number") from exc
+        trainable = sum(p.numel() for p in (model or self.model).parameters() if p.requires_grad)
+        return resolve_ess(setting, examples, trainable)
 
     @property
     def ivon_noise(self) -> NoiseStream:
@@ -539,8 +545,9 @@ class IVONTrainer(AdaLoraCheckpoints, Trainer):
         settings = self.ivon_args.train_config(lr=self.args.learning_rate)
         if self.optimizer is None:
             self._ivon_noise = None  # a new optimizer (a new train() or trial) draws from a new stream of args.seed
-            self.optimizer = make_optimizer(model if model is not None else self.model, settings, self.ivon_ess(),
-                                            sync=self.args.world_size > 1, total_steps=self.run_steps())
+            model = model if model is not None else self.model
+            self.optimizer = make_optimizer(model, settings, self.ivon_ess(model), sync=self.args.world_size > 1,
+                                            total_steps=self.run_steps())
         optimizer = self.ivon_optimizer
         if self.args.world_size > 1 and optimizer.hess_approx == "price":  # ivon-opt cannot sync 'gradsq'
             optimizer.sync = True  # one passed in too: else accumulated micro-batches stay per process

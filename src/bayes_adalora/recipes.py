@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import UserError
+from .ivon_settings import TRAIN_SIZE
 from .methods import get_method
 
 PAPER_MODEL = "microsoft/deberta-v3-base"
@@ -67,7 +68,7 @@ def paper_recipe(task: str, method: str) -> dict:
         init_r=3, target_r=2, lora_r=2, lora_alpha=t.lora_alpha, orth_reg=t.orth_reg,
         tinit=t.tinit, tfinal=t.tfinal, delta_t=t.delta_t,
         sensitivity_beta1=0.85, sensitivity_beta2=0.85,
-        ivon_hess_init=1.0, ivon_beta1=0.9, ivon_beta2=0.99999, ivon_weight_decay=1e-8,
+        ivon_ess=TRAIN_SIZE, ivon_hess_init=1.0, ivon_beta1=0.9, ivon_beta2=0.99999, ivon_weight_decay=1e-8,
         ivon_clip_radius=1e-3, train_mc_samples=1,
     )
     if kind.uses_ivon:

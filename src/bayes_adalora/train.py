@@ -45,7 +45,7 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from .config import TrainConfig, plan_run, planned_config
+from .config import TrainConfig, plan_run, planned_config, total_steps_for
 from .distributed import Processes
 from .errors import TrainingDiverged, UserError
 from .kinds import task_kind
@@ -183,16 +183,19 @@ def _train(config: TrainConfig, figures: Figures | None, closing: ExitStack) -> 
     kind.check_processes(model, procs.world)
     train_loader = kind.train_loader(data, tokenizer, config, min_last=procs.world)  # an empty shard's loss: NaN
     dev_loaders = {split: kind.dev_loader(ds, tokenizer, config) for split, ds in data.dev.items()}
-    plan = plan_run(config, model_name, len(data.train), len(train_loader), spec)
+    # the adapter first (its size sets --ivon-ess auto); its length is the plan's, from the same two numbers
+    model = on_device(build_trainable_model(model, config, total_steps_for(config, len(train_loader)), fresh), device)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    plan = plan_run(config, model_name, len(data.train), len(train_loader), spec, trainable_parameters=trainable)
     settings = planned_config(config, plan)  # config.json's form: kept in checkpoints, checked on resume
     if lr_derived and "lr" not in settings["derived"]:  # so --config of this run derives it again, as of the first
         settings["derived"].append("lr")
     train_data = data_fingerprint(data.train) if config.save_steps or resume_from is not None else None
 
-    model = on_device(build_trainable_model(model, config, plan.total_steps, fresh), device)
     forward_model = procs.wrap(model)  # DDP under accelerate; peft's allocator works on `model`
     model.train()
-    optimizer = make_optimizer(model, config, plan.ivon_ess, sync=procs.world > 1, total_steps=plan.total_steps)
+    optimizer = make_optimizer(model, config, plan.ivon_ess_resolved, sync=procs.world > 1,
+                               total_steps=plan.total_steps)
     training_step = make_training_step(optimizer, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(config, plan.total_steps, plan.warmup_steps))
     correlations = CorrelationLog() if config.logs_correlations else None
