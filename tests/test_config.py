@@ -92,7 +92,12 @@ def test_the_registry_decides_every_method_property():
     assert {n: (m.uses_ivon, m.uses_adalora, m.reads_posterior) for n, m in METHODS.items()} == {
         "bayes-adalora": (True, True, True), "adalora-ivon": (True, True, False), "adalora": (False, True, False),
         "lora": (False, False, False), "full": (False, False, False)}
-    assert TrainConfig(method="adalora").resolved_lr() == 2e-3 and TrainConfig().resolved_lr() == 3.0
+    assert TrainConfig(method="adalora").resolved_lr() == 2e-3
+    # IVON's default keeps its first step (lr x hess_init) whatever the initial Hessian; a given lr is kept
+    for hess_init in (1.0, 0.1, 0.01):
+        assert TrainConfig(ivon_hess_init=hess_init).resolved_lr() * hess_init == pytest.approx(3.0, rel=1e-15)
+    assert TrainConfig(ivon_hess_init=0.1, lr=4.0).resolved_lr() == 4.0
+    assert TrainConfig(method="adalora", ivon_hess_init=0.1).resolved_lr() == 2e-3  # AdamW ignores IVON's setting
 
 
 TRAINABLE = 20_000  # an adapter's trainable parameters, for the plans of IVON runs (--ivon-ess auto)

@@ -117,7 +117,8 @@ class TrainConfig:
     )
     lr: float | None = _f(
         None,
-        "Peak learning rate; default per optimizer: IVON 3.0, AdaLoRA 2e-3, LoRA 1e-3, full 3e-5.",
+        "Peak learning rate; default per optimizer: IVON 3.0 / --ivon-hess-init (its step is lr x hess_init x "
+        "a clipped Newton-like ratio), AdaLoRA 2e-3, LoRA 1e-3, full 3e-5.",
         bounds=Bounds(low=0, high=1e6, low_open=True),  # above, AdamW's float32 step overflows (--lr 1e39 crashed)
     )
     lr_schedule: str = _f(
@@ -273,7 +274,12 @@ class TrainConfig:
         return self.uses_adalora and self.uses_ivon if self.log_correlations is None else self.log_correlations
 
     def resolved_lr(self) -> float:
-        return self.lr if self.lr is not None else self.method_spec.default_lr
+        """--lr, else the method's default; IVON's default over --ivon-hess-init: ivon-opt scales its step by
+        the initial Hessian (`rescale_lr`), so its first steps keep one size whatever that Hessian is."""
+        if self.lr is not None:
+            return self.lr
+        spec = self.method_spec
+        return spec.default_lr / self.ivon_hess_init if spec.uses_ivon else spec.default_lr
 
     def to_dict(self) -> dict:
         """The settings as config.json holds them: a text column whose name holds a comma or a quote quoted as
