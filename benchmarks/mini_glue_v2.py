@@ -644,14 +644,18 @@ def figure(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def report(results: Path, glue_dir: str, out: Path) -> dict:
-    summary = summarize(results, glue_dir)
+def write_report(summary: dict, out: Path, name: str, to_markdown, draw) -> dict:
+    """`name`.json, .md (`to_markdown(summary)`) and .png (`draw(summary, path)`) under `out`; the table printed."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{NAME}.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    (out / f"{NAME}.md").write_text(markdown(summary))
-    figure(summary, out / f"{NAME}.png")
-    print(markdown(summary))
+    (out / f"{name}.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    (out / f"{name}.md").write_text(to_markdown(summary))
+    draw(summary, out / f"{name}.png")
+    print(to_markdown(summary))
     return summary
+
+
+def report(results: Path, glue_dir: str, out: Path) -> dict:
+    return write_report(summarize(results, glue_dir), out, NAME, markdown, figure)
 
 
 def main(argv=None) -> int:

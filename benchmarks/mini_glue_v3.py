@@ -717,13 +717,7 @@ def figure(summary: dict, path: Path) -> None:
 
 
 def report(results: Path, glue_dir: str, out: Path) -> dict:
-    summary = summarize(results, glue_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{NAME}.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    (out / f"{NAME}.md").write_text(markdown(summary))
-    figure(summary, out / f"{NAME}.png")
-    print(markdown(summary))
-    return summary
+    return v2.write_report(summarize(results, glue_dir), out, NAME, markdown, figure)
 
 
 def estimate_text() -> str:

@@ -46,19 +46,19 @@ def exists_at_all(path: Path) -> bool:
     return os.path.lexists(path)
 
 
-def require_file(path: Path, what: str) -> None:
-    """Refuse a path to read that is not a regular file, saying what it is instead."""
+def _require(path: Path, what: str, expected: str, noun: str) -> None:
     kind = path_kind(path)
     if kind == NOTHING:
         raise UserError(f"{what} {path} does not exist")
-    if kind != FILE:
-        raise UserError(f"{what} {path} is {kind}, not a file")
+    if kind != expected:
+        raise UserError(f"{what} {path} is {kind}, not {noun}")
+
+
+def require_file(path: Path, what: str) -> None:
+    """Refuse a path to read that is not a regular file, saying what it is instead."""
+    _require(path, what, FILE, "a file")
 
 
 def require_folder(path: Path, what: str) -> None:
     """Refuse a path to read that is not a folder, saying what it is instead."""
-    kind = path_kind(path)
-    if kind == NOTHING:
-        raise UserError(f"{what} {path} does not exist")
-    if kind != FOLDER:
-        raise UserError(f"{what} {path} is {kind}, not a folder")
+    _require(path, what, FOLDER, "a folder")
