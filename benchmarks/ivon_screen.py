@@ -48,8 +48,8 @@ ARMS = {
 # (task, arm) in the order they run. Round 3: does round 2's best MRPC arm carry to SST-2 and STS-B, and does a
 # smaller initial Hessian (h 0.01) make sigma vary at the first masking step on MRPC?
 ROUNDS = [*(("mrpc", arm) for arm in ARMS if arm != "auto-ess10p-h0.01"),
-          ("sst2", "adalora"), ("sst2", "auto-ess10p-h0.1"), ("sst2", "auto-ess10p"), ("sst2", "v2"),
-          ("stsb", "adalora"), ("stsb", "auto-ess10p-h0.1"), ("mrpc", "auto-ess10p-h0.01"), ("stsb", "v2")]
+          ("sst2", "adalora"), ("sst2", "auto-ess10p-h0.1"), ("sst2", "auto-ess10p"), ("mrpc", "auto-ess10p-h0.01"),
+          ("stsb", "adalora"), ("stsb", "auto-ess10p-h0.1"), ("sst2", "v2"), ("stsb", "v2")]
 IVON_FLAGS = ["--mc-samples", str(MC)]
 
 
