@@ -111,7 +111,7 @@ class Method:
         )
         self.model = build_trainable_model(base_model(setting), self.config, total_steps, set()).to(device)
         self.model.train()
-        self.optimizer = make_optimizer(self.model, self.config, ess=67349.0)
+        self.optimizer = make_optimizer(self.model, self.config, ess=67349.0, total_steps=total_steps)
         self.training_step = make_training_step(self.optimizer, self.config)
         allocator = install_allocator(self.model, self.config.method, self.optimizer, "snr_abs")
         self.tuner = self.model.base_model if allocator is not None else None

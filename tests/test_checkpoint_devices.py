@@ -41,10 +41,10 @@ def test_ivon_refuses_half_precision_weights_in_one_sentence():
     """fp16: ess x Hessian overflows. bf16: 0.99999 * h + 1e-5 * update rounds back to h (checked below)."""
     model = nn.Linear(2, 2).half()
     with pytest.raises(UserError, match=r"^--method bayes-adalora cannot train fp16 weights .* overflows"):
-        make_optimizer(model, TrainConfig(), ess=67349.0)
-    make_optimizer(model, TrainConfig(method="adalora"), ess=67349.0)  # AdamW has no such product
+        make_optimizer(model, TrainConfig(), ess=67349.0, total_steps=100)
+    make_optimizer(model, TrainConfig(method="adalora"), ess=67349.0, total_steps=100)  # AdamW has no such product
     with pytest.raises(UserError, match=r"^--method adalora-ivon cannot train bf16 weights .* cannot move"):
-        make_optimizer(nn.Linear(2, 2).bfloat16(), TrainConfig(method="adalora-ivon"), ess=67349.0)
+        make_optimizer(nn.Linear(2, 2).bfloat16(), TrainConfig(method="adalora-ivon"), ess=67349.0, total_steps=100)
     h = torch.ones(1, dtype=torch.bfloat16)
     assert torch.equal(0.99999 * h + 1e-5 * (5 * h), h)  # IVON's Hessian average with beta2 0.99999, in bf16
-    make_optimizer(nn.Linear(2, 2), TrainConfig(), ess=67349.0)
+    make_optimizer(nn.Linear(2, 2), TrainConfig(), ess=67349.0, total_steps=100)

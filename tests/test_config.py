@@ -107,7 +107,7 @@ def test_the_plan_resolves_every_default_once():
     plan = plan_run(TrainConfig(epochs=2.0), "m", train_examples=1000, batches_per_epoch=32, trainable_parameters=500)
     # 64 steps: 6% warm-up is 3 steps, ten evaluations, ess 10 per trainable parameter (above the 1000 examples)
     assert (plan.total_steps, plan.warmup_steps, plan.eval_steps, plan.ivon_ess_resolved, plan.lr) == (
-        64, 3, 6, 5000.0, 3.0)
+        64, 3, 6, 5000.0, 30.0)  # IVON's lr: 3 / the initial Hessian, 0.1
     assert plan_run(TrainConfig(epochs=2.0), "m", 1000, 32, trainable_parameters=99).ivon_ess_resolved == 1000.0
     paper = plan_run(TrainConfig(epochs=2.0, ivon_ess="train-size"), "m", 1000, 32, trainable_parameters=500)
     assert paper.ivon_ess_resolved == 1000.0

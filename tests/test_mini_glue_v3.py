@@ -231,12 +231,13 @@ def test_the_report_renders_a_partial_grid_with_counts(tmp_path, glue_dir, monke
     assert "**Partial:** 4 of the 82 planned cells have run (core 4 of 24, ablation 0 of 42, extra 0 of 16)" in md
     assert "| sst2 | accuracy | 0.5000 | pending (2 of 3 adalora seeds) |" in md
     assert "| cola | matthews_correlation | 0.0000 | not run |" in md
-    assert "`--method bayes-adalora --criterion snr_abs --ivon-beta2 auto --mc-samples 16`" in md
+    assert ("`--method bayes-adalora --criterion snr_abs --ivon-ess auto --ivon-beta2 auto --ivon-hess-init 0.1 "
+            "--mc-samples 16`") in md
     assert "| sst2 | bayes-adalora | 0.1000 | 0.0500 | 0.5000 | 0.4000 |" in md  # ECE and NLL, point then MC
     assert "| stsb | regression: no NLL or ECE | |" in md
     assert "| sigma varies | pending |" in md and "| accuracy | pending |" in md  # sst2's 4.0 alone decides nothing
     # the ivon sweep's best was its top rung: one more round, doubling it; adalora's middle stays inside
-    assert grid.ladders(results, "sst2", ("adalora", "ivon"))[0]["ivon"][-1] == 17.0  # 8.48 x 2, 3 digits
+    assert grid.ladders(results, "sst2", ("adalora", "ivon"))[0]["ivon"][-1] == 120.0  # 60 x 2
     assert "sst2" not in summary["learning_rates"] or "ivon" not in summary["learning_rates"]["sst2"]
     assert (out / "mini-glue-v3.png").stat().st_size > 10_000
     assert json.loads((out / "mini-glue-v3.json").read_text())["cells_done"] == 4

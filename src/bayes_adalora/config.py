@@ -166,10 +166,12 @@ class TrainConfig:
               "train-size: the training-set size (the paper's).",
         bounds=dataclasses.replace(POSITIVE_REAL, words=(AUTO, TRAIN_SIZE)),
     )
-    ivon_hess_init: float = _f(1.0, "IVON initial Hessian.", bounds=POSITIVE_REAL)
+    ivon_hess_init: float = _f(
+        0.1, "IVON initial Hessian (the paper's: 1). Below 1 the data outweigh it sooner, so sigma varies earlier; "
+             "the default lr follows it (3 / this).", bounds=POSITIVE_REAL)
     ivon_beta1: float = _f(0.9, "IVON momentum.", bounds=UNIT_RIGHT_OPEN)
-    ivon_beta2: float | str = _f(0.99999, "IVON Hessian EMA; auto: 1 - 10/steps, a horizon of a tenth of the run "
-                                          "(so the posterior learns within it).",
+    ivon_beta2: float | str = _f(AUTO, "IVON Hessian EMA. auto: 1 - 10/steps, a horizon of a tenth of the run, so "
+                                       "the posterior learns within it (the paper's: 0.99999).",
                                 bounds=dataclasses.replace(UNIT_RIGHT_OPEN, words=(AUTO,)))
     ivon_weight_decay: float = _f(1e-8, "IVON weight decay (prior precision per example).", bounds=NON_NEGATIVE)
     ivon_clip_radius: float = _f(1e-3, "IVON elementwise update clip.", bounds=POSITIVE_REAL)
