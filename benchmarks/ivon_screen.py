@@ -85,8 +85,8 @@ def run(task: str, arm: str, glue: Path, work: Path) -> dict | None:
 
 def report() -> str:
     lines = ["| task | arm | accuracy (STS-B: Pearson) | f1 | ECE point / MC | NLL point / MC | "
-             "sigma p99/p01 first / last mask |",
-             "|---|---|---|---|---|---|---|"]
+             "sigma p99/p01 first / last mask | lambda's sigma p99/p01 first / last |",
+             "|---|---|---|---|---|---|---|---|"]
     for task in TASKS:
         for arm in ARMS:
             path = RESULTS / f"{task}-{arm}.json"
@@ -94,14 +94,16 @@ def report() -> str:
                 continue
             r = json.loads(path.read_text())
             if "failed" in r:
-                lines.append(f"| {task} | {arm} | failed: {r['failed']} | | | | |")
+                lines.append(f"| {task} | {arm} | failed: {r['failed']} | | | | | |")
                 continue
             final, mc = r["metrics"]["final"], r["metrics"].get("mc", {})
             ratio = " / ".join(f"{s['sigma/all/p99'] / s['sigma/all/p01']:.2f}" for s in r["sigma"]) or "-"
+            lam = " / ".join(f"{s['sigma/lambda/p99'] / s['sigma/lambda/p01']:.1f}" for s in r["sigma"]) or "-"
             fmt = lambda d, k: f"{d[k]:.4f}" if k in d else "-"  # noqa: E731
             main = "accuracy" if "accuracy" in final else "pearson"
             lines.append(f"| {task} | {arm} | {fmt(final, main)} | {fmt(final, 'f1')} | "
-                         f"{fmt(final, 'ece')} / {fmt(mc, 'ece')} | {fmt(final, 'nll')} / {fmt(mc, 'nll')} | {ratio} |")
+                         f"{fmt(final, 'ece')} / {fmt(mc, 'ece')} | {fmt(final, 'nll')} / {fmt(mc, 'nll')} | "
+                         f"{ratio} | {lam} |")
     return "\n".join(lines) + "\n"
 
 
