@@ -146,6 +146,18 @@ def test_config_json_reruns_the_same_plan_and_explicit_values_win():
     assert fixed.tinit == 5
 
 
+def test_a_config_json_of_a_run_before_ivon_ess_auto_reruns_with_the_training_set_size():
+    config, _ = make_config({"ivon_beta2": 0.99999, "ivon_hess_init": 1.0, "ivon_ess": "train-size"})
+    saved = planned_config(config, plan_run(config, "m", 3668, 115, trainable_parameters=TRAINABLE))
+    old = {k: v for k, v in saved.items() if k != "ivon_ess_resolved"}  # a v2 run's file: ess derived, a number
+    old.update(ivon_ess=3668.0, derived=[*saved["derived"], "ivon_ess"])
+    again, _ = make_config({}, base=old)
+    assert (again.ivon_ess, again.ivon_beta2, again.ivon_hess_init) == ("train-size", 0.99999, 1.0)
+    assert plan_run(again, "m", 3668, 115).ivon_ess_resolved == 3668.0  # as the run had it
+    fresh, _ = make_config({}, base=saved)  # a file of this version keeps its setting
+    assert fresh.ivon_ess == "train-size" and make_config({}, base={"ivon_ess": "auto"})[0].ivon_ess == "auto"
+
+
 def test_a_config_file_read_by_the_cli_re_derives_what_its_run_derived(tmp_path):
     from bayes_adalora.cli import read_config_file
 

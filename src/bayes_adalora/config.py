@@ -391,6 +391,8 @@ def make_config(given: dict, base: dict | None = None) -> tuple[TrainConfig, set
     base = base or {}
     derived = base.get("derived") if isinstance(base.get("derived"), list) else []  # derived again, not frozen
     kept = {k: v for k, v in base.items() if k in names and k not in derived}
+    if "ivon_ess" in derived and "ivon_ess_resolved" not in base:  # a run planned before --ivon-ess auto: its
+        kept["ivon_ess"] = TRAIN_SIZE  # derived ess was the training-set size, so a rerun's is again
     if "epochs" in given and "max_steps" not in given:
         kept.pop("max_steps", None)  # --epochs beside a file that counted steps: the epochs count
     stated = {**kept, **given}
