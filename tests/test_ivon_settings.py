@@ -102,6 +102,8 @@ def test_a_run_with_beta2_auto_trains_with_it_and_records_sigma_at_its_masking_s
     assert config["ivon_beta2"] == "auto" and config["ivon_beta2_resolved"] == 0.9  # 1 - 10/20 is below the floor
     history = json.loads((out / "history.json").read_text())
     assert [entry["step"] for entry in history["sigma"]] == [6, 12]  # delta_t 3 after tinit 4, up to 20 - 6
+    # the data's share of IVON's Hessian average there: 1 - 0.9^6 and 1 - 0.9^12
+    assert [entry["hessian_data_share"] for entry in history["sigma"]] == pytest.approx([1 - 0.9**6, 1 - 0.9**12])
     for entry in history["sigma"]:
         for factor in ("P", "lambda", "Q", "all"):
             assert entry[f"sigma/{factor}/p01"] <= entry[f"sigma/{factor}/median"] <= entry[f"sigma/{factor}/p99"]

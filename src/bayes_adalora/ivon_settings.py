@@ -1,5 +1,6 @@
-"""IVON's settings that follow the run: the Hessian average's horizon (`--ivon-beta2 auto`) and a
-Hessian started from the data (`--ivon-hess-init auto`). Pure functions of numbers and tensors.
+"""IVON's settings that follow the run: the Hessian average's horizon (`--ivon-beta2 auto`) and the
+effective sample size that follows the adapter's size (`--ivon-ess auto`), and the type that reads a
+number or a word from a command line. Pure functions of numbers.
 
 Why: at ivon-opt's defaults (beta2 0.99999, hess_init 1) a run of a few hundred steps puts under 1% of
 data into IVON's Hessian average, so sigma stays at its prior 1/sqrt(ess * hess_init) and every
@@ -9,9 +10,6 @@ posterior criterion ranks by magnitude alone.
 from __future__ import annotations
 
 import math
-
-import torch
-from torch import Tensor
 
 AUTO = "auto"
 TRAIN_SIZE = "train-size"  # --ivon-ess: the training-set size, the paper's
@@ -78,9 +76,3 @@ def data_share(beta2: float, steps: int) -> float:
     """The share of IVON's Hessian average that comes from data after `steps` updates: 1 - beta2^steps."""
     return -math.expm1(steps * math.log(beta2)) if beta2 > 0 else 1.0
 
-
-def fisher_diagonal(gradients: list[Tensor], batch_size: int) -> Tensor:
-    """The empirical Fisher's diagonal per example from mini-batch mean gradients g_1..g_K of batches of
-    size B: F = B * mean_k(g_k^2) (for a zero mean gradient, E[B g^2] is the per-example E[g_i^2])."""
-    stacked = torch.stack([g.float() for g in gradients])
-    return batch_size * stacked.square().mean(0)

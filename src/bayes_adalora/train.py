@@ -48,6 +48,7 @@ from .checkpoint import (
 from .config import TrainConfig, plan_run, planned_config, total_steps_for
 from .distributed import Processes
 from .errors import TrainingDiverged, UserError
+from .ivon_settings import data_share
 from .kinds import task_kind
 from .models import LABELS_FILE, default_model_path, label_maps
 from .predict import named_posterior_sigma
@@ -262,7 +263,8 @@ def _train(config: TrainConfig, figures: Figures | None, closing: ExitStack) -> 
             history["budget"].append(budget)
             if step in sigma_steps:  # the posterior's spread where the ranks are first and last decided
                 history.setdefault("sigma", []).append(
-                    {"step": step, **sigma_statistics(named_posterior_sigma(model, optimizer), overall=True)})
+                    {"step": step, "hessian_data_share": data_share(plan.ivon_beta2_resolved, step),
+                     **sigma_statistics(named_posterior_sigma(model, optimizer), overall=True)})
             if tracker is not None:
                 allocated = allocated and step <= plan.total_steps - plan.tfinal and config.uses_ivon
                 sigma = sigma_statistics(named_posterior_sigma(model, optimizer)) if allocated else {}
