@@ -213,8 +213,9 @@ class TrainConfig:
     bf16: bool = _f(False, "bf16 autocast for forward and backward (decoder LMs on CUDA: the frozen base in bf16).")
     load_in: str | None = _f(None, "Decoder LMs: load the frozen base quantized by bitsandbytes (CUDA only).",
                              choices=("8bit", "4bit"))
+    # stock peft and ivon-opt stay one flag away, to check the fast path's numbers against
     fast_path: bool = _f(True, "AdaLoRA methods: batched penalty, fused layer, in-place IVON (same numbers); "
-                               "--no-fast-path runs stock peft and ivon-opt.")  # issue 11
+                               "--no-fast-path runs stock peft and ivon-opt.")
     progress: bool = _f(True, "Show a progress bar.")
 
     def __post_init__(self) -> None:
