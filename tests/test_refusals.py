@@ -186,7 +186,7 @@ DAMAGED_RUNS = {
     "config.json a list": (lambda r: (r / "config.json").write_text("[1, 2]\n"), (),
                            ("config.json holds a JSON list",)),
     "config.json without the plan": (lambda r: (r / "config.json").write_text('{"task": "sst2"}\n'), (),
-                                     ("config.json is not a run's config.json",)),
+                                     ("config.json does not hold a run's settings",)),
     "config.json with a NaN alpha": (lambda r: (r / "config.json").write_text(
         json.dumps({**json.loads((r / "config.json").read_text()), "lora_alpha": None})), (),
         ("config.json does not hold a valid configuration", "--lora-alpha")),

@@ -12,6 +12,9 @@ __version__ = "0.1.0"
 LAZY = {
     "install_posterior_allocator": "allocator",
     "posterior_predictive": "predict",
+    "load_posterior_sigma": "adapters",
+    "export_run": "export",
+    "evaluate_run": "run_io",
     "AdaLoraTrainer": "hf_trainer",
     "IVONArguments": "hf_trainer",
     "IVONTrainer": "hf_trainer",

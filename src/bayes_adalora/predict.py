@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 from contextlib import contextmanager
 
 import torch
@@ -94,18 +95,20 @@ def evaluate_sampled(model: nn.Module, loaders: dict, spec: TaskSpec, device, au
 
 
 @torch.no_grad()
-def posterior_predictive(model: nn.Module, optimizer, inputs: dict, samples: int = 16, seed: int = 0) -> torch.Tensor:
+def posterior_predictive(model: nn.Module, posterior, inputs: dict, samples: int = 16, seed: int = 0) -> torch.Tensor:
     """Class probabilities of IVON's posterior predictive for one batch, for a training loop of your own:
     p(y | x) = (1/K) sum_k softmax(f(x; theta_k)), theta_k = mu + sigma * eps_k, over K = `samples` draws.
 
-    `model` holds the posterior mean (the trained weights), `optimizer` is its IVON; `inputs` are the
-    model's keyword inputs (labels, if any, are ignored). Pruned AdaLoRA triplets stay pruned in every
-    draw (`posterior_draw`); eps is drawn from a CPU generator seeded with `seed`. Returns a tensor
-    shaped like the logits (N, C), or (N, T, V) for a causal LM; the model is in eval mode meanwhile.
+    `model` holds the posterior mean (the trained weights); `posterior` is its IVON optimizer, or the sigma
+    of each trained parameter by name (`adapters.load_posterior_sigma` of a run or an exported adapter, for a
+    model loaded with stock peft); `inputs` are the model's keyword inputs (labels, if any, are ignored).
+    Pruned AdaLoRA triplets stay pruned in every draw (`posterior_draw`); eps is drawn from a CPU generator
+    seeded with `seed`. Returns a tensor shaped like the logits (N, C), or (N, T, V) for a causal LM; the
+    model is in eval mode meanwhile.
     """
     if isinstance(samples, bool) or not isinstance(samples, numbers.Integral) or samples < 1:
         raise ValueError(f"samples must be a whole number of posterior draws, at least 1, got {samples!r}")
-    sigma = named_posterior_sigma(model, optimizer)
+    sigma = dict(posterior) if isinstance(posterior, Mapping) else named_posterior_sigma(model, posterior)
     generator = torch.Generator().manual_seed(seed)
     inputs = {k: v for k, v in inputs.items() if k != "labels"}
     was_training = model.training

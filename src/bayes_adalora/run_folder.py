@@ -26,6 +26,7 @@ RUN_FILES = ("results.json", "config.json", "adapter", "model", POSTERIOR_FILE, 
 EXPORTS = ("export", "merged")  # `export`'s default folders inside a run: an --overwrite of the run removes them
 EXPORT_CARD_LINE = "Trained with (reconstructed from the run's config.json):"  # in every export's README.md
 TRACKER_DIR = "tensorboard"  # --report-to tensorboard writes here while the run goes (kept by a resume)
+EXPORT_RUN_FILE = "training_run.json"  # in an exported adapter: the run's config.json and results.json, as one object
 
 
 # ----------------------------------------------------------------------------- what is ours
@@ -205,11 +206,22 @@ def write_outputs(out: Path, write) -> None:
 
 @dataclass
 class SavedRun:
-    """The files of a finished run (`train` wrote them)."""
+    """The files of a finished run (`train` wrote them), or of an adapter `export` wrote from one."""
 
     folder: Path
     resolved: dict  # config.json: the full resolved configuration
     results: dict
+    exported: bool = False  # an export folder: the adapter's files sit in `folder` itself
+
+    @property
+    def adapter(self) -> Path:
+        """The folder of the adapter's files (adapter_config.json, adapter_model.safetensors)."""
+        return self.folder if self.exported else self.folder / "adapter"
+
+    @property
+    def settings_file(self) -> Path:
+        """The file the settings were read from, for refusals to name."""
+        return self.folder / (EXPORT_RUN_FILE if self.exported else "config.json")
 
     @property
     def config(self) -> TrainConfig:
@@ -217,7 +229,7 @@ class SavedRun:
         try:
             return TrainConfig(**{k: v for k, v in self.resolved.items() if k in names})
         except UserError as err:
-            raise UserError(f"{self.folder / 'config.json'} does not hold a valid configuration: {err}") from None
+            raise UserError(f"{self.settings_file} does not hold a valid configuration: {err}") from None
 
     @property
     def spec(self) -> TaskSpec:
@@ -234,7 +246,7 @@ class SavedRun:
         """Refuse a config.json that lacks what the caller reads from it."""
         lacking = [k for k in keys if k not in self.resolved]
         if lacking:
-            raise UserError(f"{self.folder / 'config.json'} is not a run's config.json: it has no {lacking[0]!r}")
+            raise UserError(f"{self.settings_file} does not hold a run's settings: it has no {lacking[0]!r}")
 
     def json(self, name: str) -> dict | None:
         """One of the run's JSON files (history.json, correlations.json), None where the run has none."""
@@ -261,9 +273,11 @@ def read_run_json(path: Path) -> dict:
 
 
 def read_run(folder: str | Path) -> SavedRun:
-    """The run in `folder`, refusing anything that is not a finished run."""
+    """The run in `folder` (or the adapter `export` wrote from one), refusing anything that is not a finished run."""
     folder = Path(folder)
     require_folder(folder, "the run folder")
+    if folder_kind(folder) == "export":
+        return read_export(folder)
     files = {}
     for name in ("config.json", "results.json"):
         path = folder / name
@@ -273,4 +287,18 @@ def read_run(folder: str | Path) -> SavedRun:
     run = SavedRun(folder, files["config.json"], files["results.json"])
     run.require("task", "method")
     run.config  # noqa: B018 - refused here, in one sentence, if config.json does not hold a valid configuration
+    return run
+
+
+def read_export(folder: Path) -> SavedRun:
+    """An exported adapter read as its run: the run's settings and results from `EXPORT_RUN_FILE`."""
+    if not (folder / EXPORT_RUN_FILE).is_file():
+        raise UserError(f"{folder} is an export without {EXPORT_RUN_FILE} (a merged model, or an export by an older "
+                        f"version): export the run again without --merge to evaluate it")
+    saved = read_run_json(folder / EXPORT_RUN_FILE)
+    if not all(isinstance(saved.get(k), dict) for k in ("config", "results")):
+        raise UserError(f"{folder / EXPORT_RUN_FILE} is not an export's: it has no 'config' and 'results' objects")
+    run = SavedRun(folder, saved["config"], saved["results"], exported=True)
+    run.require("task", "method")
+    run.config  # noqa: B018 - refused here, in one sentence, if the settings are not a valid configuration
     return run

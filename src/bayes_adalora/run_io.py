@@ -40,6 +40,7 @@ from .errors import UserError
 from .evaluation import mc_predictive, point_predictive, predictive_metrics
 from .kinds import task_kind
 from .methods import get_method
+from .models import default_model_path
 from .paths import FOLDER, path_kind
 from .predict import predict, predict_sampled
 from .run_folder import SavedRun, check_new_file, read_run
@@ -57,18 +58,27 @@ def load_run_model(run: SavedRun, device: torch.device):
             raise UserError(f"{run.folder} holds no model/ folder: the fine-tuned model of this full run is missing")
         tokenizer, model, _ = kind.load_model(str(run.folder / "model"), config, device)
     else:
-        adapter = run.folder / "adapter"
+        adapter = run.adapter
         if not (adapter / "adapter_config.json").is_file() or not (adapter / "adapter_model.safetensors").is_file():
+            where = "" if run.exported else "adapter/"
             raise UserError(
-                f"{run.folder} holds no adapter (adapter/adapter_config.json and adapter_model.safetensors)"
+                f"{run.folder} holds no adapter ({where}adapter_config.json and {where}adapter_model.safetensors)"
             )
-        tokenizer, base, fresh = kind.load_model(run.resolved["model"], config, device)
+        tokenizer, base, fresh = kind.load_model(base_model_path(run), config, device)
         model = build_adapter_model(base, config, run.resolved["total_steps"], fresh)
         load_adapter_weights(model, adapter)
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise UserError(f"the weights saved in {run.folder} are not finite (NaN or inf): the run diverged; "
                         f"train it again with a lower --lr")
     return tokenizer, on_device(model, device).eval()
+
+
+def base_model_path(run: SavedRun) -> str:
+    """What the run's base model loads from: its `model`, or, where the run took the default (the packaged
+    MiniLM, at a path of the machine that trained it), the packaged MiniLM of this machine."""
+    if "model" in run.resolved.get("derived", ()):
+        return default_model_path()
+    return run.resolved["model"]
 
 
 def check_posterior(run: SavedRun) -> None:
