@@ -34,7 +34,7 @@ def test_auto_ess_is_ten_per_trainable_parameter_or_the_examples_by_hand():
     assert resolve_ess(None, 100, None) == 100.0 and resolve_ess(2.5e6, 100, None) == 2.5e6
     with pytest.raises(ValueError, match="trainable_parameters"):
         resolve_ess("auto", 100, None)
-    with pytest.raises(UserError, match=r"^--ivon-ess must be a number or auto or train-size, got 'often'$"):
+    with pytest.raises(UserError, match=r"^--ivon-ess must be a number, auto or train-size, got 'often'$"):
         TrainConfig(ivon_ess="often")
 
 

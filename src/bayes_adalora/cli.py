@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     for field in config_fields():
         train.add_argument("--" + field.name.replace("_", "-"), dest=field.name, **flag_kwargs(field))
     train.add_argument("--config", dest="config_file", metavar="FILE", default=argparse.SUPPRESS,
-                       help="Start from a run's config.json (its resolved settings); flags given here win.")
+                       help="Start from a settings file: a run's config.json, or a JSON or YAML file (.yaml, .yml) "
+                            "of settings named as in config.json; flags given here win.")
 
     evaluate = commands.add_parser(
         "evaluate", help="evaluate a saved run: point and posterior-predictive metrics, predictions",
@@ -159,19 +160,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def read_config_file(path: str | None) -> dict | None:
-    """The settings of a --config file: a run's config.json, or any JSON object of TrainConfig fields
+    """The settings of a --config file: a run's config.json, or any JSON or YAML object of TrainConfig fields
     (the plan's keys a run's config.json adds, such as total_steps, are left out, and so are --resume and
     --overwrite; any other key is refused, naming the setting it may misspell)."""
     if path is None:
         return None
     file = Path(path)
     require_file(file, "--config")
+    yaml_file = file.suffix.lower() in (".yaml", ".yml")
     try:
-        values = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"--config {file} is not a JSON file ({err})") from None
+        text = file.read_text(encoding="utf-8")
+        values = read_yaml(text) if yaml_file else json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as err:
+        raise UserError(f"--config {file} is not a {'YAML' if yaml_file else 'JSON'} file ({err})") from None
     if not isinstance(values, dict):
-        raise UserError(f"--config {file} must hold a JSON object of settings, not a {type(values).__name__}")
+        raise UserError(f"--config {file} must hold a {'YAML mapping' if yaml_file else 'JSON object'} of settings, "
+                        f"not a {type(values).__name__}")
     fields = {f.name for f in config_fields()}
     known = fields | {f.name for f in dataclasses.fields(RunPlan)} | {"derived"}  # a run's config.json holds its plan
     unknown = sorted(set(values) - known)
@@ -183,6 +187,24 @@ def read_config_file(path: str | None) -> dict | None:
     names = fields - {"resume", "overwrite"}  # how to run, not what: give them anew
     names.add("derived")  # what the run derived, make_config derives again
     return {k: v for k, v in values.items() if k in names}
+
+
+def read_yaml(text: str):
+    """A YAML document as Python values, with numbers such as `3e-5` read as numbers (YAML 1.1, which PyYAML
+    follows, needs a dot in a float: `3.0e-5`; JSON and the command line take both)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    exponent = re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", exponent, list("-+0123456789."))
+    try:
+        return yaml.load(text, Loader=Loader)  # a SafeLoader: no Python objects are built
+    except yaml.YAMLError as err:
+        raise ValueError(str(err).replace("\n", " ")) from None
 
 
 def numbers(metrics: dict) -> str:

@@ -360,8 +360,9 @@ def check_field(f: dataclasses.Field, value, owner: type | None = None) -> None:
         return
     integer = kind is int
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        words = "".join(f" or {word}" for word in bounds.words)
-        raise UserError(f"{flag(f.name)} must be a number{words}, got {value!r}")
+        options = ["a number", *bounds.words]
+        listed = " or ".join(options) if len(options) < 3 else f"{', '.join(options[:-1])} or {options[-1]}"
+        raise UserError(f"{flag(f.name)} must be {listed}, got {value!r}")
     if not math.isfinite(value):
         raise UserError(f"{flag(f.name)} must be a finite number, got {value}")
     if integer and value != int(value):
