@@ -20,7 +20,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,6 +156,7 @@ def check_pip_line(line: str, block: Block) -> None:
     and of this package with extras it declares."""
     words = shlex.split(line)
     assert words[:2] in (["pip", "install"], ["python", "-m"]), f"{block.where}: not a pip line: {line}"
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     floor = next(d for d in project["dependencies"] if d.startswith("torch"))
     for word in words:
