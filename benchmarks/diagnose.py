@@ -1,4 +1,4 @@
-"""Why are MRPC, RTE and CoLA not learned? Cheap single-seed runs, one knob at a time (issue 9, step 1).
+"""Why are MRPC, RTE and CoLA not learned? Cheap single-seed runs, one knob at a time.
 
 Each run is `bayes-adalora train` on the packaged MiniLM with the real GLUE files, seed 0, batch 32,
 fp32, four evaluations; it lands in `<work>/<name>/` and is skipped when its results.json exists,
@@ -29,7 +29,7 @@ from baselines import trivial_baseline  # noqa: E402
 BASE = {"batch_size": 32, "eval_batch_size": 64, "plots": False, "progress": False,
         "log_correlations": False, "seed": 0, "max_length": 128}
 
-# name: the settings that differ from BASE. MRPC, 150 steps (1.3 epochs: issue 9 saw AdamW's loss
+# name: the settings that differ from BASE. MRPC, 150 steps (1.3 epochs: the first grid saw AdamW's loss
 # down to 0.47 by step 110 while IVON's stayed at 0.75-0.85), one knob at a time against the defaults.
 MRPC_150 = {"task": "mrpc", "max_steps": 150}
 PAPER_PHASES_150 = {"tinit": 22, "tfinal": 67, "delta_t": 1}  # 15% / 45% / ~200 maskings, as paper-glue.md

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 9, item 4: Mini-GLUE v2's GPU plan (mini_glue_v2.py --plan gpu: 5 seeds on every task, runs of several
+# Mini-GLUE v2's GPU plan (mini_glue_v2.py --plan gpu: 5 seeds on every task, runs of several
 # epochs) on a lent device, as many cells as one call's time allows; it resumes from the committed cells.
 #   Here, after every commit that changes src/ or benchmarks/:   bash benchmarks/gpu_prepare.sh
 #   Device tool:  run(command="bash benchmarks/gpu_grid_v2.sh", carry=[".devcarry"], timeout_s=600)

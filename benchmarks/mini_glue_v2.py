@@ -1,6 +1,6 @@
 """Mini-GLUE v2: MiniLM on five GLUE tasks, long enough to be learned, with paired statistics.
 
-The grid of issue 9. Every cell is one `bayes-adalora train` run (a subprocess, one thread) whose
+Mini-GLUE v2. Every cell is one `bayes-adalora train` run (a subprocess, one thread) whose
 result is written as one small JSON file under `benchmarks/results/mini-glue-v2/cells/` with the
 commit and the command that produced it; a cell whose JSON exists is skipped, so the grid resumes
 from committed cells in a later session. Run it from a `git worktree` pinned at one commit and
@@ -112,12 +112,12 @@ TUNE_SEED = 100
 LADDERS = {"ivon": (1.5, 3.0, 6.0, 12.0), "adalora": (1e-3, 2e-3, 4e-3, 8e-3), "lora": (5e-4, 1e-3, 2e-3, 4e-3)}
 EXTRA_ROUNDS = 2  # rounds of one more rung per family while some family's best is at its ladder's edge
 TUNE_CELL = {"ivon": CELLS["bayes-adalora"], "adalora": CELLS["adalora"], "lora": CELLS["lora"]}
-# what "learned" means (issue 9): AdaLoRA+AdamW's mean clears the trivial baseline by this margin and,
+# what "learned" means: AdaLoRA+AdamW's mean clears the trivial baseline by this margin and,
 # for CoLA and STS-B (whose baselines are 0), reaches an absolute floor too
 LEARNED_MARGIN = 0.05
 LEARNED_FLOOR = {"cola": 0.15, "stsb": 0.70}
 
-# Issue 9, item 4: the same grid on a GPU (`--plan gpu`; benchmarks/gpu_grid_v2.sh runs it on a lent device):
+# The same grid on a GPU (`--plan gpu`; benchmarks/gpu_grid_v2.sh runs it on a lent device):
 # five seeds on every task, the ablation's too, and runs of several epochs, towards the paper's 5-50 (batch
 # 32): SST-2 1 epoch, CoLA 5, MRPC 10, STS-B 6, RTE 15. The core cells are 6,845 steps a seed, the ablation's
 # 3,185, so 198,000 steps in all, and its own learning-rate sweep (12 to 18 SST-2 cells of 2,105 steps) comes

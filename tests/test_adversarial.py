@@ -1,4 +1,4 @@
-"""Issue 27: nothing lost, nothing silently misread. Each class of what a hostile user tried, in several
+"""Nothing lost, nothing silently misread. Each class of what a hostile user tried, in several
 variants: the exit code, the one sentence printed, and that nothing was written over (byte for byte)."""
 
 from __future__ import annotations
@@ -296,7 +296,7 @@ def test_a_decoder_without_a_pad_token_classifies_and_evaluates(kind, tiny_lms, 
 @pytest.mark.parametrize("kind", ["default", "bert", "roberta"])
 @pytest.mark.parametrize("task", ["causal-lm", "multiple-choice"])
 def test_an_encoder_is_refused_for_the_decoder_tasks(kind, task, tiny_lms, tmp_path, capfd):
-    """An encoder attends both ways: trained to predict the next token it would see it (issue 27: a dev
+    """An encoder attends both ways: trained to predict the next token it would see it (a dev
     perplexity of 3.97 after 2 steps on MiniLM)."""
     data, out = tiny_lms["data"], tmp_path / "run"
     model = [] if kind == "default" else ["--model", tiny_lms[kind]]

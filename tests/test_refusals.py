@@ -1,4 +1,4 @@
-"""Bad input refused cleanly (issue 14): a diverging last update, output folders that cannot be
+"""Bad input refused cleanly: a diverging last update, output folders that cannot be
 written, damaged checkpoints and saved runs. Each refusal: its exit code, one stderr line naming the
 file or flag, no traceback, nothing written."""
 

@@ -28,7 +28,6 @@ from .posterior import hessian_views, posterior_sigma_from_hessian
 BASE_PREFIX = "base_model.model."  # a PeftModel's parameter names start with it
 FACTORS = {"lora_B": "P", "lora_E": "λ", "lora_A": "Q"}  # peft's name -> the paper's, in triplet order
 POSTERIOR_FILE = "posterior.safetensors"
-POSTERIOR_KINDS = ("mean", "hess", "sigma")
 
 
 @dataclass(frozen=True)

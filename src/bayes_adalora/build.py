@@ -17,7 +17,7 @@ from torch import nn
 from .adapters import PAPER_LAMBDA_STD, init_lambdas_normal
 from .config import DEVICE, TrainConfig, adalora_phases
 from .errors import UserError
-from .fast_adalora import enable_fast_model, enable_fast_optimizer
+from .fast_adalora import enable_fast_optimizer, enable_fast_path
 from .ivon_settings import AUTO, resolve_beta2
 from .models import FAN_IN_FAN_OUT_TYPES, plan_adapter_modules, target_module_suffixes
 from .schedules import constant_warmup, linear_warmup_decay, two_phase
@@ -58,10 +58,7 @@ def fast_path_applies(config: TrainConfig) -> bool:
 def use_fast_path(model: nn.Module, config: TrainConfig, optimizer=None):
     """Where the config asks for it, switch a built model and its optimizer to the fast path (a no-op
     for those already on it, and for other methods); returns the optimizer."""
-    if fast_path_applies(config):
-        enable_fast_model(model)
-        enable_fast_optimizer(optimizer)
-    return optimizer
+    return enable_fast_path(model, optimizer) if fast_path_applies(config) else optimizer
 
 
 def build_trainable_model(model: nn.Module, config: TrainConfig, total_steps: int, fresh: set[str]) -> nn.Module:

@@ -13,7 +13,6 @@ Hub's YAML front matter. Written into a temporary sibling folder and renamed: no
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
@@ -28,7 +27,7 @@ from .adapters import POSTERIOR_FILE, damaged_file, read_posterior
 from .config import config_fields, flag
 from .errors import UserError
 from .models import DEFAULT_MODEL_ID
-from .paths import exists_at_all
+from .paths import exists_at_all, partial_path
 from .run_folder import EXPORT_CARD_LINE, EXPORT_RUN_FILE, check_output_folder, read_run, write_json, write_marker
 from .run_io import load_run_model
 from .tasks import is_data_task
@@ -191,7 +190,7 @@ def export_run(run_dir: str | Path, output_dir: str | Path | None = None, merge:
     adapter = run.folder / "adapter"
     if not (adapter / "adapter_model.safetensors").is_file():
         raise UserError(f"{run.folder} holds no adapter (adapter/adapter_model.safetensors)")
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    tmp = partial_path(out)
     made = [folder for folder in (out.parent, *out.parent.parents) if not folder.exists()]  # removed on failure
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""What a path names, in words a message can use: a file, a folder, a FIFO, a symlink loop, nothing.
+"""What a path names, in words a message can use: a file, a folder, a FIFO, a symlink loop, nothing; and how
+an output is written whole or not at all (a hidden partial sibling, renamed into place).
 
 One place, so that every reader and writer describes the same thing the same way (a FIFO is never
 "a folder", a symlink loop never "does not exist").
@@ -9,6 +10,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import UserError
@@ -16,6 +19,23 @@ from .errors import UserError
 NOTHING = "nothing"
 FILE = "a file"
 FOLDER = "a folder"
+
+
+def partial_path(path: Path) -> Path:
+    """The hidden sibling an output file or folder is written to before it is renamed to `path`."""
+    return path.with_name(f".{path.name}.partial-{os.getpid()}")
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yields the partial sibling of `path` to write; when the block ends it replaces `path` at once, and when
+    the block raises it is removed: the file is there whole, or not at all."""
+    tmp = partial_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def path_kind(path: Path) -> str:

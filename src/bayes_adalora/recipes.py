@@ -12,8 +12,6 @@ from .errors import UserError
 from .ivon_settings import TRAIN_SIZE
 from .methods import get_method
 
-PAPER_MODEL = "microsoft/deberta-v3-base"
-
 
 @dataclass(frozen=True)
 class PaperTask:

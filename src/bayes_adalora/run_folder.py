@@ -17,7 +17,7 @@ from .adapters import POSTERIOR_FILE, read_posterior
 from .checkpoint import CHECKPOINTS
 from .config import TrainConfig, config_fields
 from .errors import UserError
-from .paths import FOLDER, exists_at_all, path_kind, require_folder
+from .paths import FOLDER, exists_at_all, partial_path, path_kind, require_folder
 from .tasks import TaskSpec, get_task, is_data_task
 
 RUN_MARKER = "bayes-adalora.json"  # {"written_by": "bayes-adalora", "kind": "run" | "export" | "figures"}
@@ -176,7 +176,7 @@ def write_json(obj, path: Path) -> None:
 def write_outputs(out: Path, write) -> None:
     """Call `write(folder)` on a fresh sibling folder, then move each output into `out` (where
     checkpoints may already be): a failed run leaves no half-written output behind."""
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    tmp = partial_path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 
 from .adapters import POSTERIOR_FILE, load_adapter_weights
 from .build import build_adapter_model, on_device, resolve_device
-from .config import check_field, config_fields
+from .config import check_field, config_fields, data_dir_of
 from .data import (
     TextDataset,
     check_header,
@@ -41,7 +40,7 @@ from .evaluation import mc_predictive, point_predictive, predictive_metrics
 from .kinds import task_kind
 from .methods import get_method
 from .models import default_model_path
-from .paths import FOLDER, path_kind
+from .paths import FOLDER, atomic_file, path_kind
 from .predict import predict, predict_sampled
 from .run_folder import SavedRun, check_new_file, read_run
 from .tasks import LMTaskSpec, TaskSpec
@@ -213,7 +212,7 @@ def load_eval_data(run: SavedRun, data_dir: str | None, data_file: str | None, s
         if split and split not in spec.dev_splits:
             raise UserError(f"the run's own data has the dev split(s) {', '.join(spec.dev_splits)}, not {split!r}")
         own = load_task_data(
-            spec, data_dir=run.resolved.get("data_dir") or os.environ.get("GLUE_DIR") or None,
+            spec, data_dir=data_dir_of(config),
             train_file=config.train_file, validation_file=config.validation_file,
             text_columns=config.text_columns, label_column=config.label_column,
         )
@@ -252,12 +251,8 @@ def write_predictions(path: Path, spec: TaskSpec, splits: dict[str, EvalSplit], 
     def label_of(value) -> str:
         return f"{float(value):.6f}" if spec.is_regression else spec.labels[int(value)]
 
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
+    with atomic_file(path) as tmp:  # all rows or nothing
         write_prediction_rows(tmp, spec, splits, predictive, several, unlabeled, label_of)
-        os.replace(tmp, path)  # all rows or nothing
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_prediction_rows(path, spec, splits, predictive, several, unlabeled, label_of) -> None:
@@ -358,15 +353,10 @@ def evaluate_run(run_dir: str | Path, data_dir: str | None = None, data_file: st
 def write_rows(path: Path, header: list[str], rows: list[list]) -> None:
     """A CSV of `rows` under `header`, all rows or nothing; numbers written exactly (repr)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(header)
-            writer.writerows([repr(v) if isinstance(v, float) else v for v in row] for row in rows)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows([repr(v) if isinstance(v, float) else v for v in row] for row in rows)
 
 
 def evaluate_lm_run(run: SavedRun, data_dir: str | None, data_file: str | None, split: str | None, mc_samples: int,
