@@ -309,6 +309,8 @@ class AdaLoraCheckpoints:
     """
 
     untrimmed_save = False
+    averages_micro_batches = False  # IVONTrainer's step averages them: a token loss is not summed over them
+    draws_ivon_noise = False  # IVONTrainer draws IVON's noise from a stream of its own, which checkpoints keep
 
     def add_rank_allocation(self) -> None:
         callbacks = [cb for cb in self.callback_handler.callbacks if isinstance(cb, RankAllocationCallback)]
@@ -351,7 +353,7 @@ class AdaLoraCheckpoints:
             return 1.0
         divisor = 1.0
         scaled_for_ga = getattr(self, "loss_is_scaled_for_ga", None)
-        if scaled_for_ga is not False and not isinstance(self, IVONTrainer):
+        if scaled_for_ga is not False and not self.averages_micro_batches:
             divisor *= getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         if self.args.average_tokens_across_devices:
             world = self.accelerator.num_processes // self.get_tp_size()
@@ -409,7 +411,7 @@ class AdaLoraCheckpoints:
             optimizer = unwrap_optimizer(self.optimizer)
             optimizer.current_step = state["ivon_current_step"]
             place_ivon_state(optimizer)  # one process: the Trainer loaded the optimizer's state onto the CPU
-        if state.get("ivon_noise") is not None and isinstance(self, IVONTrainer):
+        if state.get("ivon_noise") is not None and self.draws_ivon_noise:
             self.ivon_noise.load_state(state["ivon_noise"])
 
     def _load_best_model(self):
@@ -468,6 +470,9 @@ class IVONTrainer(AdaLoraCheckpoints, Trainer):
     scaling changes the gradients IVON reads; use bf16 or fp32), DeepSpeed and several devices in one
     process (DataParallel).
     """
+
+    averages_micro_batches = True
+    draws_ivon_noise = True
 
     def __init__(self, *args, ivon_args: IVONArguments | None = None, config: TrainConfig | None = None, **kwargs):
         super().__init__(*args, **kwargs)
