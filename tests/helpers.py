@@ -1,8 +1,11 @@
-"""References the tests compare the package against, written independently of it."""
+"""What several test files share: references the tests compare the package against (written independently of
+it), and the checks of a refused command."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 
@@ -28,3 +31,22 @@ def rounding_bound(reference: torch.Tensor, reduction: int, depth: int) -> float
     """
     eps = torch.finfo(reference.dtype).eps
     return 8 * eps * math.sqrt(reduction) * depth * reference.detach().abs().max().item()
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def refused(capfd, args: list, *words: str, code: int = 2) -> str:
+    """The one stderr line of a refused `bayes-adalora` command: exit `code` (2: bad input), no traceback, and
+    each of `words` in it."""
+    from bayes_adalora.cli import main
+
+    capfd.readouterr()
+    got = main([str(a) for a in args])
+    err = capfd.readouterr().err
+    lines = err.strip().splitlines()
+    assert got == code and len(lines) == 1 and "Traceback" not in err, (got, err)
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]

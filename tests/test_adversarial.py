@@ -11,22 +11,13 @@ from pathlib import Path
 import pytest
 
 from bayes_adalora.cli import main
+from helpers import refused
 
 
 def train_argv(glue_dir, model, out, *extra) -> list[str]:
     return ["train", "--task", "sst2", "--data-dir", str(glue_dir), "--model", str(model), "--output-dir", str(out),
             "--method", "lora", "--max-steps", "2", "--max-length", "16", "--batch-size", "8",
             "--max-eval-samples", "8", "--no-progress", "--no-plots", *extra]
-
-
-def refused(capfd, args: list, code: int = 2) -> str:
-    """The one line printed by a refused command (exit `code`, no traceback)."""
-    capfd.readouterr()
-    got = main([str(a) for a in args])
-    err = capfd.readouterr().err
-    lines = err.strip().splitlines()
-    assert got == code and len(lines) == 1 and "Traceback" not in err, (got, err)
-    return lines[0]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -137,14 +128,14 @@ def test_overwrite_removes_the_old_runs_exports_and_keeps_the_users_folders(run,
     out = tmp_path / "run"
     shutil.copytree(run, out, ignore=shutil.ignore_patterns("checkpoints"))
     assert main(["export", str(out)]) == 0 and main(["export", str(out), "--merge"]) == 0
-    assert (out / "export" / "README.md").read_text().startswith("# lora on sst2")
+    assert (out / "export" / "README.md").read_text().split("---\n")[2].lstrip().startswith("# lora on sst2")
     (out / "notes").mkdir()
     (out / "notes" / "todo.txt").write_text("mine\n")
     assert main(train_argv(glue_dir, tiny_deberta, out, "--overwrite", "--method", "adalora")) == 0
     assert not (out / "export").exists() and not (out / "merged").exists()
     assert (out / "notes" / "todo.txt").read_text() == "mine\n"
     assert main(["export", str(out)]) == 0
-    assert (out / "export" / "README.md").read_text().startswith("# adalora on sst2")
+    assert (out / "export" / "README.md").read_text().split("---\n")[2].lstrip().startswith("# adalora on sst2")
 
 
 # ----------------------------------------------------------------------------- data loss: outputs inside a run

@@ -9,7 +9,6 @@ SciPy metrics of predictions made here, and parameter counts worked out from the
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import shutil
@@ -26,6 +25,7 @@ from sklearn.metrics import accuracy_score
 
 from bayes_adalora.cli import main
 from bayes_adalora.config import bounds_of, config_fields
+from helpers import read_json, refused
 
 METHODS = ("full", "lora", "adalora", "adalora-ivon", "bayes-adalora")
 ADAPTER_METHODS = ("lora", "adalora", "adalora-ivon", "bayes-adalora")
@@ -50,10 +50,6 @@ def train_argv(data_dir: Path, model: Path, out: Path, *extra: str, task: str = 
         "train", "--task", task, "--data-dir", str(data_dir), "--model", str(model), "--output-dir", str(out),
         "--max-steps", str(STEPS), "--max-length", str(MAX_LENGTH), "--no-progress", "--no-plots", *extra,
     ]  # figures are tested in test_plots.py; drawing them for every run here would add ~20 s
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
 
 
 def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -373,19 +369,11 @@ def write_sst2(root: Path, train: bytes | str | None, dev: str | None = "sentenc
 
 
 def assert_refused(capfd, argv: list[str], out: Path, *named: str) -> str:
-    """Exit code 2, one stderr line naming `named`, no traceback, and no output folder."""
-    capfd.readouterr()
-    code = main(argv)
-    err = capfd.readouterr().err
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for word in named:
-        assert word in lines[0], (word, lines[0])
+    """`helpers.refused`, and no output folder, partial or whole."""
+    line = refused(capfd, argv, *named)
     assert not out.exists()
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]  # no partial folder
-    return lines[0]
+    return line
 
 
 GOOD_TRAIN = "sentence\tlabel\n" + "".join(f"a good film {i}\t{i % 2}\n" for i in range(8))

@@ -33,6 +33,7 @@ from bayes_adalora.evaluation import (
     selective_risks,
 )
 from bayes_adalora.tasks import get_task
+from helpers import read_json, refused
 
 # ----------------------------------------------------------------------------- a hand-worked binary case
 #
@@ -221,10 +222,6 @@ def run_evaluate(capfd, *argv: str) -> dict:
     return json.loads(captured.out)
 
 
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
-
-
 @pytest.mark.parametrize("name", ["bayes", "adalora", "stsb"])
 def test_evaluate_gives_back_the_runs_final_metrics_exactly(name, runs, capfd):
     run = runs[name]
@@ -369,45 +366,34 @@ def test_evaluate_regression_predictions_agree_with_pearson(runs, capfd, tmp_pat
     assert stats.pearsonr(np.float32(values), labels)[0] == pytest.approx(out["metrics"]["point"]["pearson"], abs=1e-6)
 
 
-def assert_refused(capfd, argv: list, *words: str) -> None:
-    capfd.readouterr()
-    code = main([str(a) for a in argv])
-    err = capfd.readouterr().err
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for word in words:
-        assert word in lines[0], (word, lines[0])
-
-
 def test_evaluate_refuses_bad_input_with_one_sentence(runs, capfd, tmp_path, glue_dir):
-    assert_refused(capfd, ["evaluate", runs["adalora"], "--mc-samples", "4"], "--mc-samples", "adalora")
-    assert_refused(capfd, ["evaluate", tmp_path / "nothing"], "does not exist")
+    refused(capfd, ["evaluate", runs["adalora"], "--mc-samples", "4"], "--mc-samples", "adalora")
+    refused(capfd, ["evaluate", tmp_path / "nothing"], "does not exist")
     not_a_run = tmp_path / "empty"
     not_a_run.mkdir()
-    assert_refused(capfd, ["evaluate", not_a_run], "config.json")
+    refused(capfd, ["evaluate", not_a_run], "config.json")
     # an STS-B file for an SST-2 run
-    assert_refused(capfd, ["evaluate", runs["bayes"], "--data-file", glue_dir / "STS-B" / "dev.tsv"], "sentence")
+    refused(capfd, ["evaluate", runs["bayes"], "--data-file", glue_dir / "STS-B" / "dev.tsv"], "sentence")
     # a run folder whose adapter or posterior is gone
     import shutil
 
     broken = tmp_path / "broken"
     shutil.copytree(runs["bayes"], broken)
     (broken / "posterior.safetensors").unlink()
-    assert_refused(capfd, ["evaluate", broken, "--mc-samples", "2"], "posterior.safetensors")
+    refused(capfd, ["evaluate", broken, "--mc-samples", "2"], "posterior.safetensors")
     shutil.rmtree(broken / "adapter")
-    assert_refused(capfd, ["evaluate", broken], "adapter")
+    refused(capfd, ["evaluate", broken], "adapter")
     # unlabeled data and nowhere to write predictions
     test = tmp_path / "test.tsv"
     test.write_text("index\tsentence\n0\ta fine film\n")
-    assert_refused(capfd, ["evaluate", runs["bayes"], "--data-file", test], "--predictions")
+    refused(capfd, ["evaluate", runs["bayes"], "--data-file", test], "--predictions")
     # a predictions path that is a folder: refused before any evaluation, nothing written
-    assert_refused(capfd, ["evaluate", runs["bayes"], "--predictions", tmp_path], "is a folder")
+    refused(capfd, ["evaluate", runs["bayes"], "--predictions", tmp_path], "is a folder")
 
 
 def test_train_refuses_mc_samples_without_a_posterior(capfd, tmp_path, glue_dir, tiny_deberta):
     out = tmp_path / "out"
-    assert_refused(capfd, ["train", "--task", "sst2", "--data-dir", glue_dir, "--model", tiny_deberta,
+    refused(capfd, ["train", "--task", "sst2", "--data-dir", glue_dir, "--model", tiny_deberta,
                            "--output-dir", out, "--method", "adalora", "--mc-samples", "4"], "--mc-samples", "adalora")
     assert not out.exists()
 

@@ -21,7 +21,8 @@ def tiny_run(tmp_path_factory, glue_dir, tiny_deberta):
     out = tmp_path_factory.mktemp("export") / "run"
     assert main(["train", "--task", "sst2", "--data-dir", str(glue_dir), "--model", str(tiny_deberta),
                  "--max-steps", "8", "--batch-size", "16", "--max-length", "32", "--init-r", "4", "--target-r", "2",
-                 "--criterion", "snr", "--mc-samples", "4", "--no-progress", "--no-plots", "--output-dir", str(out)]) == 0
+                 "--criterion", "snr", "--mc-samples", "4", "--no-progress", "--no-plots",
+                 "--output-dir", str(out)]) == 0
     return out
 
 

@@ -15,21 +15,13 @@ from safetensors.torch import load_file, save_file
 
 import bayes_adalora.train as train_module
 from bayes_adalora.cli import main
+from helpers import refused
 
 
 def argv(glue_dir, model, out, *extra) -> list[str]:
     return ["train", "--task", "sst2", "--data-dir", str(glue_dir), "--model", str(model), "--output-dir", str(out),
             "--max-steps", "4", "--max-length", "32", "--batch-size", "8", "--max-eval-samples", "8",
             "--no-progress", "--no-plots", *extra]
-
-
-def refused(capfd, args: list[str], code: int = 2) -> str:
-    capfd.readouterr()
-    got = main(args)
-    err = capfd.readouterr().err
-    lines = err.strip().splitlines()
-    assert got == code and len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def truncate(path: Path) -> None:
