@@ -86,6 +86,10 @@ def _f(default, help: str, bounds: Bounds | None = None, **kw):
 
 @dataclass
 class TrainConfig:
+    """Every setting of a training run, checked on creation (a `UserError` naming the flag): the command
+    line's flags are generated from these fields, so each field is the flag of the same name with dashes
+    (`max_steps` is `--max-steps`); the command-line reference lists them with their help and defaults."""
+
     # what to train
     task: str = _f("sst2", "GLUE task (cola sst2 mrpc stsb qqp mnli qnli rte wnli), classification / regression "
                            "on your own --train-file and --validation-file, or, for a decoder LM, causal-lm or "
