@@ -630,7 +630,7 @@ def test_a_resume_after_the_training_data_grew_names_the_data(run, glue_dir, tin
     shutil.copytree(glue_dir, grown)
     train = grown / "SST-2" / "train.tsv"
     train.write_text(train.read_text() + "one more film , quite good\t1\n")
-    checkpoint = run / "checkpoints" / "step-0000001"
+    checkpoint = run / "checkpoints" / "checkpoint-1"
     line = refused(capfd, train_argv(grown, tiny_deberta, tmp_path / "resumed", "--save-steps", "1", "--resume",
                                      checkpoint))
     assert f"the checkpoint {checkpoint} was trained on other training data (64 examples there, 65 here)" in line

@@ -1,5 +1,5 @@
 """The config checks itself on creation, the run plan resolves once, config.json reruns it, and a
-checkpoint round-trips: fast unit tests, no training run."""
+checkpoint's run state round-trips: fast unit tests, no training run."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from bayes_adalora.checkpoint import checkpoint_settings, load_checkpoint, save_checkpoint
+from bayes_adalora.checkpoint import check_same_settings, checkpoint_settings, read_run_state, write_run_state
 from bayes_adalora.config import (
     TrainConfig,
     bounds_of,
@@ -213,48 +212,24 @@ def test_ivon_arguments_take_whole_floats_as_the_config_does():
 
 def test_a_checkpoint_refuses_a_resume_with_other_settings_but_takes_a_new_lr(tmp_path):
     config, _ = make_config({"method": "adalora", "max_steps": 300})
-    settings = planned_config(config, plan_run(config, "m", 1000, 32))
-    model = torch.nn.Linear(4, 2)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    path = save_checkpoint(tmp_path, 3, model, optimizer, scheduler, None, {"settings": settings}, keep=2)
+    settings = planned_config(config, plan_run(config, "m", 1000, 32, trainable_parameters=TRAINABLE))
+    write_run_state(tmp_path, {"step": 3, "history": {"loss": [float("nan")]}, "settings": settings})
 
     def resume(**given):
         again, _ = make_config({"method": "adalora", "max_steps": 300, **given})
         plan = plan_run(again, "m", 1000, 32, trainable_parameters=TRAINABLE)
-        return load_checkpoint(path, model, optimizer, scheduler, None, planned_config(again, plan))
+        state = read_run_state(tmp_path)
+        check_same_settings(tmp_path, state["settings"], planned_config(again, plan))
+        return state
 
     with pytest.raises(UserError, match=r"other settings \(the step count 300 there, 3000 here\)"):
         resume(max_steps=3000)
     with pytest.raises(UserError, match=r"--method 'adalora' there, 'bayes-adalora' here"):
         resume(method="bayes-adalora")
-    assert resume(lr=1e-4, eval_steps=7, output_dir="elsewhere")["step"] == 3
-    assert checkpoint_settings(path) == settings  # what a resume without --lr takes the lr from
-    # a checkpoint from before the settings were kept in it is resumed as before
-    old = save_checkpoint(tmp_path / "old", 3, model, optimizer, scheduler, None, {}, keep=2)
-    assert load_checkpoint(old, model, optimizer, scheduler, None, settings)["step"] == 3
-
-
-def test_a_checkpoint_restores_weights_optimizer_schedule_and_rng(tmp_path):
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 2)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
-    for _ in range(3):
-        optimizer.zero_grad()
-        model(torch.randn(5, 4)).square().sum().backward()
-        optimizer.step()
-        scheduler.step()
-    path = save_checkpoint(tmp_path, 3, model, optimizer, scheduler, None, {"note": "x"}, keep=2)
-    expected_next = torch.rand(3)  # the draw after the save
-
-    torch.manual_seed(123)
-    other = torch.nn.Linear(4, 2)
-    other_opt = torch.optim.AdamW(other.parameters(), lr=0.1)
-    other_sched = torch.optim.lr_scheduler.LambdaLR(other_opt, lambda s: 1.0 / (1 + s))
-    state = load_checkpoint(path, other, other_opt, other_sched, None)
-    assert state["step"] == 3 and state["note"] == "x"
-    assert torch.equal(other.weight, model.weight) and torch.equal(other.bias, model.bias)
-    assert other_sched.last_epoch == 3 and other_opt.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
-    assert torch.equal(other_opt.state[other.weight]["exp_avg"], optimizer.state[model.weight]["exp_avg"])
-    assert torch.equal(torch.rand(3), expected_next)
+    state = resume(lr=1e-4, eval_steps=7, output_dir="elsewhere")
+    assert state["step"] == 3 and math.isnan(state["history"]["loss"][0])  # NaN is kept as NaN
+    assert checkpoint_settings(tmp_path) == settings  # what a resume without --lr takes the lr from
+    (tmp_path / "bayes-adalora-state.json").write_text('{"step": 3')  # cut short
+    with pytest.raises(UserError, match=r"is damaged \(bayes-adalora-state.json cannot be read\)"):
+        read_run_state(tmp_path)
+    assert checkpoint_settings(tmp_path) is None

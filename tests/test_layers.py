@@ -14,7 +14,7 @@ MAY_DEFER = {"cli", "__init__"}
 LAYERS = [
     {"errors", "paths", "tasks", "methods", "importance", "posterior", "schedules", "metrics", "evaluation", "recipes",
      "steps", "ivon_inplace", "lm_metrics", "ivon_settings"},
-    {"config", "data", "models", "adapters", "checkpoint", "distributed", "fast_adalora", "lm_data"},
+    {"config", "data", "models", "adapters", "checkpoint", "fast_adalora", "lm_data"},
     {"allocator", "build", "predict", "run_folder", "lm_predict", "kinds", "trackers"},
     {"train", "run_io", "hf_trainer", "export"},
     {"cli", "plots", "__init__"},

@@ -233,7 +233,7 @@ def test_resumed_causal_lm_run_equals_the_uninterrupted_one(tiny_lms, lm_data, t
     assert main(train_args(base, lm_data, saved, "causal-lm", "--save-steps", "7", "--save-total-limit", "0",
                            steps=16)) == 0
     assert main(train_args(base, lm_data, resumed, "causal-lm", "--resume",
-                           str(saved / "checkpoints" / "step-0000014"), steps=16)) == 0
+                           str(saved / "checkpoints" / "checkpoint-14"), steps=16)) == 0
     for name in ("adapter/adapter_model.safetensors", "posterior.safetensors"):
         a, b = load_file(reference / name), load_file(resumed / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

@@ -306,7 +306,7 @@ def test_a_resumed_classification_run_equals_the_uninterrupted_one(number_files,
     assert main(train_argv(*number_files, tiny_deberta, reference, *args)) == 0
     resumed = tmp_path / "resumed"
     assert main(train_argv(*number_files, tiny_deberta, resumed, *args, "--resume",
-                           str(reference / "checkpoints" / "step-0000004"))) == 0
+                           str(reference / "checkpoints" / "checkpoint-4"))) == 0
     assert_same_run(reference, resumed)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import shutil
+import types
 from pathlib import Path
 
 import pytest
@@ -42,21 +43,22 @@ def run_with_checkpoint(tmp_path_factory, glue_dir, tiny_deberta) -> Path:
 def test_a_run_whose_last_update_is_not_finite_stops_as_diverged_and_writes_nothing(method, capfd, tmp_path, glue_dir,
                                                                                       tiny_deberta, monkeypatch):
     """The loss of the last step is taken before its update: only a check of the weights sees that update."""
-    make_step = train_module.make_training_step
+    make_optimizer = train_module.make_optimizer
 
-    def overflowing_step(optimizer, config):
-        step = make_step(optimizer, config)
-        update = step.update
+    def overflowing_optimizer(*args, **kwargs):
+        optimizer = make_optimizer(*args, **kwargs)
+        step = optimizer.step
 
-        def update_then_overflow():
-            update()
+        def step_then_overflow(self, *a, **k):
+            result = step(*a, **k)
             with torch.no_grad():
-                optimizer.param_groups[0]["params"][0].mul_(float("inf"))
+                self.param_groups[0]["params"][0].mul_(float("inf"))
+            return result
 
-        step.update = update_then_overflow
-        return step
+        optimizer.step = types.MethodType(step_then_overflow, optimizer)  # a method, as the scheduler wraps it
+        return optimizer
 
-    monkeypatch.setattr(train_module, "make_training_step", overflowing_step)
+    monkeypatch.setattr(train_module, "make_optimizer", overflowing_optimizer)
     out = tmp_path / "out"
     line = refused(capfd, argv(glue_dir, tiny_deberta, out, "--method", method, "--max-steps", "1"), code=1)
     assert "diverged at step 1" in line and "not finite after the last update" in line
@@ -97,11 +99,11 @@ def test_a_full_disk_at_the_end_leaves_no_half_written_run(capfd, tmp_path, glue
 # ----------------------------------------------------------------------------- checkpoints
 
 
-@pytest.mark.parametrize("damaged", ["weights.safetensors", "state.pt"])
+@pytest.mark.parametrize("damaged", ["adapter_model.safetensors", "optimizer.pt", "bayes-adalora-state.json"])
 def test_a_damaged_checkpoint_is_refused_naming_the_file(damaged, capfd, tmp_path, run_with_checkpoint, glue_dir,
                                                          tiny_deberta):
-    checkpoint = tmp_path / "step-0000002"
-    shutil.copytree(run_with_checkpoint / "checkpoints" / "step-0000002", checkpoint)
+    checkpoint = tmp_path / "checkpoint-2"
+    shutil.copytree(run_with_checkpoint / "checkpoints" / "checkpoint-2", checkpoint)
     truncate(checkpoint / damaged)
     out = tmp_path / "resumed"
     line = refused(capfd, argv(glue_dir, tiny_deberta, out, "--mc-samples", "2", "--resume", str(checkpoint)))
@@ -110,7 +112,7 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file(damaged, capfd, tmp_pat
 
 
 def test_a_resume_with_other_adapter_shapes_is_refused(capfd, tmp_path, run_with_checkpoint, glue_dir, tiny_deberta):
-    checkpoint = run_with_checkpoint / "checkpoints" / "step-0000002"
+    checkpoint = run_with_checkpoint / "checkpoints" / "checkpoint-2"
     out = tmp_path / "resumed"
     line = refused(capfd, argv(glue_dir, tiny_deberta, out, "--init-r", "8", "--resume", str(checkpoint)))
     assert "trained with other settings (--init-r 6 there, 8 here)" in line and "--overwrite" in line
@@ -120,7 +122,7 @@ def test_a_resume_with_other_adapter_shapes_is_refused(capfd, tmp_path, run_with
 def test_a_resume_with_another_method_or_length_is_refused(capfd, tmp_path, run_with_checkpoint, glue_dir,
                                                             tiny_deberta):
     """AdamW's state in IVON (a KeyError mid-run before), or schedules that change half-way, are refused."""
-    checkpoint = run_with_checkpoint / "checkpoints" / "step-0000002"
+    checkpoint = run_with_checkpoint / "checkpoints" / "checkpoint-2"
     out = tmp_path / "resumed"
     line = refused(capfd, argv(glue_dir, tiny_deberta, out, "--method", "adalora", "--resume", str(checkpoint)))
     assert "(--method 'bayes-adalora' there, 'adalora' here)" in line
@@ -133,7 +135,7 @@ def test_a_resume_on_other_training_data_is_refused_and_on_a_moved_copy_goes_on(
                                                                                 glue_dir, tiny_deberta):
     """The data folder may move (its location is not a setting that trains), but not change: one label
     flipped would change what the rest of the run trains on, unseen."""
-    checkpoint = run_with_checkpoint / "checkpoints" / "step-0000002"
+    checkpoint = run_with_checkpoint / "checkpoints" / "checkpoint-2"
     moved = tmp_path / "glue"
     shutil.copytree(glue_dir, moved)
     train_file = moved / "SST-2" / "train.tsv"

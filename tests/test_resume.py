@@ -41,6 +41,13 @@ def assert_same_run(a, b):
         assert all(torch.equal(pa[k], pb[k]) for k in pa)
 
 
+def complete(out):
+    """The steps of the complete checkpoints (the run's state file is written last)."""
+    folder = out / "checkpoints"
+    found = folder.glob("checkpoint-*/bayes-adalora-state.json") if folder.is_dir() else []
+    return sorted(int(p.parent.name.split("-")[1]) for p in found)
+
+
 def kill_at_checkpoint(args, out, step):
     """Start the run in a child process, SIGKILL it once checkpoint `step` (or a later one) exists."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -49,11 +56,7 @@ def kill_at_checkpoint(args, out, step):
     deadline = time.time() + 240
     try:
         while time.time() < deadline and child.poll() is None:
-            done = (
-                [int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*")]
-                if (out / "checkpoints").is_dir()
-                else []
-            )
+            done = complete(out)
             if done and max(done) >= step:
                 break
             time.sleep(0.05)
@@ -75,11 +78,12 @@ def test_killed_and_resumed_runs_equal_the_uninterrupted_run(method, tmp_path, g
         out = tmp_path / f"killed-{kill}"
         args = run_args(glue_dir, tiny_deberta, out, "--method", method, "--save-steps", "1")
         kill_at_checkpoint(args, out, kill)
-        latest = max(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*"))
-        # a kill between writing the newest checkpoint and removing the oldest leaves 3 for a moment
-        assert latest < STEPS and len(list((out / "checkpoints").glob("step-*"))) <= 3
+        latest = max(complete(out))
+        # a kill while a checkpoint is written leaves it incomplete (without the run's state file); --resume
+        # takes the latest complete one
+        assert latest < STEPS and len(list((out / "checkpoints").glob("checkpoint-*"))) <= 3
         assert main([*args, "--resume"]) == 0
-        assert len(list((out / "checkpoints").glob("step-*"))) <= 2  # keeps the last 2
+        assert len(list((out / "checkpoints").glob("checkpoint-*"))) <= 2  # keeps the last 2
         assert_same_run(reference, out)
 
 
@@ -97,13 +101,13 @@ def test_divergence_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "diverged at step" in err[0]
     step = int(err[0].split("diverged at step ")[1].split(":")[0])
-    kept = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*"))
+    kept = complete(out)
     # the loss of step s is taken at the weights of step s - 1: the last good checkpoint is s - 2
     assert kept == [step - 2]
-    assert f"step-{step - 2:07d}" in err[0]
-    state = torch.load(out / "checkpoints" / f"step-{kept[-1]:07d}" / "state.pt", weights_only=True)
+    assert f"checkpoint-{step - 2}" in err[0]
+    state = json.loads((out / "checkpoints" / f"checkpoint-{kept[-1]}" / "bayes-adalora-state.json").read_text())
     assert state["step"] == step - 2
-    weights = load_file(out / "checkpoints" / f"step-{kept[-1]:07d}" / "weights.safetensors")
+    weights = load_file(out / "checkpoints" / f"checkpoint-{kept[-1]}" / "adapter_model.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())
     # usable: the run goes on from it with a sane learning rate
     # (the bound on IVON's step is part of the run's settings, so it is given again)
@@ -128,7 +132,7 @@ def test_resume_from_a_checkpoint_at_an_epoch_end(tmp_path, glue_dir, tiny_deber
     reference, saved, resumed = tmp_path / "reference", tmp_path / "saved", tmp_path / "resumed"
     assert main(run_args(glue_dir, tiny_deberta, reference)) == 0
     assert main(run_args(glue_dir, tiny_deberta, saved, "--save-steps", "8", "--save-total-limit", "0")) == 0
-    checkpoint = saved / "checkpoints" / "step-0000016"
-    assert torch.load(checkpoint / "state.pt", weights_only=True)["batch_in_epoch"] == 8  # the epoch's last batch
+    checkpoint = saved / "checkpoints" / "checkpoint-16"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["epoch"] == 2.0  # the second epoch's end
     assert main(run_args(glue_dir, tiny_deberta, resumed, "--resume", str(checkpoint))) == 0
     assert_same_run(reference, resumed)

@@ -35,7 +35,7 @@ from bayes_adalora.predict import posterior_predictive
 from conftest import save_tiny_deberta
 from test_hf_trainer import SST2, StopAfter, adalora_ranks, read_sst2, trainer_args
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+GUIDE = Path(__file__).resolve().parents[1] / "docs" / "guides" / "trainer.md"  # its own-loop recipe
 
 
 # ----------------------------------------------------------------------------- IVONArguments
@@ -262,15 +262,15 @@ def test_posterior_predictive_keeps_pruned_lambdas_at_zero_and_averages_draws(ti
     assert lam[0] == 10.0 and (lam[1:] == 0).all()  # the mean is restored
 
 
-def readme_block(title: str) -> str:
-    text = README.read_text()
+def guide_block(title: str) -> str:
+    text = GUIDE.read_text()
     section = text[text.index(title):]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def test_the_readme_own_loop_recipe_runs_as_written():
+def test_the_guides_own_loop_recipe_reallocates_and_predicts():
     namespace = {}
-    exec(compile(readme_block("### Your own training loop"), "README.md", "exec"), namespace)
+    exec(compile(guide_block("## Your own training loop"), "trainer.md", "exec"), namespace)
     model, probs = namespace["model"], namespace["probs"]
     ranks = adalora_ranks(model)
     assert sum(ranks.values()) == 4 * len(ranks) and set(ranks.values()) != {4}  # reallocated, at the budget

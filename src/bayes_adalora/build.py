@@ -20,7 +20,7 @@ from .errors import UserError
 from .fast_adalora import enable_fast_optimizer, enable_fast_path
 from .ivon_settings import AUTO, resolve_beta2
 from .models import FAN_IN_FAN_OUT_TYPES, plan_adapter_modules, target_module_suffixes
-from .schedules import constant_warmup, linear_warmup_decay, two_phase
+from .schedules import constant_warmup, cosine_warmup_decay, linear_warmup_decay, two_phase
 from .steps import NoiseStream, make_step
 from .tasks import get_task
 
@@ -144,6 +144,8 @@ def lr_multiplier(config: TrainConfig, total_steps: int, warmup: int):
                                    config.two_phase_second, total_steps)
     if config.lr_schedule == "constant":
         return lambda s: constant_warmup(s, warmup)
+    if config.lr_schedule == "cosine":
+        return lambda s: cosine_warmup_decay(s, warmup, total_steps)
     return lambda s: linear_warmup_decay(s, warmup, total_steps)
 
 

@@ -1,34 +1,34 @@
-"""Checkpoints for exact resume: everything a run's next step depends on, written atomically.
+"""What a run adds to the Trainer's checkpoints, and how a resume is checked.
 
-Weights go to safetensors; the rest (optimizer, scheduler, allocator EMAs, RNG states, data
-position, history) to a torch file read back with `weights_only=True`. Beyond the usual
-`state_dict`s this keeps what peft and ivon-opt do not save themselves: IVON's `current_step`
-(its momentum debiasing), peft's RankAllocator EMAs (`ipt`, `exp_avg_ipt`, `exp_avg_unc`) and the
-AdaLoRA `rank_pattern`, the data loader's generator as of the current epoch's start plus the batch
-index within it, and the CPU RNG states of torch, Python and NumPy.
+The Trainer keeps the weights, optimizer, scheduler, RNG states and the data position in
+`checkpoints/checkpoint-N/`; `hf_trainer.AdaLoraCheckpoints` adds what peft and ivon-opt do not save
+themselves (peft's allocator EMAs and rank pattern, IVON's `current_step` and its noise stream). The run
+adds `bayes-adalora-state.json` (its history, best and final evaluations, training time, the settings it
+was planned with and its training data's fingerprint), written last and at once: a checkpoint is complete
+once it holds that file. A resume with other settings or other training data is refused, naming the first
+difference.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
+import json
 import pickle
-import random
 import re
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from torch import nn
+from safetensors.torch import load_file
 
 from .errors import UserError
+from .paths import atomic_file
 
 CHECKPOINTS = "checkpoints"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+RUN_STATE = "bayes-adalora-state.json"
+_STEP_DIR = re.compile(r"^checkpoint-(\d+)$")
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
@@ -37,13 +37,13 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [
-        (int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / "state.pt").exists()
+        (int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / RUN_STATE).exists()
     ]
     return [p for _, p in sorted(found)]
 
 
 def checkpoint_step(path: Path) -> int:
-    """The step of a checkpoint folder `step-NNNNNNN`."""
+    """The step of a checkpoint folder `checkpoint-N` (the Trainer's name)."""
     return int(_STEP_DIR.match(path.name).group(1))
 
 
@@ -53,34 +53,6 @@ def drop_checkpoints_from(output_dir: Path, first_bad: int) -> list[Path]:
         if checkpoint_step(path) >= first_bad:
             shutil.rmtree(path, ignore_errors=True)
     return checkpoint_dirs(output_dir)
-
-
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": list(random.getstate()[1]),
-        "python_version": random.getstate()[0],
-        "python_gauss": random.getstate()[2],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-    if "cuda" in state and torch.cuda.is_available():  # a machine with fewer GPUs takes the first ones' states
-        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(cuda_state, index)
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def allocator_state(tuner) -> dict:
@@ -119,51 +91,46 @@ def place_ivon_state(optimizer) -> None:
                 group[key] = group[key].to(device)
 
 
-def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, tuner, extra: dict, keep: int) -> Path:
-    """Write checkpoint `step` (write into a temporary folder, then rename) and keep the last `keep`."""
-    root = Path(output_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:07d}"
-    tmp = root / f".step-{step:07d}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(trainable_state(model), tmp / "weights.safetensors")
-    state = {
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "ivon_current_step": getattr(optimizer, "current_step", None),
-        "scheduler": scheduler.state_dict(),
-        "allocator": allocator_state(tuner),
-        "rng": rng_state(),
-        **extra,
-    }
-    torch.save(state, tmp / "state.pt")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in checkpoint_dirs(output_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+def write_run_state(folder: Path, state: dict) -> None:
+    """The run's own part of a Trainer checkpoint, written last and at once: a checkpoint is complete once
+    it has this file (the Trainer writes its files in place, so a run killed while saving leaves one without)."""
+    with atomic_file(Path(folder) / RUN_STATE) as tmp:
+        tmp.write_text(json.dumps(state) + "\n", encoding="utf-8")  # floats exact (repr), NaN kept as NaN
 
 
-def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(weights, state) of a checkpoint folder, refusing a damaged file in one sentence that names it."""
-
-    def damaged(name: str) -> UserError:
-        return UserError(f"the checkpoint {path} is damaged ({name} cannot be read): resume from an earlier one "
-                         f"with --resume PATH, or start again with --overwrite")
-
+def read_run_state(path: Path) -> dict:
+    """The run state of checkpoint `path`, refusing a damaged file in one sentence that names it."""
     try:
-        weights = load_file(path / "weights.safetensors")
-    except (SafetensorError, OSError):
-        raise damaged("weights.safetensors") from None
-    try:
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)  # a GPU run's, on any machine
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError):
-        raise damaged("state.pt") from None
-    if not isinstance(state, dict) or not {"step", "optimizer", "scheduler", "rng"} <= set(state):
-        raise damaged("state.pt")
-    return weights, state
+        state = json.loads((Path(path) / RUN_STATE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise damaged_checkpoint(path, RUN_STATE) from None
+    if not isinstance(state, dict) or not {"step", "history", "settings"} <= set(state):
+        raise damaged_checkpoint(path, RUN_STATE)
+    return state
+
+
+def damaged_checkpoint(path: Path, name: str) -> UserError:
+    return UserError(f"the checkpoint {path} is damaged ({name} cannot be read): resume from an earlier one "
+                     f"with --resume PATH, or start again with --overwrite")
+
+
+def check_checkpoint_files(path: Path) -> None:
+    """Read every file of a Trainer checkpoint that a resume reads, as the Trainer reads it, so that a damaged
+    one is refused in one sentence before training starts (not as a traceback from inside the Trainer)."""
+    from transformers.trainer_pt_utils import safe_globals  # the NumPy types of the Trainer's RNG states
+
+    for file in sorted(Path(path).iterdir()):
+        try:
+            if file.suffix == ".safetensors":
+                load_file(file)
+            elif file.suffix in (".pt", ".pth"):
+                with safe_globals():
+                    torch.load(file, map_location="cpu", weights_only=True)
+            elif file.suffix == ".json":
+                json.loads(file.read_text(encoding="utf-8"))
+        except (SafetensorError, RuntimeError, OSError, EOFError, pickle.UnpicklingError, UnicodeDecodeError,
+                json.JSONDecodeError):
+            raise damaged_checkpoint(path, file.name) from None
 
 
 # the settings (config.json's keys) a resumed run may change: where it runs and where its model and data
@@ -173,6 +140,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 # so it is refused; the step count is compared first, as a change in the data's size shows there.
 MAY_CHANGE_ON_RESUME = frozenset({
     "model", "data_dir", "train_file", "validation_file", "trust_remote_code", "device", "bf16", "fast_path",
+    "gradient_checkpointing",
     "lr", "eval_steps", "max_eval_samples", "eval_batch_size", "mc_samples",
     "log_correlations", "plots", "report_to", "progress", "output_dir", "divergence_factor", "save_steps",
     "save_total_limit", "resume", "overwrite", "recipe", "derived",
@@ -224,49 +192,8 @@ def check_same_data(path: Path, saved: dict | None, now: dict | None) -> None:
 
 
 def checkpoint_settings(path: Path) -> dict | None:
-    """The settings a checkpoint's run was planned with (None: not a readable checkpoint, or one from before
-    they were kept); memory-mapped, so the optimizer state it also holds is not read."""
+    """The settings a checkpoint's run was planned with (None: not a readable checkpoint)."""
     try:
-        state = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError):
-        return None  # load_checkpoint says what is wrong with it
-    return state.get("settings") if isinstance(state, dict) else None
-
-
-def load_checkpoint(path: Path, model, optimizer, scheduler, tuner, settings: dict | None = None,
-                    train_data: dict | None = None) -> dict:
-    """Restore a checkpoint into the run's objects; returns the state (step, loader position, extras).
-    `settings`: this run's config.json, refused where it differs from the checkpoint's run; `train_data`:
-    this run's `data_fingerprint`, refused where it differs from the checkpoint's."""
-    path = Path(path)
-    if not (path / "state.pt").exists() or not (path / "weights.safetensors").exists():
-        raise UserError(f"{path} is not a complete checkpoint (weights.safetensors and state.pt are needed)")
-    weights, state = read_checkpoint(path)
-    # the data first: another training set changes what the run derives from its size (IVON's ess, the
-    # step count of --epochs), and the message must name the data, not the setting derived from it
-    check_same_data(path, state.get("train_data"), train_data)
-    if settings is not None:
-        check_same_settings(path, state.get("settings"), settings)
-    params = dict(model.named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
-    unknown = [n for n in weights if n not in params]
-    if missing or unknown:
-        raise UserError(f"the checkpoint {path} does not match this run: it {'lacks' if missing else 'has'} "
-                        f"{(missing or unknown)[0]}; resume with the settings it was trained with")
-    for name, tensor in weights.items():
-        if tensor.shape != params[name].shape:
-            raise UserError(
-                f"the checkpoint {path} was trained with other settings: {name} has shape {tuple(tensor.shape)} "
-                f"there and {tuple(params[name].shape)} here (a setting that shapes the adapter, such as --init-r, "
-                f"--lora-r, --target-modules or --model, differs): resume with the checkpoint's settings")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor)
-    optimizer.load_state_dict(state["optimizer"])
-    if state.get("ivon_current_step") is not None:
-        optimizer.current_step = state["ivon_current_step"]
-        place_ivon_state(optimizer)
-    scheduler.load_state_dict(state["scheduler"])
-    load_allocator_state(tuner, state["allocator"])
-    set_rng_state(state["rng"])
-    return state
+        return read_run_state(path)["settings"]
+    except UserError:
+        return None  # the resume says what is wrong with it

@@ -27,7 +27,7 @@ from .recipes import paper_recipe
 from .schedules import default_adalora_phases
 from .tasks import TaskSpec, check_own_files, get_task
 
-LR_SCHEDULES = ("linear", "two-phase", "constant")
+LR_SCHEDULES = ("linear", "cosine", "two-phase", "constant")
 LAMBDA_INITS = ("zero", "paper")
 REPORT_TO = ("none", "tensorboard", "wandb", "mlflow")
 SEED_MAX = 2**32 - 1  # NumPy's seed range
@@ -113,7 +113,14 @@ class TrainConfig:
     max_train_samples: int | None = _f(None, "Use only the first N training examples.", bounds=POSITIVE)
     max_eval_samples: int | None = _f(None, "Use only the first N examples of each dev split.", bounds=POSITIVE)
     # schedule
-    batch_size: int = _f(32, "Training batch size.", bounds=POSITIVE)
+    batch_size: int = _f(32, "Training batch size: the examples of one optimizer step, over all processes and "
+                              "micro-batches.", bounds=POSITIVE)
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step: each process runs its share of "
+                                             "--batch-size forward and backward in this many parts, in turn (the "
+                                             "memory of a smaller batch, the gradient of the whole).",
+                                          bounds=POSITIVE)
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass instead of keeping them: "
+                                             "less memory, about a third more compute.")
     eval_batch_size: int = _f(128, "Evaluation batch size.", bounds=POSITIVE)
     max_steps: int | None = _f(None, "Number of optimizer steps (wins over --epochs).", bounds=POSITIVE)
     epochs: float = _f(
@@ -127,7 +134,8 @@ class TrainConfig:
     )
     lr_schedule: str = _f(
         "linear",
-        "linear warm-up and decay, the paper's two-phase IVON schedule, or constant after warm-up.",
+        "linear warm-up and decay, linear warm-up and cosine decay (transformers' cosine), the paper's two-phase "
+        "IVON schedule, or constant after warm-up.",
         choices=LR_SCHEDULES,
     )
     warmup_steps: int | None = _f(None, "Learning-rate warm-up steps (default: 6% of the run).", bounds=NON_NEGATIVE)
@@ -233,6 +241,9 @@ class TrainConfig:
         get_task(self.task)
         check_own_files(self.task, self.train_file, self.validation_file)
         method = get_method(self.method)
+        if self.batch_size % self.gradient_accumulation_steps:
+            raise UserError(f"--batch-size {self.batch_size} must split into --gradient-accumulation-steps "
+                            f"{self.gradient_accumulation_steps} equal micro-batches")
         if not DEVICE.match(self.device):
             raise UserError(f"--device {self.device!r} is not a device: choose cpu, cuda, cuda:N or auto")
         for name in ("mc_samples", "log_correlations"):

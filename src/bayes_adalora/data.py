@@ -546,7 +546,7 @@ def encode(dataset: TextDataset, tokenizer, max_length: int) -> list[dict]:
             for i, label in enumerate(dataset.labels)]
 
 
-class _PadBatch:
+class PadBatch:
     """Pads a batch to its longest example; labels become long (classes) or float (regression).
 
     A class rather than a closure so that DataLoader workers can pickle it.
@@ -576,4 +576,4 @@ def make_loader(encoded: Iterable[dict], tokenizer, batch_size: int, shuffle: bo
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     drop_last = 0 < len(encoded) % batch_size < min_last
     return DataLoader(encoded, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      collate_fn=collate_fn or _PadBatch(tokenizer), drop_last=drop_last)
+                      collate_fn=collate_fn or PadBatch(tokenizer), drop_last=drop_last)

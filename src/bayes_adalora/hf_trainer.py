@@ -302,10 +302,10 @@ class AdaLoraCheckpoints:
     `load_best_model_at_end` read back.
 
     A checkpoint holds the adapter untrimmed (at `init_r`, pruned triplets as zero lambdas; still a
-    valid peft adapter) and `adalora_state.pt`: peft's allocator state (its EMAs and rank pattern, as the
-    CLI's checkpoints keep them) and IVON's `current_step`, which its `state_dict` lacks. The Trainer
-    keeps the rest: optimizer and scheduler state, RNG states, the data position. `save_model` outside
-    checkpoints still writes the adapter trimmed to the final pattern.
+    valid peft adapter) and `adalora_state.pt`: peft's allocator state (its EMAs and rank pattern), IVON's
+    `current_step`, which its `state_dict` lacks, and IVON's noise stream. The Trainer keeps the rest:
+    optimizer and scheduler state, RNG states, the data position. `save_model` outside checkpoints still
+    writes the adapter trimmed to the final pattern.
     """
 
     untrimmed_save = False

@@ -8,8 +8,9 @@ call: read the data, load the model, batch the data, evaluate at the weights and
 
 The loss is the model's own in every kind (`model(**batch).loss`: cross-entropy of the labels, over
 completion tokens for the decoder LMs), so peft's AdaLoRA adds its orthogonality penalty to it as usual.
-How a kind weighs that loss across processes is `loss_kwargs`: the decoder LMs' loss is a mean over
-tokens, which several processes must divide by the global batch's token count, not each by its own.
+Training batches are the Trainer's: a kind gives its encoded training examples (`train_dataset`) and the
+collator that pads them; the Trainer weighs a decoder LM's token loss across micro-batches and processes
+by the step's token count (`num_items_in_batch`).
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import DataCollatorWithPadding
 
 from .config import TrainConfig, data_dir_of
-from .data import TaskData, check_scorable, encode, load_task_data, make_loader
+from .data import PadBatch, TaskData, check_scorable, encode, load_task_data, make_loader
 from .errors import UserError
 from .lm_data import (
     ChoiceDataset,
@@ -32,7 +32,6 @@ from .lm_data import (
     read_choice_file,
     read_completion_file,
 )
-from .lm_metrics import IGNORE_INDEX
 from .lm_predict import (
     ChoiceSplit,
     choice_rows,
@@ -96,28 +95,17 @@ class ClassifierKind:
     def check_processes(self, model, world: int) -> None:
         """A classifier's mean loss is weighted by `loss_scale` alone: any model trains on several processes."""
 
-    def collator(self, tokenizer):
-        """Pads a batch of encoded examples (the Trainer integration's default `data_collator`)."""
-        return DataCollatorWithPadding(tokenizer)
+    def collator(self, tokenizer) -> PadBatch:
+        """Pads a batch of encoded examples (the Trainer's `data_collator`); labels long, or float for regression."""
+        return PadBatch(tokenizer)
 
-    def train_loader(self, data, tokenizer, config: TrainConfig, min_last: int):
-        return make_loader(encode(data.train, tokenizer, config.max_length), tokenizer, config.batch_size, True,
-                           config.seed, min_last=min_last)
+    def train_dataset(self, data, tokenizer, config: TrainConfig) -> list[dict]:
+        """The training examples, encoded (token ids and labels, not padded), for the Trainer's batches."""
+        return encode(data.train, tokenizer, config.max_length)
 
     def dev_loader(self, dataset, tokenizer, config: TrainConfig):
         return make_loader(encode(dataset, tokenizer, config.max_length), tokenizer, config.eval_batch_size, False,
                            config.seed)
-
-    def loss_kwargs(self, batch: dict, world: int) -> dict:
-        """Extra forward arguments for the training loss of `batch` (the global batch) shared among `world`
-        processes: none, the loss is the model's mean over this process's rows."""
-        return {}
-
-    def loss_scale(self, rows: int, shard_rows: int, world: int) -> float:
-        """What this process's loss is multiplied by before backward, so that DDP's mean over processes is
-        the global batch's mean: the model's loss is a mean over the process's `shard_rows` of the batch's
-        `rows`, and an epoch's short last batch is shared unequally (33 rows: 16 and 17)."""
-        return 1.0 if shard_rows * world == rows else shard_rows * world / rows
 
     def evaluate(self, model, loaders: dict, device, autocast) -> dict:
         return evaluate(model, loaders, self.spec, device, autocast)
@@ -181,29 +169,14 @@ class CausalLMKind:
     def training_sequences(self, train) -> CompletionDataset:
         return train
 
-    def train_loader(self, data: RunData, tokenizer, config: TrainConfig, min_last: int):
-        encoded = encode_completions(self.training_sequences(data.train), tokenizer, config.max_length, self.eos)
-        return completion_loader(encoded, tokenizer, config.batch_size, True, config.seed, min_last)
+    def train_dataset(self, data: RunData, tokenizer, config: TrainConfig) -> list[dict]:
+        """The training sequences, encoded (prompt labels -100, an EOS after each completion where the kind
+        trains one), for the Trainer's batches."""
+        return list(encode_completions(self.training_sequences(data.train), tokenizer, config.max_length, self.eos))
 
     def dev_loader(self, dataset, tokenizer, config: TrainConfig):
         encoded = encode_completions(dataset, tokenizer, config.max_length, self.eos)
         return completion_loader(encoded, tokenizer, config.eval_batch_size, False, config.seed)
-
-    def loss_kwargs(self, batch: dict, world: int) -> dict:
-        """Extra forward arguments for the training loss of `batch` (the global batch) shared among `world`
-        processes. One process: none (the model's mean over the batch's scored tokens). Several: each one's
-        loss is its summed token NLL / (the global batch's scored tokens / world) (transformers' causal-LM
-        loss divides by `num_items_in_batch`), so DDP's mean over processes is the global per-token mean
-        even when the processes hold unequal numbers of scored tokens (rows of unequal length). Counted on
-        the global batch, which every process holds (`distributed`): no collective needed."""
-        if world == 1:
-            return {}
-        scored = int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())  # the shifted labels the loss scores
-        return {"num_items_in_batch": scored / world}
-
-    def loss_scale(self, rows: int, shard_rows: int, world: int) -> float:
-        """1: `loss_kwargs` already weighs each process's loss by the global token count."""
-        return 1.0
 
     def evaluate(self, model, loaders: dict, device, autocast) -> dict:
         return evaluate_causal_lm(model, loaders, self.spec, device, autocast)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 def linear_warmup_decay(step: int, warmup_steps: int, total_steps: int) -> float:
     """LR multiplier: 0 -> 1 linearly over `warmup_steps`, then 1 -> 0 linearly at `total_steps`.
@@ -22,6 +24,15 @@ def two_phase(step: int, warmup_steps: int, const_until: int, first: float, seco
     if step < const_until:
         return first
     return second * max(0.0, (total_steps - step) / max(1, total_steps - const_until))
+
+
+def cosine_warmup_decay(step: int, warmup_steps: int, total_steps: int) -> float:
+    """LR multiplier: 0 -> 1 linearly over `warmup_steps`, then half a cosine from 1 to 0 at `total_steps`,
+    as transformers' `get_cosine_schedule_with_warmup`."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def constant_warmup(step: int, warmup_steps: int) -> float:

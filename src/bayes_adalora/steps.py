@@ -1,9 +1,9 @@
 """One optimizer step, behind one small interface: AdamW's, and IVON's sampled step with K samples.
 
 A step is two calls: `gradients(forward_backward)` leaves the step's gradients in the parameters and
-returns its loss, `update()` moves the weights. The CLI loop calls both; the Trainer integration calls
-`gradients` from its `training_step` and lets the Trainer call the optimizer; the speed benchmark
-times inside `forward_backward`. `IVONStep.gradients` is the one place that draws IVON's training
+returns its loss, `update()` moves the weights. The Trainer integration (and with it the command line)
+calls `gradients` from its `training_step` and lets the Trainer call the optimizer; the speed benchmark
+calls both and times inside `forward_backward`. `IVONStep.gradients` is the one place that draws IVON's training
 samples (ivon-opt's `sampled_params`, step by step and exception-safe).
 """
 

@@ -1,14 +1,19 @@
-"""The training run, top to bottom: set-up (data, model, adapter, optimizer), the loop (step,
-allocate, evaluate, checkpoint), then the outputs, written all at once.
+"""The training run, top to bottom: set-up (data, model, adapter, optimizer), then `transformers.Trainer`'s
+loop, then the outputs, written all at once.
 
-What varies between methods sits behind the method's registry entry (`methods.py`) and one step
-interface (`steps.py`); nothing here branches on a method's name.
+The loop is the Trainer's (its batches, checkpoints, resume, processes and mixed precision); what the run
+adds rides on it as one callback, `RunRecorder`: the history of every step, the dev evaluations and the best
+one, the posterior's spread where ranks are decided, the tracker, the divergence stop, and its own part of
+each checkpoint. What varies between methods sits behind the method's registry entry (`methods.py`) and the
+Trainer it trains with (`IVONTrainer`, `AdaLoraTrainer`, or the Trainer itself); nothing here branches on a
+method's name.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import resource
 import shutil
 import sys
@@ -16,41 +21,36 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
+from tempfile import TemporaryDirectory
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from tqdm.auto import tqdm
-from transformers import set_seed
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_callback import PrinterCallback
 
 from .adapters import POSTERIOR_FILE, adapter_ranks, posterior_state_dict
 from .allocator import CorrelationLog, install_allocator
-from .build import (
-    build_trainable_model,
-    lr_multiplier,
-    make_optimizer,
-    make_training_step,
-    on_device,
-    resolve_device,
-    set_peak_lr,
-)
+from .build import build_trainable_model, lr_multiplier, make_optimizer, on_device, resolve_device, set_peak_lr
 from .checkpoint import (
     CHECKPOINTS,
+    check_checkpoint_files,
+    check_same_data,
+    check_same_settings,
     checkpoint_dirs,
     checkpoint_settings,
     data_fingerprint,
     drop_checkpoints_from,
-    load_checkpoint,
-    save_checkpoint,
+    read_run_state,
+    write_run_state,
 )
 from .config import TrainConfig, plan_run, planned_config, total_steps_for
-from .distributed import Processes
 from .errors import TrainingDiverged, UserError
+from .hf_trainer import AdaLoraTrainer, IVONTrainer
 from .ivon_settings import data_share
 from .kinds import task_kind
-from .models import LABELS_FILE, default_model_path, label_maps
+from .models import LABELS_FILE, causal_lm_token_loss, default_model_path, label_maps
 from .predict import named_posterior_sigma
 from .run_folder import TRACKER_DIR, check_output_dir, write_json, write_marker, write_outputs
 from .schedules import masking_steps
@@ -73,33 +73,15 @@ def resume_checkpoint(out: Path, resume: str | None) -> Path | None:
             raise UserError(f"--resume found no checkpoint in {out / CHECKPOINTS}")
         return found[-1]
     path = Path(resume)
-    if not (path / "state.pt").exists():
-        raise UserError(f"--resume {resume}: no checkpoint there (a checkpoint folder holds state.pt)")
+    if not path.is_dir() or not any(path.iterdir()) or not (path / "trainer_state.json").exists():
+        raise UserError(f"--resume {resume}: no checkpoint there (a checkpoint folder holds trainer_state.json "
+                        f"and bayes-adalora-state.json)")
     return path
 
 
-def forward_backward(model: nn.Module, batch: dict, autocast, loss_kwargs: dict | None = None,
-                     scale: float = 1.0) -> torch.Tensor:
-    """Forward and backward of `batch`; `loss_kwargs` (the kind's, e.g. `num_items_in_batch`) go to the forward,
-    and the loss is multiplied by `scale` (the kind's `loss_scale`) before backward; returns what was backpropagated."""
-    with autocast:
-        loss = model(**batch, **(loss_kwargs or {})).loss
-    if scale != 1.0:
-        loss = loss * scale
-    loss.backward()
-    return loss
-
-
-@dataclass
-class Progress:
-    """What the loop has done so far: all a checkpoint must hold beyond the model and optimizer."""
-
-    step: int = 0
-    history: dict = field(default_factory=lambda: {"loss": [], "lr": [], "budget": [], "eval": []})
-    best: dict = field(default_factory=dict)
-    final: dict = field(default_factory=dict)
-    train_seconds: float = 0.0
-    batch_in_epoch: int = 0  # batches of the current epoch already trained (resume)
+def process_count() -> int:
+    """The processes of this run: torchrun's or accelerate's WORLD_SIZE (1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def divergence(loss: float, first: float, factor: float) -> str | None:
@@ -111,13 +93,13 @@ def divergence(loss: float, first: float, factor: float) -> str | None:
     return None
 
 
-def diverged(out: Path, step: int, reason: str, first_bad: int, procs: Processes) -> TrainingDiverged:
+def diverged(out: Path, step: int, reason: str, first_bad: int, is_main: bool) -> TrainingDiverged:
     """The error to stop with, after deleting the checkpoints from step `first_bad` on.
 
     The loss of step s is computed at the weights of step s - 1, so a loss that diverges at step s
     condemns checkpoint s - 1 too.
     """
-    if procs.is_main:
+    if is_main:
         drop_checkpoints_from(out, first_bad)
     found = checkpoint_dirs(out)
     kept = f"; the last good checkpoint is {found[-1]}" if found else "; no good checkpoint is left"
@@ -150,6 +132,151 @@ def draw_figures(figures: Figures, folder: Path) -> None:
         print(f"bayes-adalora: warning: the plots were not written ({type(exc).__name__}: {exc})", file=sys.stderr)
 
 
+# ---------------------------------------------------------------- what the run adds to the Trainer's loop
+
+
+@dataclass
+class Progress:
+    """What the run has recorded so far: all its part of a checkpoint holds beyond the Trainer's."""
+
+    history: dict = field(default_factory=lambda: {"loss": [], "lr": [], "budget": [], "eval": []})
+    best: dict = field(default_factory=dict)
+    final: dict = field(default_factory=dict)
+    train_seconds: float = 0.0
+
+
+class RunTrainerMixin:
+    """What the run needs of its Trainer beyond the stock one: a classifier's loss weighed as the batch's mean,
+    the loss of each optimizer step (the sum of its micro-batches' `training_step` losses, which the Trainer
+    scales so that it is the step's mean; under several processes, their mean), and a resume with a new --lr
+    (a diverged run's) that replaces the checkpoint's."""
+
+    step_loss = None
+    peak_lr: float | None = None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if not causal_lm_token_loss(self.accelerator.unwrap_model(model)):
+            # a classifier's loss is its micro-batch's mean, which ignores a token count: without one, the
+            # Trainer divides it by the micro-batches and leaves it unweighted across processes, so the step
+            # trains on the batch's mean (with a count it would sum the micro-batches and multiply by the
+            # process count: gradients 2x, 4x, ... the batch mean's)
+            num_items_in_batch = None
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.step_loss = loss.detach() if self.step_loss is None else self.step_loss + loss.detach()
+        return loss
+
+    def pop_step_loss(self) -> float:
+        loss, self.step_loss = self.step_loss, None
+        if self.args.world_size > 1:
+            loss = self.accelerator.reduce(loss, "mean")
+        return loss.item()  # one device sync a step
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)
+        if checkpoint is not None and any(base != self.peak_lr for base in scheduler.base_lrs):
+            set_peak_lr(scheduler, self.optimizer, self.peak_lr)
+
+
+def run_trainer_class(config: TrainConfig) -> type:
+    """The Trainer the method trains with, with `RunTrainerMixin`."""
+    base = IVONTrainer if config.uses_ivon else AdaLoraTrainer if config.uses_adalora else Trainer
+    return type(f"Run{base.__name__}", (RunTrainerMixin, base), {})
+
+
+class RunRecorder(TrainerCallback):
+    """After every optimizer step: the step's loss, lr and rank budget into the history, the divergence stop,
+    sigma's spread at the masking steps, the tracker, the dev evaluations (every `eval_steps`, at each
+    epoch's end and at the last step) and the best one; before each checkpoint, that the state is finite;
+    into each checkpoint, the run's own state (`checkpoint.write_run_state`)."""
+
+    def __init__(self, run: RunContext):
+        self.run = run
+        self.started = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        run, done = self.run, self.run.done
+        history, step, plan, config = done.history, state.global_step, run.plan, run.config
+        loss = run.trainer.pop_step_loss()
+        if run.device.type == "cuda":
+            torch.cuda.synchronize(run.device)
+        done.train_seconds += time.perf_counter() - self.started
+        reason = divergence(loss, history["loss"][0] if history["loss"] else loss, config.divergence_factor)
+        if reason:
+            raise diverged(run.out, step, reason, first_bad=step - 1, is_main=run.is_main)
+
+        budget, allocated = run.allocator.budget_schedule(step) if run.allocator is not None else (None, False)
+        lr_now = run.optimizer.param_groups[0]["lr"]
+        history["loss"].append(loss)
+        history["lr"].append(lr_now)
+        history["budget"].append(budget)
+        if step in run.sigma_steps:  # the posterior's spread where the ranks are first and last decided
+            history.setdefault("sigma", []).append(
+                {"step": step, "hessian_data_share": data_share(plan.ivon_beta2_resolved, step),
+                 **sigma_statistics(named_posterior_sigma(run.model, run.optimizer), overall=True)})
+        if run.tracker is not None:
+            allocated = allocated and step <= plan.total_steps - plan.tfinal and config.uses_ivon
+            sigma = sigma_statistics(named_posterior_sigma(run.model, run.optimizer)) if allocated else {}
+            run.tracker.log({"train/loss": loss, "train/lr": lr_now,
+                             **({"train/rank_budget": budget} if budget is not None else {}), **sigma}, step=step)
+
+        end_of_epoch = step % run.steps_per_epoch == 0
+        if step % plan.eval_steps == 0 or step == plan.total_steps or end_of_epoch:
+            done.final = run.kind.evaluate(run.model, run.dev_loaders, run.device, run.autocast)
+            history["eval"].append({"step": step, **done.final})
+            main, higher = run.spec.main_metric_name, run.spec.higher_is_better
+            if not done.best or score(done.final[main], higher) > score(done.best[main], higher):
+                done.best = {**done.final, "step": step}
+            if run.tracker is not None:
+                run.tracker.log({f"eval/{main}": done.final[main]}, step=step)
+        saves = config.save_steps and step % config.save_steps == 0 and step < plan.total_steps
+        # before a checkpoint: every process checks (they hold the same weights), so all stop together
+        if saves and not finite_state(run.model, run.optimizer):
+            raise diverged(run.out, step, "the weights are no longer finite", first_bad=step, is_main=run.is_main)
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.run.is_main:
+            done = self.run.done
+            write_run_state(Path(args.output_dir) / f"checkpoint-{state.global_step}", {
+                "step": state.global_step,
+                "settings": self.run.settings,  # a resume with other settings is refused
+                "train_data": self.run.train_data,  # and one on other training data
+                "history": done.history, "best": done.best, "final": done.final,
+                "train_seconds": done.train_seconds,
+                "correlations": self.run.correlations.entries if self.run.correlations is not None else [],
+            })
+        self.run.trainer.accelerator.wait_for_everyone()
+
+
+@dataclass
+class RunContext:
+    """What the callback reads: the run's objects, set up once."""
+
+    config: TrainConfig
+    out: Path
+    kind: object
+    spec: object
+    model: nn.Module
+    optimizer: object
+    allocator: object
+    correlations: CorrelationLog | None
+    dev_loaders: dict
+    device: torch.device
+    autocast: object
+    plan: object
+    settings: dict
+    train_data: dict | None
+    steps_per_epoch: int
+    sigma_steps: tuple
+    is_main: bool
+    done: Progress = field(default_factory=Progress)
+    tracker: object = None
+    trainer: Trainer | None = None
+
+
 # ---------------------------------------------------------------- the run
 
 
@@ -173,152 +300,97 @@ def _train(config: TrainConfig, figures: Figures | None, closing: ExitStack) -> 
         lr_derived = "lr" in (saved.get("derived") or [])
         config = dataclasses.replace(config, lr=saved["lr"]) if saved.get("lr") is not None else config
     device = resolve_device(config.device)
-    procs = Processes.start(device, config.batch_size)
-    device = procs.device or device
+    world = process_count()
+    micro = world * config.gradient_accumulation_steps
+    if config.batch_size % micro:
+        raise UserError(f"--batch-size {config.batch_size} is the global batch and must divide among {world} "
+                        f"processes x {config.gradient_accumulation_steps} micro-batches")
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
     data = kind.read_data(config)
     spec = data.spec  # classification on the user's own data: with the classes of its training file
     set_seed(config.seed)  # before the model: the seed also fixes the new head's and the adapter's first weights
     model_name = config.model or default_model_path()
     tokenizer, model, fresh = kind.load_model(model_name, config, device)
-    kind.check_processes(model, procs.world)
-    train_loader = kind.train_loader(data, tokenizer, config, min_last=procs.world)  # an empty shard's loss: NaN
+    kind.check_processes(model, world)
+    train_set = kind.train_dataset(data, tokenizer, config)
+    if not train_set:
+        raise UserError("the training data holds no example to train on")
+    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     dev_loaders = {split: kind.dev_loader(ds, tokenizer, config) for split, ds in data.dev.items()}
     # the adapter first (its size sets --ivon-ess auto); its length is the plan's, from the same two numbers
-    model = on_device(build_trainable_model(model, config, total_steps_for(config, len(train_loader)), fresh), device)
+    model = on_device(build_trainable_model(model, config, total_steps_for(config, steps_per_epoch), fresh), device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    plan = plan_run(config, model_name, len(data.train), len(train_loader), spec, trainable_parameters=trainable)
+    plan = plan_run(config, model_name, len(data.train), steps_per_epoch, spec, trainable_parameters=trainable)
     settings = planned_config(config, plan)  # config.json's form: kept in checkpoints, checked on resume
     if lr_derived and "lr" not in settings["derived"]:  # so --config of this run derives it again, as of the first
         settings["derived"].append("lr")
     train_data = data_fingerprint(data.train) if config.save_steps or resume_from is not None else None
 
-    forward_model = procs.wrap(model)  # DDP under accelerate; peft's allocator works on `model`
     model.train()
-    optimizer = make_optimizer(model, config, plan.ivon_ess_resolved, sync=procs.world > 1,
-                               total_steps=plan.total_steps)
-    training_step = make_training_step(optimizer, config)
+    optimizer = make_optimizer(model, config, plan.ivon_ess_resolved, sync=world > 1, total_steps=plan.total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(config, plan.total_steps, plan.warmup_steps))
     correlations = CorrelationLog() if config.logs_correlations else None
     allocator = install_allocator(model, config.method, optimizer, config.criterion, correlations)
-    tuner = model.base_model if allocator is not None else None  # peft's AdaLoraModel drives the allocator
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config.bf16 else nullcontext()
-
-    done = Progress()
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, scheduler, tuner, settings, train_data)
-        done = Progress(state["step"], state["history"], state["best"], state["final"], state["train_seconds"],
-                        state["batch_in_epoch"])
-        train_loader.generator.set_state(state["loader_generator"])
-        older = done.history.pop("correlations", [])  # where earlier checkpoints kept the log
-        if correlations is not None:
-            correlations.entries.extend(state.get("correlations", older))
-        if any(base != plan.lr for base in scheduler.base_lrs):  # e.g. resuming a diverged run with a lower --lr
-            set_peak_lr(scheduler, optimizer, plan.lr)
-        if config.uses_ivon and state.get("ivon_noise") is not None:
-            training_step.noise.load_state(state["ivon_noise"])
-    elif (out / CHECKPOINTS).is_dir() and procs.is_main:
-        shutil.rmtree(out / CHECKPOINTS)  # --overwrite (checked above): the old run's checkpoints go
-    if resume_from is None and procs.is_main:  # a new run's curves are not mixed into an old run's (or a failed one's)
-        shutil.rmtree(out / TRACKER_DIR, ignore_errors=True)
-
-    history = done.history
     sigma_steps = (masking_steps(plan.total_steps, plan.tinit, plan.tfinal, plan.delta_t) or ()) \
         if config.uses_ivon and config.uses_adalora else ()
-    tracker = (closing.enter_context(tracking(config.report_to, out, settings))
-               if procs.is_main else None)
-    bar = tqdm(total=plan.total_steps, initial=done.step, disable=not (config.progress and procs.is_main),
-               desc=f"{config.method} {spec.name}", dynamic_ncols=True)
-    while done.step < plan.total_steps:
-        epoch_start = train_loader.generator.get_state()  # the epoch's order is drawn from it
-        for index, batch in enumerate(train_loader):
-            if index < done.batch_in_epoch:
-                continue
-            t0 = time.perf_counter()
-            loss_kwargs = kind.loss_kwargs(batch, procs.world)  # of the global batch: the same in every process
-            shard = procs.shard(batch)
-            scale = kind.loss_scale(len(batch["input_ids"]), len(shard["input_ids"]), procs.world)
-            batch = {k: v.to(device) for k, v in shard.items()}
-            # every IVON sample runs the same partial, so each gets the same loss_kwargs and scale
-            loss = training_step.gradients(partial(forward_backward, forward_model, batch, autocast, loss_kwargs,
-                                                   scale))
-            training_step.update()
-            loss = procs.mean(loss.item())  # the batch's loss; one device sync per step
-            done.step += 1
-            step = done.step
-            if tuner is not None:
-                tuner.update_and_allocate(step)
-            scheduler.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            done.train_seconds += time.perf_counter() - t0
-            reason = divergence(loss, history["loss"][0] if history["loss"] else loss, config.divergence_factor)
-            if reason:
-                raise diverged(out, step, reason, first_bad=step - 1, procs=procs)
+    run = RunContext(config, out, kind, spec, model, optimizer, allocator, correlations, dev_loaders, device,
+                     autocast, plan, settings, train_data, steps_per_epoch, sigma_steps, is_main=rank == 0)
 
-            budget, allocated = allocator.budget_schedule(step) if allocator is not None else (None, False)
-            lr_now = optimizer.param_groups[0]["lr"]
-            history["loss"].append(loss)
-            history["lr"].append(lr_now)
-            history["budget"].append(budget)
-            if step in sigma_steps:  # the posterior's spread where the ranks are first and last decided
-                history.setdefault("sigma", []).append(
-                    {"step": step, "hessian_data_share": data_share(plan.ivon_beta2_resolved, step),
-                     **sigma_statistics(named_posterior_sigma(model, optimizer), overall=True)})
-            if tracker is not None:
-                allocated = allocated and step <= plan.total_steps - plan.tfinal and config.uses_ivon
-                sigma = sigma_statistics(named_posterior_sigma(model, optimizer)) if allocated else {}
-                tracker.log({"train/loss": loss, "train/lr": lr_now,
-                             **({"train/rank_budget": budget} if budget is not None else {}), **sigma}, step=step)
-            bar.update(1)
-            if step % 10 == 0 or step == plan.total_steps:
-                bar.set_postfix({"loss": f"{loss:.4f}", "lr": f"{lr_now:.3g}",
-                                 **({"rank budget": budget} if budget is not None else {})})
+    if resume_from is not None:
+        state = read_run_state(resume_from)
+        # the data first: another training set changes what the run derives from its size (IVON's ess, the
+        # step count of --epochs), and the message must name the data, not the setting derived from it
+        check_same_data(resume_from, state.get("train_data"), train_data)
+        check_same_settings(resume_from, state.get("settings"), settings)
+        check_checkpoint_files(resume_from)
+        run.done = Progress(state["history"], state["best"], state["final"], state["train_seconds"])
+        if correlations is not None:
+            correlations.entries.extend(state.get("correlations", []))
+    elif (out / CHECKPOINTS).is_dir() and run.is_main:
+        shutil.rmtree(out / CHECKPOINTS)  # --overwrite (checked above): the old run's checkpoints go
+    if resume_from is None and run.is_main:  # a new run's curves are not mixed into an old run's (or a failed one's)
+        shutil.rmtree(out / TRACKER_DIR, ignore_errors=True)
 
-            end_of_epoch = index == len(train_loader) - 1
-            if step % plan.eval_steps == 0 or step == plan.total_steps or end_of_epoch:
-                done.final = kind.evaluate(model, dev_loaders, device, autocast)
-                history["eval"].append({"step": step, **done.final})
-                main, higher = spec.main_metric_name, spec.higher_is_better
-                if not done.best or score(done.final[main], higher) > score(done.best[main], higher):
-                    done.best = {**done.final, "step": step}
-                if tracker is not None:
-                    tracker.log({f"eval/{spec.main_metric_name}": done.final[spec.main_metric_name]}, step=step)
-            if config.save_steps and step % config.save_steps == 0 and step < plan.total_steps:
-                # every process checks (they hold the same weights), so all stop together
-                if not finite_state(model, optimizer):
-                    raise diverged(out, step, "the weights are no longer finite", first_bad=step, procs=procs)
-                # (at an epoch's last batch the sampler has yet to draw once more from the generator,
-                # so the next epoch's start is not known here: a resume replays this epoch's order)
-                extra = {
-                    "settings": settings,  # a resume with other settings is refused
-                    "train_data": train_data,  # and one on other training data
-                    "ivon_noise": training_step.noise.state if config.uses_ivon else None,
-                    "history": history,
-                    "best": done.best,
-                    "final": done.final,
-                    "train_seconds": done.train_seconds,
-                    "loader_generator": epoch_start,
-                    "batch_in_epoch": index + 1,
-                    "correlations": correlations.entries if correlations is not None else [],
-                }
-                if procs.is_main:
-                    save_checkpoint(out, step, model, optimizer, scheduler, tuner, extra, config.save_total_limit)
-                procs.wait()
-            if step >= plan.total_steps:
-                break
-        done.batch_in_epoch = 0
-    bar.close()
+    # the tracker first: one whose package is missing is refused before anything is written
+    run.tracker = closing.enter_context(tracking(config.report_to, out, settings)) if run.is_main else None
+    # checkpoints go to the run's folder; without them the Trainer's folder is a scratch one, so a run that
+    # fails leaves nothing behind
+    checkpoints = out / CHECKPOINTS if config.save_steps else Path(closing.enter_context(TemporaryDirectory()))
+    args = TrainingArguments(
+        output_dir=str(checkpoints), max_steps=plan.total_steps, learning_rate=plan.lr,
+        per_device_train_batch_size=config.batch_size // micro, seed=config.seed,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        gradient_checkpointing=config.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        save_strategy="steps" if config.save_steps else "no", save_steps=config.save_steps or 1,
+        save_total_limit=config.save_total_limit, eval_strategy="no", logging_strategy="no", report_to=[],
+        disable_tqdm=not (config.progress and run.is_main), bf16=config.bf16, use_cpu=device.type == "cpu",
+        max_grad_norm=0.0, remove_unused_columns=False, dataloader_num_workers=0,
+    )
+    trainer_class = run_trainer_class(config)
+    extra = {"config": config} if config.uses_ivon else {}
+    trainer = trainer_class(model=model, args=args, train_dataset=train_set, data_collator=kind.collator(tokenizer),
+                            optimizers=(optimizer, scheduler), callbacks=[RunRecorder(run)], **extra)
+    trainer.peak_lr = plan.lr
+    trainer.remove_callback(PrinterCallback)  # the run prints its own summary; the Trainer's logs stay quiet
+    run.trainer = trainer
+
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+    done = run.done
     if not finite_state(model, optimizer):  # the last update is checked too, before anything is written
-        raise diverged(out, done.step, "the weights are not finite after the last update", first_bad=done.step,
-                       procs=procs)
+        raise diverged(out, plan.total_steps, "the weights are not finite after the last update",
+                       first_bad=plan.total_steps, is_main=run.is_main)
 
     mc = {}
     if config.mc_samples:  # once, at the end: K passes over the dev data
         mc = kind.evaluate_sampled(model, dev_loaders, device, autocast, named_posterior_sigma(model, optimizer),
                                    config.mc_samples, config.seed)
     ranks = adapter_ranks(model) if config.method_spec.adapter is not None else {}
-    if not procs.same_everywhere(ranks):  # every process must have masked the same triplets
+    if not same_everywhere(trainer, ranks):  # every process must have masked the same triplets
         raise RuntimeError("the processes ended with different rank patterns; please report this as a bug")
     results = {
         "task": spec.name,
@@ -333,18 +405,31 @@ def _train(config: TrainConfig, figures: Figures | None, closing: ExitStack) -> 
         "train_seconds": done.train_seconds,
         "seconds_per_step": done.train_seconds / plan.total_steps,
         "peak_memory_mb": peak_memory_mb(device),
-        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "trainable_parameters": trainable,
         "final_ranks": ranks,
         "total_rank": sum(ranks.values()),
         "train_examples": len(data.train),
         "device": str(device),
-        "processes": procs.world,
+        "processes": world,
     }
-    if procs.is_main:
-        write_outputs(out, lambda folder: write_run(folder, config, settings, model, tokenizer, optimizer, history,
-                                                    results, allocator, correlations, figures))
-    procs.wait()
+    if run.is_main:
+        write_outputs(out, lambda folder: write_run(folder, config, settings, model, tokenizer, optimizer,
+                                                    done.history, results, allocator, correlations, figures))
+    trainer.accelerator.wait_for_everyone()
     return results
+
+
+def same_everywhere(trainer: Trainer, value) -> bool:
+    """Whether every process holds an equal `value` (compared by a digest of its pickle)."""
+    if trainer.args.world_size == 1:
+        return True
+    import hashlib
+    import pickle
+
+    from accelerate.utils import gather_object
+
+    digest = hashlib.sha256(pickle.dumps(value)).hexdigest()
+    return len(set(gather_object([digest]))) == 1
 
 
 def write_run(folder: Path, config: TrainConfig, settings: dict, model: nn.Module, tokenizer, optimizer, history: dict,
