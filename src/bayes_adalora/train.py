@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .adapters import POSTERIOR_FILE, adapter_ranks, posterior_state_dict
 from .allocator import CorrelationLog, install_allocator
@@ -176,6 +176,21 @@ class RunTrainerMixin:
         scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)
         if checkpoint is not None and any(base != self.peak_lr for base in scheduler.base_lrs):
             set_peak_lr(scheduler, self.optimizer, self.peak_lr)
+
+
+class ProgressBar(ProgressCallback):
+    """The Trainer's progress bar, without the log lines it would print below it."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
+
+
+def checkpointing_arguments() -> dict:
+    """`TrainingArguments` for activation (gradient) checkpointing, by the name this transformers gives it
+    (`activation_checkpointing` from 5.25 on, `gradient_checkpointing` before, now deprecated)."""
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    name = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
 
 
 def run_trainer_class(config: TrainConfig) -> type:
@@ -364,8 +379,7 @@ def _train(config: TrainConfig, figures: Figures | None, closing: ExitStack) -> 
         output_dir=str(checkpoints), max_steps=plan.total_steps, learning_rate=plan.lr,
         per_device_train_batch_size=config.batch_size // micro, seed=config.seed,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
-        gradient_checkpointing=config.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        **(checkpointing_arguments() if config.gradient_checkpointing else {}),
         save_strategy="steps" if config.save_steps else "no", save_steps=config.save_steps or 1,
         save_total_limit=config.save_total_limit, eval_strategy="no", logging_strategy="no", report_to=[],
         disable_tqdm=not (config.progress and run.is_main), bf16=config.bf16, use_cpu=device.type == "cpu",
@@ -376,7 +390,10 @@ def _train(config: TrainConfig, figures: Figures | None, closing: ExitStack) -> 
     trainer = trainer_class(model=model, args=args, train_dataset=train_set, data_collator=kind.collator(tokenizer),
                             optimizers=(optimizer, scheduler), callbacks=[RunRecorder(run)], **extra)
     trainer.peak_lr = plan.lr
-    trainer.remove_callback(PrinterCallback)  # the run prints its own summary; the Trainer's logs stay quiet
+    # the run prints its own summary: the Trainer's logs (its closing train_runtime line) are not printed
+    trainer.remove_callback(PrinterCallback)
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(ProgressBar)
     run.trainer = trainer
 
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
