@@ -392,3 +392,21 @@ def test_stsb_scores_outside_0_to_5_are_refused(score, tmp_path):
                                       f"1\tmain\tx\t2012\t0001\tnone\tnone\tc\td\t{score}\n")
     with pytest.raises(UserError, match=rf"dev.tsv, line 3: label '{score}' lies outside stsb's range \[0, 5\]"):
         read_glue_tsv(get_task("stsb"), path)
+
+
+def test_the_trainers_collator_takes_datasets_label_column_and_rows_without_labels(minilm_path):
+    """make_trainer's default collator pads a `datasets` column named `label` (the Hub's convention) as
+    `labels`, class ids long and regression scores float, and pads rows to predict that have none."""
+    from transformers import AutoTokenizer
+
+    from bayes_adalora.data import PadBatch
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    pad = PadBatch(tokenizer)
+    classes = pad([{**tokenizer("a fine film"), "label": 1}, {**tokenizer("dull"), "label": 0}])
+    assert classes["labels"].tolist() == [1, 0] and classes["labels"].dtype == torch.long
+    assert classes["input_ids"].shape == classes["attention_mask"].shape and classes["input_ids"].shape[0] == 2
+    assert classes["attention_mask"][1].tolist().count(0) == classes["input_ids"].shape[1] - 3  # [CLS] dull [SEP]
+    scores = pad([{**tokenizer("a"), "labels": 2.5}, {**tokenizer("b c"), "labels": 4.0}])
+    assert scores["labels"].dtype == torch.float32 and scores["labels"].tolist() == [2.5, 4.0]
+    assert "labels" not in pad([tokenizer("to predict")])

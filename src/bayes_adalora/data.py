@@ -556,10 +556,12 @@ class PadBatch:
         self.pad = DataCollatorWithPadding(tokenizer, return_tensors="pt")
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        labels = [f["labels"] for f in features]
-        batch = dict(self.pad([{k: v for k, v in f.items() if k != "labels"} for f in features]))
-        dtype = torch.float32 if isinstance(labels[0], float) else torch.long
-        batch["labels"] = torch.tensor(labels, dtype=dtype)
+        key = next((k for k in ("labels", "label") if k in features[0]), None)  # datasets' own column is "label"
+        batch = dict(self.pad([{k: v for k, v in f.items() if k not in ("labels", "label")} for f in features]))
+        if key is not None:
+            labels = [f[key] for f in features]
+            dtype = torch.float32 if isinstance(labels[0], float) else torch.long
+            batch["labels"] = torch.tensor(labels, dtype=dtype)
         return batch
 
 

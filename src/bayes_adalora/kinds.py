@@ -93,7 +93,8 @@ class ClassifierKind:
         return tokenizer, model, fresh
 
     def check_processes(self, model, world: int) -> None:
-        """A classifier's mean loss is weighted by `loss_scale` alone: any model trains on several processes."""
+        """A classifier's loss is its micro-batch's mean, which the run weighs as the batch's mean (no token
+        count): any model trains on several processes."""
 
     def collator(self, tokenizer) -> PadBatch:
         """Pads a batch of encoded examples (the Trainer's `data_collator`); labels long, or float for regression."""
