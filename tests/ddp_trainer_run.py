@@ -38,3 +38,5 @@ if trainer.args.process_index == 0:
     sync = trainer.ivon_optimizer.sync
     (out / "result.json").write_text(json.dumps({"ranks": every, "weights": weights, "sync": sync,
                                                  "world": trainer.args.world_size}))
+if dist.is_initialized():  # left open at exit, a gloo process can abort after its result was written
+    dist.destroy_process_group()

@@ -71,3 +71,17 @@ def test_an_epochs_short_last_batch_is_completed_as_accelerate_does_not_a_nan(tm
     assert len(history["loss"]) == 5 and all(math.isfinite(x) for x in history["loss"])
     assert [e["step"] for e in history["eval"]] == [3, 5]
     assert result["processes"] == 2
+
+
+def test_the_command_closes_the_process_group_it_ran_in(tmp_path):
+    """Left open at exit, a gloo process can abort ("terminate called without an active exception") after its
+    run was written, failing torchrun; the command closes the group however it ends (here: a refused folder)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert main(["plot", str(tmp_path / "absent")]) == 2
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

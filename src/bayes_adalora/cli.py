@@ -156,7 +156,17 @@ def main(argv: list[str] | None = None) -> int:
         print("bayes-adalora: interrupted: the run was not written (checkpoints saved by --save-steps are kept: "
               "continue with --resume, or start again with --overwrite)", file=sys.stderr)
         return 130
+    finally:
+        close_processes()
     return 0
+
+
+def close_processes() -> None:
+    """Closes the process group the Trainer opened under torchrun: left open at exit, a gloo process can abort
+    ("terminate called without an active exception") after its run was written."""
+    distributed = sys.modules.get("torch.distributed")  # never imported by --help or a refused flag
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 def read_config_file(path: str | None) -> dict | None:
