@@ -26,7 +26,7 @@ sys.path.insert(0, str(HERE))
 from baselines import trivial_baseline  # noqa: E402
 
 # fp32: without AVX512-BF16 (this AMD EPYC) bf16 autocast is emulated: MRPC took 13 CPU-s a step against 2.8
-BASE = {"batch_size": 32, "eval_batch_size": 64, "plots": False, "progress": False,
+BASE = {"batch_size": 32, "per_device_eval_batch_size": 64, "plots": False, "progress": False,
         "log_correlations": False, "seed": 0, "max_length": 128}
 
 # name: the settings that differ from BASE. MRPC, 150 steps (1.3 epochs: the first grid saw AdamW's loss

@@ -45,8 +45,8 @@ ARMS = {
     "v2": [],
     "beta2-auto": ["--ivon-beta2", "auto"],
     "auto-ess10p": ["--ivon-beta2", "auto", *ESS_10P],
-    "auto-ess10p-h0.1": ["--ivon-beta2", "auto", *ESS_10P, "--ivon-hess-init", "0.1", "--lr", "30"],
-    "auto-ess10p-h0.01": ["--ivon-beta2", "auto", *ESS_10P, "--ivon-hess-init", "0.01", "--lr", "300"],
+    "auto-ess10p-h0.1": ["--ivon-beta2", "auto", *ESS_10P, "--ivon-hess-init", "0.1", "--learning-rate", "30"],
+    "auto-ess10p-h0.01": ["--ivon-beta2", "auto", *ESS_10P, "--ivon-hess-init", "0.01", "--learning-rate", "300"],
 }
 # (task, arm) in the order they run. Round 3: does round 2's best MRPC arm carry to SST-2 and STS-B, and does a
 # smaller initial Hessian (h 0.01) make sigma vary at the first masking step on MRPC? (It did: p99/p01 3.29, with

@@ -99,7 +99,7 @@ BATCH = 32
 
 def common_flags(eval_batch: int) -> list[str]:
     # fp32: without AVX512-BF16 (this AMD EPYC) bf16 autocast is emulated: MRPC took 13 CPU-s a step against 2.8
-    return ["--batch-size", str(BATCH), "--eval-batch-size", str(eval_batch), "--no-plots", "--no-progress",
+    return ["--batch-size", str(BATCH), "--per-device-eval-batch-size", str(eval_batch), "--no-plots", "--no-progress",
             "--no-log-correlations"]
 
 
@@ -208,7 +208,7 @@ def heldout_dir(work: Path, glue_dir: Path, task: str) -> Path:
 
 def train_args(task: str, cell: Cell, seed: int, lr: float, data_dir: Path, out: Path, extra: list[str]) -> list[str]:
     plan = TASKS[task]
-    args = ["train", "--task", task, "--method", cell.method, "--seed", str(seed), "--lr", f"{lr:g}",
+    args = ["train", "--task", task, "--method", cell.method, "--seed", str(seed), "--learning-rate", f"{lr:g}",
             "--max-steps", str(plan.steps), "--max-length", str(plan.max_length),
             "--eval-steps", str(max(1, plan.steps // plan.eval_times)), "--data-dir", str(data_dir),
             "--output-dir", str(out), "--overwrite", *COMMON]

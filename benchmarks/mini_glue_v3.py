@@ -213,7 +213,8 @@ def train_args(task: str, arm: Arm, seed: int, lr: float, data_dir: Path, out: P
     if tuning and "--mc-samples" in flags:
         i = flags.index("--mc-samples")
         flags = flags[:i] + flags[i + 2:]
-    args = ["train", "--task", task, *flags, "--seed", str(seed), "--lr", f"{lr:g}", "--max-steps", str(plan.steps),
+    args = ["train", "--task", task, *flags, "--seed", str(seed), "--learning-rate", f"{lr:g}",
+            "--max-steps", str(plan.steps),
             "--max-length", str(plan.max_length), "--eval-steps", str(eval_steps), "--data-dir", str(data_dir),
             "--output-dir", str(out), "--overwrite", *COMMON]
     if tuning:

@@ -542,7 +542,7 @@ def test_a_causal_lm_csv_with_both_forms_reads_each_row_by_the_cells_it_fills(tm
     assert (data.prompts, data.completions) == (["", "the sky is"], ["the sky is blue", " blue"])
 
 
-@pytest.mark.parametrize("key, near", [("max_step", "max_steps"), ("lr_schedul", "lr_schedule"),
+@pytest.mark.parametrize("key, near", [("max_step", "max_steps"), ("lr_schedul", "lr_scheduler_type"),
                                        ("methdo", "method"), ("zzz", None)])
 def test_a_misspelled_key_in_a_config_file_is_refused_naming_the_near_setting(key, near, tmp_path, capfd):
     config = tmp_path / "config.json"
@@ -595,7 +595,7 @@ def test_no_token_to_predict_is_said_so_not_diverged(task, max_length, tiny_lms,
                            "--max-steps", "2", "--max-length", str(max_length), "--output-dir", tmp_path / "run",
                            "--no-progress", "--no-plots"])
     assert "hold no token to predict at --max-length 1" in line and line.endswith("give --max-length 2 or more")
-    assert "diverged" not in line and "--lr" not in line
+    assert "diverged" not in line and "--learning-rate" not in line
 
 
 def test_a_one_token_text_without_a_context_token_has_nothing_to_predict():

@@ -488,13 +488,13 @@ def test_a_refused_flag_does_not_wait_for_peft(tmp_path, glue_dir, tiny_deberta)
     code = (
         "import sys\n"
         "from bayes_adalora.cli import main\n"
-        f"code = main({train_argv(glue_dir, tiny_deberta, out, '--lr', '-1')!r})\n"
+        f"code = main({train_argv(glue_dir, tiny_deberta, out, '--learning-rate', '-1')!r})\n"
         "print(code, sorted(m for m in ('peft', 'bayes_adalora.train') if m in sys.modules))\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.stdout.split("\n")[0] == "2 []", done.stdout + done.stderr
-    assert "--lr" in done.stderr and not out.exists()
+    assert "--learning-rate" in done.stderr and not out.exists()
 
 
 # ----------------------------------------------------------------------------- an existing run
@@ -580,7 +580,7 @@ def test_config_file_reruns_a_run_and_explicit_flags_win(trained, tmp_path):
     other = tmp_path / "other"
     assert main(["train", "--config", str(first / "config.json"), "--output-dir", str(other), "--seed", "1"]) == 0
     # the lr derived again: IVON's default, 3 / the initial Hessian 0.1
-    assert read_json(other / "config.json")["seed"] == 1 and read_json(other / "config.json")["lr"] == 30.0
+    assert read_json(other / "config.json")["seed"] == 1 and read_json(other / "config.json")["learning_rate"] == 30.0
 
 
 def test_a_config_file_that_is_not_an_object_is_refused(capfd, tmp_path):

@@ -28,7 +28,7 @@ from bayes_adalora.methods import METHODS
 @pytest.mark.parametrize("given, words", [
     (dict(divergence_factor=0.5), "--divergence-factor must be 0 (off) or at least 1, got 0.5"),
     (dict(mc_samples=-1), "--mc-samples must be 0 (off) or positive, got -1"),
-    (dict(lr=-1), "--lr must lie in (0, 1e+06], got -1"),
+    (dict(learning_rate=-1), "--learning-rate must lie in (0, 1e+06], got -1"),
 ])
 def test_the_python_api_cannot_skip_a_check(given, words):
     with pytest.raises(UserError) as refused:
@@ -95,7 +95,7 @@ def test_the_registry_decides_every_method_property():
     # IVON's default keeps its first step (lr x hess_init) whatever the initial Hessian; a given lr is kept
     for hess_init in (1.0, 0.1, 0.01):
         assert TrainConfig(ivon_hess_init=hess_init).resolved_lr() * hess_init == pytest.approx(3.0, rel=1e-15)
-    assert TrainConfig(ivon_hess_init=0.1, lr=4.0).resolved_lr() == 4.0
+    assert TrainConfig(ivon_hess_init=0.1, learning_rate=4.0).resolved_lr() == 4.0
     assert TrainConfig(method="adalora", ivon_hess_init=0.1).resolved_lr() == 2e-3  # AdamW ignores IVON's setting
 
 
@@ -103,32 +103,35 @@ TRAINABLE = 20_000  # an adapter's trainable parameters, for the plans of IVON r
 
 
 def test_the_plan_resolves_every_default_once():
-    plan = plan_run(TrainConfig(epochs=2.0), "m", train_examples=1000, batches_per_epoch=32, trainable_parameters=500)
+    plan = plan_run(TrainConfig(num_train_epochs=2.0), "m", train_examples=1000, batches_per_epoch=32,
+                    trainable_parameters=500)
     # 64 steps: 6% warm-up is 3 steps, ten evaluations, ess 10 per trainable parameter (above the 1000 examples)
-    assert (plan.total_steps, plan.warmup_steps, plan.eval_steps, plan.ivon_ess_resolved, plan.lr) == (
+    assert (plan.total_steps, plan.warmup_steps, plan.eval_steps, plan.ivon_ess_resolved, plan.learning_rate) == (
         64, 3, 6, 5000.0, 30.0)  # IVON's lr: 3 / the initial Hessian, 0.1
-    assert plan_run(TrainConfig(epochs=2.0), "m", 1000, 32, trainable_parameters=99).ivon_ess_resolved == 1000.0
-    paper = plan_run(TrainConfig(epochs=2.0, ivon_ess="train-size"), "m", 1000, 32, trainable_parameters=500)
+    two_epochs = TrainConfig(num_train_epochs=2.0)
+    assert plan_run(two_epochs, "m", 1000, 32, trainable_parameters=99).ivon_ess_resolved == 1000.0
+    paper = plan_run(TrainConfig(num_train_epochs=2.0, ivon_ess="train-size"), "m", 1000, 32, trainable_parameters=500)
     assert paper.ivon_ess_resolved == 1000.0
     assert plan_run(TrainConfig(ivon_ess=77.0), "m", 1000, 32).ivon_ess_resolved == 77  # a number needs no size
     with pytest.raises(ValueError, match="give the plan trainable_parameters"):
         plan_run(TrainConfig(), "m", 1000, 32)
     assert 0 <= plan.tinit < plan.total_steps - plan.tfinal and plan.delta_t >= 1
     lora = plan_run(TrainConfig(method="lora", max_steps=10, warmup_steps=0), "m", 1000, 32)
-    assert (lora.total_steps, lora.warmup_steps, lora.ivon_ess_resolved, lora.tinit, lora.lr) == (
+    assert (lora.total_steps, lora.warmup_steps, lora.ivon_ess_resolved, lora.tinit, lora.learning_rate) == (
         10, 0, None, None, 1e-3)
     with pytest.raises(UserError, match="--tinit 6 and --tfinal 6 leave no steps"):
         plan_run(TrainConfig(max_steps=12, tinit=6, tfinal=6), "m", 1000, 32)
 
 
 def test_config_json_reruns_the_same_plan_and_explicit_values_win():
-    config, _ = make_config({"method": "adalora", "epochs": 1.5, "seed": 3})
+    config, _ = make_config({"method": "adalora", "num_train_epochs": 1.5, "seed": 3})
     plan = plan_run(config, "some/model", train_examples=500, batches_per_epoch=16)
     saved = planned_config(config, plan)
     again, explicit = make_config({}, base=saved)
     assert explicit == set() and plan_run(again, "some/model", 500, 16) == plan
     # what was derived is derived again: on other data, as a fresh run with the same flags
-    assert saved["derived"] == ["model", "data_dir", "lr", "warmup_steps", "eval_steps", "tinit", "tfinal", "delta_t"]
+    assert saved["derived"] == ["model", "data_dir", "learning_rate", "warmup_steps", "eval_steps", "tinit", "tfinal",
+                                "delta_t"]
     other = plan_run(again, "some/model", train_examples=999, batches_per_epoch=99)
     assert other == plan_run(config, "some/model", 999, 99) and other.tinit != plan.tinit
     changed, explicit = make_config({"seed": 4}, base=saved)
@@ -172,22 +175,23 @@ def test_what_the_paper_recipe_filled_in_it_fills_in_again_for_another_method():
     saved = planned_config(config, plan_run(config, "m", 3668, 115, trainable_parameters=TRAINABLE))
     adamw, _ = make_config({"method": "adalora"}, base=saved)
     fresh, _ = make_config({"task": "mrpc", "method": "adalora", "recipe": "paper", "seed": 3})
-    assert adamw == fresh and adamw.lr != config.lr
+    assert adamw == fresh and adamw.learning_rate != config.learning_rate
 
 
 def test_flags_beside_a_config_file_win_for_epochs_and_the_paper_recipe():
-    """--epochs over a file that counted steps trained the file's steps; --recipe paper over a plain run's
+    """--num-train-epochs over a file that counted steps trained the file's steps; --recipe paper over a plain run's
     file kept the file's ranks, alpha and epochs under the recipe's lr (a mix of the two)."""
     config = TrainConfig(task="sst2", max_steps=300)
     saved = planned_config(config, plan_run(config, "m", 67349, 2105, trainable_parameters=TRAINABLE))
-    assert make_config({"epochs": 5}, base=saved)[0].max_steps is None
-    assert make_config({"epochs": 5, "max_steps": 40}, base=saved)[0].max_steps == 40
+    assert make_config({"num_train_epochs": 5}, base=saved)[0].max_steps is None
+    assert make_config({"num_train_epochs": 5, "max_steps": 40}, base=saved)[0].max_steps == 40
     plain = TrainConfig(task="sst2")
     plain = planned_config(plain, plan_run(plain, "m", 67349, 2105, trainable_parameters=TRAINABLE))
     recipe, _ = make_config({"recipe": "paper"}, base=plain)
     paper, _ = make_config({"task": "sst2", "recipe": "paper"})
-    assert (recipe.init_r, recipe.target_r, recipe.lora_alpha, recipe.epochs, recipe.lr) == (
-        paper.init_r, paper.target_r, paper.lora_alpha, paper.epochs, paper.lr) == (3, 2, 16, 24, 0.4)
+    assert (recipe.init_r, recipe.target_r, recipe.lora_alpha, recipe.num_train_epochs, recipe.learning_rate) == (
+        paper.init_r, paper.target_r, paper.lora_alpha, paper.num_train_epochs, paper.learning_rate) == (
+        3, 2, 16, 24, 0.4)
     assert make_config({"recipe": "paper"}, base=saved)[0].max_steps is None  # the recipe's epochs, not 300 steps
     with pytest.raises(UserError, match=r"^--task must be a string, got 5$"):
         make_config({"task": 5, "recipe": "paper"})  # an AttributeError in the recipe before
@@ -197,10 +201,11 @@ def test_a_warm_up_longer_than_the_run_or_a_two_phase_step_outside_it_is_refused
     with pytest.raises(UserError, match=r"^--warmup-steps 1000 is longer than the run's 300 steps"):
         plan_run(make_config({"method": "lora", "recipe": "paper", "max_steps": 300})[0], "m", 67349, 2105)
     for const, steps in ((500, 300), (50, 1000), (100, 1000)):  # no second phase; inside the warm-up; no hold
-        config = TrainConfig(lr_schedule="two-phase", two_phase_const=const, warmup_steps=100, max_steps=steps)
+        config = TrainConfig(lr_scheduler_type="two-phase", two_phase_const=const, warmup_steps=100, max_steps=steps)
         with pytest.raises(UserError, match=rf"^--two-phase-const {const} must lie after the warm-up's end"):
             plan_run(config, "m", 67349, 2105, trainable_parameters=TRAINABLE)
-    plan_run(TrainConfig(lr_schedule="two-phase", two_phase_const=500, warmup_steps=100, max_steps=1500), "m", 1, 1,
+    plan_run(TrainConfig(lr_scheduler_type="two-phase", two_phase_const=500, warmup_steps=100, max_steps=1500), "m",
+             1, 1,
              trainable_parameters=TRAINABLE)
 
 
@@ -226,9 +231,9 @@ def test_a_checkpoint_refuses_a_resume_with_other_settings_but_takes_a_new_lr(tm
         resume(max_steps=3000)
     with pytest.raises(UserError, match=r"--method 'adalora' there, 'bayes-adalora' here"):
         resume(method="bayes-adalora")
-    state = resume(lr=1e-4, eval_steps=7, output_dir="elsewhere")
+    state = resume(learning_rate=1e-4, eval_steps=7, output_dir="elsewhere")
     assert state["step"] == 3 and math.isnan(state["history"]["loss"][0])  # NaN is kept as NaN
-    assert checkpoint_settings(tmp_path) == settings  # what a resume without --lr takes the lr from
+    assert checkpoint_settings(tmp_path) == settings  # what a resume without --learning-rate takes the lr from
     (tmp_path / "bayes-adalora-state.json").write_text('{"step": 3')  # cut short
     with pytest.raises(UserError, match=r"is damaged \(bayes-adalora-state.json cannot be read\)"):
         read_run_state(tmp_path)

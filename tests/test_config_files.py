@@ -7,7 +7,7 @@ import pytest
 from transformers import HfArgumentParser, TrainingArguments
 
 from bayes_adalora.cli import build_parser, main, read_config_file
-from bayes_adalora.config import make_config
+from bayes_adalora.config import TrainConfig, make_config
 from bayes_adalora.errors import UserError
 from bayes_adalora.hf_trainer import IVONArguments
 
@@ -66,15 +66,16 @@ def test_a_file_gets_the_same_checks_as_the_command_line(source, tmp_path):
 
 def test_train_config_reads_a_yaml_file_as_it_reads_the_same_flags(tmp_path):
     path = tmp_path / "mrpc.yaml"
-    path.write_text("task: mrpc\nmethod: bayes-adalora\nlr: 3e-1\nmax_steps: 400\ntarget_modules: [query, value]\n"
+    path.write_text("task: mrpc\nmethod: bayes-adalora\nlearning_rate: 3e-1\nmax_steps: 400\n"
+                    "target_modules: [query, value]\n"
                     "ivon_beta2: auto\nlora_dropout: 1e-1\n")
     from_file, _ = make_config({}, base=read_config_file(str(path)))
-    flags = vars(build_parser().parse_args(["train", "--task", "mrpc", "--lr", "0.3", "--max-steps", "400",
+    flags = vars(build_parser().parse_args(["train", "--task", "mrpc", "--learning-rate", "0.3", "--max-steps", "400",
                                             "--target-modules", "query", "value", "--lora-dropout", "0.1"]))
     flags.pop("command")
     from_flags, _ = make_config(flags)
     assert from_file == from_flags
-    assert (from_file.lr, from_file.lora_dropout) == (0.3, 0.1)  # 3e-1 is a number, as in JSON
+    assert (from_file.learning_rate, from_file.lora_dropout) == (0.3, 0.1)  # 3e-1 is a number, as in JSON
 
 
 @pytest.mark.parametrize("text, words", [
@@ -100,3 +101,38 @@ def test_a_json_config_still_reads_as_before(tmp_path):
     path.write_text("task: rte\n")  # YAML text in a .json file is read as JSON, and refused
     with pytest.raises(UserError, match="is not a JSON file"):
         read_config_file(str(path))
+
+
+def test_the_flags_take_the_trainers_names_and_the_old_spellings_stay_aliases():
+    new = vars(build_parser().parse_args([
+        "train", "--learning-rate", "0.3", "--num-train-epochs", "2", "--lr-scheduler-type", "cosine",
+        "--per-device-eval-batch-size", "8", "--resume-from-checkpoint", "--report-to", "tensorboard", "wandb"]))
+    old = vars(build_parser().parse_args([
+        "train", "--lr", "0.3", "--epochs", "2", "--lr-schedule", "cosine", "--eval-batch-size", "8", "--resume",
+        "--report-to", "tensorboard", "wandb"]))
+    assert new == old == {"command": "train", "learning_rate": 0.3, "num_train_epochs": 2.0,
+                          "lr_scheduler_type": "cosine", "per_device_eval_batch_size": 8,
+                          "resume_from_checkpoint": "latest", "report_to": ["tensorboard", "wandb"]}
+
+
+def test_a_config_file_of_the_old_names_reads_as_the_new(tmp_path):
+    """A run's config.json from before the renames: its settings, and what it derived, under the new names;
+    its constant schedule, which warmed up, is transformers' constant_with_warmup."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"task": "rte", "lr": 0.05, "epochs": 2, "lr_schedule": "constant",
+                                "eval_batch_size": 8, "warmup_steps": 3, "derived": ["model", "warmup_steps"]}))
+    config, _ = make_config({}, base=read_config_file(str(path)))
+    assert (config.learning_rate, config.num_train_epochs, config.lr_scheduler_type,
+            config.per_device_eval_batch_size) == (0.05, 2, "constant_with_warmup", 8)
+    assert config.warmup_steps is None  # derived there, so derived again
+    path.write_text(json.dumps({"task": "rte", "lr": 0.05, "derived": ["lr"]}))
+    assert make_config({}, base=read_config_file(str(path)))[0].learning_rate is None
+
+
+def test_report_to_is_a_list_as_the_trainers_is():
+    assert TrainConfig(report_to="tensorboard").report_to == ["tensorboard"]  # one name, as TrainingArguments takes
+    assert TrainConfig().report_to == ["none"]
+    with pytest.raises(UserError, match="none and all stand alone"):
+        TrainConfig(report_to=["none", "wandb"])
+    with pytest.raises(UserError, match="unknown report to 'comet'"):
+        TrainConfig(report_to=["tensorboard", "comet"])

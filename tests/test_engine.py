@@ -10,7 +10,6 @@ from safetensors.torch import load_file
 from transformers import get_cosine_schedule_with_warmup
 
 from bayes_adalora.cli import main
-from bayes_adalora.schedules import cosine_warmup_decay
 from conftest import save_tiny_deberta
 from helpers import refused
 
@@ -34,12 +33,13 @@ def relative_gap(a: dict, b: dict) -> float:
 
 def test_gradient_accumulation_steps_on_the_mean_gradient_of_the_whole_batch(tmp_path, glue_dir,
                                                                             tiny_deberta_no_dropout):
-    """AdamW on 2 micro-batches of 8 against 1 batch of 16: the same mean gradient, so the same run, up to
-    the order of float sums."""
+    """AdamW on 2 micro-batches of 8 (given per device, as the Trainer counts them) against 1 batch of 16: the
+    same mean gradient, so the same run, up to the order of float sums."""
     whole, halves = tmp_path / "whole", tmp_path / "halves"
     assert main(args(glue_dir, tiny_deberta_no_dropout, whole, "--method", "adalora")) == 0
     assert main(args(glue_dir, tiny_deberta_no_dropout, halves, "--method", "adalora",
-                     "--gradient-accumulation-steps", "2")) == 0
+                     "--per-device-train-batch-size", "8", "--gradient-accumulation-steps", "2")) == 0
+    assert json.loads((halves / "config.json").read_text())["batch_size"] == 16  # the Trainer's count: 8 x 1 x 2
     a, b = (json.loads((r / "history.json").read_text()) for r in (whole, halves))
     assert len(b["loss"]) == 8 and max(abs(x - y) for x, y in zip(a["loss"], b["loss"])) < 1e-5
     weights = [load_file(r / "adapter" / "adapter_model.safetensors") for r in (whole, halves)]
@@ -65,12 +65,14 @@ def test_a_batch_that_does_not_split_into_micro_batches_is_refused(capfd, tmp_pa
     assert not out.exists()
 
 
-@pytest.mark.parametrize("warmup, total", [(0, 10), (3, 10), (5, 100)])
-def test_the_cosine_schedule_is_transformers_cosine_with_warmup(warmup, total):
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    reference = get_cosine_schedule_with_warmup(optimizer, warmup, total)
-    for step in range(total + 1):
-        assert cosine_warmup_decay(step, warmup, total) == pytest.approx(reference.lr_lambdas[0](step), abs=1e-12)
+def test_the_run_follows_transformers_cosine_schedule(tmp_path, glue_dir, tiny_deberta):
+    out = tmp_path / "run"
+    assert main(args(glue_dir, tiny_deberta, out, "--method", "adalora", "--lr-scheduler-type", "cosine",
+                     "--warmup-steps", "2", "--learning-rate", "0.01")) == 0
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    reference = get_cosine_schedule_with_warmup(optimizer, 2, 8)
+    expected = [0.01 * reference.lr_lambdas[0](step) for step in range(1, 9)]  # the lr after each step, as logged
+    assert json.loads((out / "history.json").read_text())["lr"] == pytest.approx(expected, abs=1e-12)
 
 
 def test_the_cli_trains_through_the_trainer_and_its_checkpoints_are_the_trainers(tmp_path, glue_dir, tiny_deberta):

@@ -90,7 +90,7 @@ def test_causal_lm_run_on_llama_reloads_in_stock_peft_and_lowers_the_nll(tiny_lm
     them back exactly; posterior.safetensors holds a sigma for every trained weight; `export --merge` gives a
     plain causal LM with the run's logits."""
     base, out = tiny_lms["llama"], tmp_path / "run"
-    assert main(train_args(base, lm_data, out, "causal-lm", "--mc-samples", "4", "--lr", "30")) == 0
+    assert main(train_args(base, lm_data, out, "causal-lm", "--mc-samples", "4", "--learning-rate", "30")) == 0
     results = json.loads((out / "results.json").read_text())
     final = results["metrics"]["final"]
     dev = rows(lm_data / "causal-lm-dev.jsonl")
@@ -136,7 +136,7 @@ def test_causal_lm_run_on_llama_reloads_in_stock_peft_and_lowers_the_nll(tiny_lm
 
 def test_adalora_meets_its_rank_budget_on_qwen2_and_the_logits_match_stock_peft(tiny_lms, lm_data, tmp_path):
     base, out = tiny_lms["qwen2"], tmp_path / "run"
-    assert main(train_args(base, lm_data, out, "causal-lm", "--method", "adalora", "--lr", "0.02",
+    assert main(train_args(base, lm_data, out, "causal-lm", "--method", "adalora", "--learning-rate", "0.02",
                            "--target-r", "2", steps=12)) == 0
     results = json.loads((out / "results.json").read_text())
     assert len(results["final_ranks"]) == LAYERS * MODULES_PER_LAYER
@@ -170,7 +170,7 @@ def choice_metrics_by_hand(model, base: Path, questions: list[dict]) -> dict:
 
 def test_multiple_choice_beats_chance_and_its_metrics_match_scoring_by_hand(tiny_lms, lm_data, tmp_path):
     base, out = tiny_lms["llama"], tmp_path / "run"
-    assert main(train_args(base, lm_data, out, "multiple-choice", "--method", "adalora", "--lr", "0.02",
+    assert main(train_args(base, lm_data, out, "multiple-choice", "--method", "adalora", "--learning-rate", "0.02",
                            steps=100)) == 0
     final = json.loads((out / "results.json").read_text())["metrics"]["final"]
     by_hand = choice_metrics_by_hand(stock_model(base, out), base, rows(lm_data / "multiple-choice-dev.jsonl"))
@@ -232,7 +232,7 @@ def test_resumed_causal_lm_run_equals_the_uninterrupted_one(tiny_lms, lm_data, t
     assert main(train_args(base, lm_data, reference, "causal-lm", steps=16)) == 0  # 192 examples: 12 batches/epoch
     assert main(train_args(base, lm_data, saved, "causal-lm", "--save-steps", "7", "--save-total-limit", "0",
                            steps=16)) == 0
-    assert main(train_args(base, lm_data, resumed, "causal-lm", "--resume",
+    assert main(train_args(base, lm_data, resumed, "causal-lm", "--resume-from-checkpoint",
                            str(saved / "checkpoints" / "checkpoint-14"), steps=16)) == 0
     for name in ("adapter/adapter_model.safetensors", "posterior.safetensors"):
         a, b = load_file(reference / name), load_file(resumed / name)
@@ -531,7 +531,7 @@ def test_two_processes_tune_a_decoder_lm_as_one_does(tiny_lms, tmp_path):
     def args(out: Path) -> list[str]:
         return ["train", "--task", "causal-lm", "--model", str(tiny_lms["llama"]), "--train-file",
                 str(data / "train.jsonl"), "--validation-file", str(data / "dev.jsonl"), "--max-steps", "6",
-                "--batch-size", "16", "--max-length", "128", "--lr", "3", "--ivon-clip-radius", "1e9",
+                "--batch-size", "16", "--max-length", "128", "--learning-rate", "3", "--ivon-clip-radius", "1e9",
                 "--output-dir", str(out), "--no-progress", "--no-plots"]
 
     single, double = tmp_path / "single", tmp_path / "double"

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import mini_glue_v2 as grid
 from bayes_adalora import cli
 
-TINY_FLAGS = "--tinit 1 --tfinal 2 --delta-t 1 --warmup-steps 1 --eval-batch-size 16"
+TINY_FLAGS = "--tinit 1 --tfinal 2 --delta-t 1 --warmup-steps 1 --per-device-eval-batch-size 16"
 
 
 def write_cell(results: Path, task: str, cell: str, seed: int, best: float) -> None:
@@ -116,9 +116,9 @@ def test_a_cell_runs_in_a_subprocess_with_this_checkouts_package(tmp_path, glue_
     assert record["steps"] == 4 and json.loads((tmp_path / "cell.json").read_text()) == record
     run_config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert run_config["criterion"] == "snr_abs" and run_config["lr"] == 0.5
-    bad = [*args, "--lr", "-1", "--output-dir", str(tmp_path / "bad")]
+    bad = [*args, "--learning-rate", "-1", "--output-dir", str(tmp_path / "bad")]
     code, stderr = grid.run_train(bad, threads=1)  # bad input: one sentence, exit 2
-    assert code == 2 and "--lr" in stderr
+    assert code == 2 and "--learning-rate" in stderr
 
 
 def test_grid_tunes_runs_cells_resumes_and_reports(tmp_path, glue_dir, tiny_deberta, monkeypatch, capsys):
@@ -142,7 +142,8 @@ def test_grid_tunes_runs_cells_resumes_and_reports(tmp_path, glue_dir, tiny_debe
     assert len(cells) == 2 + 4 + 2 and "cells/sst2/bayes-inv_sigma-seed1.json" in cells
     record = json.loads(grid.cell_path(results, "sst2", "bayes-adalora", 1).read_text())
     assert record["lr"] == 0.5 and record["seed"] == 1 and record["steps"] == 6 and record["commit"]
-    assert record["command"].startswith("bayes-adalora train --task sst2 --method bayes-adalora --seed 1 --lr 0.5")
+    assert record["command"].startswith(
+        "bayes-adalora train --task sst2 --method bayes-adalora --seed 1 --learning-rate 0.5")
     assert f"--model {tiny_deberta}" in record["command"]
     tune = json.loads(grid.tune_path(results, "sst2", "ivon", 0.5).read_text())
     assert tune["seed"] == grid.TUNE_SEED and "/heldout" in tune["command"]
@@ -186,7 +187,8 @@ def test_the_gpu_plan_runs_five_seeds_of_longer_cells_and_reports_beside_the_cpu
     assert {r["seed"] for _, _, r in jobs} == {0, 1, 2, 3, 4}  # every cell, every task, five seeds; none extra
     assert len(jobs) == 5 * (5 * len(grid.CORE) + len(grid.ABLATION_TASKS) * len(grid.ABLATION))
     sst2 = next(a for _, a, r in jobs if r["task"] == "sst2")
-    assert sst2[sst2.index("--max-steps") + 1] == "2105" and sst2[sst2.index("--eval-batch-size") + 1] == "256"
+    assert sst2[sst2.index("--max-steps") + 1] == "2105"
+    assert sst2[sst2.index("--per-device-eval-batch-size") + 1] == "256"
     write_cell(tmp_path, "sst2", "adalora", 0, 0.8)
     monkeypatch.setattr(grid, "trivial_baseline", lambda task, glue, metric: 0.5)  # the fixture has 2 tasks
     md = grid.markdown(grid.summarize(tmp_path, str(glue_dir)))
@@ -196,7 +198,7 @@ def test_the_gpu_plan_runs_five_seeds_of_longer_cells_and_reports_beside_the_cpu
     assert "Batch 32, fp32, one thread per cell, machine not recorded." in md  # rebuilt here: no GPU of its own
     grid.use_plan("cpu")  # and back: the CPU table's plan is the module's default
     assert grid.TASKS["sst2"].steps == 300 and grid.SEEDS == (0, 1, 2) and grid.NAME == "mini-glue-v2"
-    assert grid.COMMON[grid.COMMON.index("--eval-batch-size") + 1] == "64" and grid.NOTE == grid.CPU_CUT
+    assert grid.COMMON[grid.COMMON.index("--per-device-eval-batch-size") + 1] == "64" and grid.NOTE == grid.CPU_CUT
 
 
 def test_the_ablation_is_paired_against_the_cell_it_differs_from_in_one_thing(tmp_path, glue_dir, monkeypatch):

@@ -12,7 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import mini_glue_v3 as grid
 from bayes_adalora import cli
 
-TINY_FLAGS = ["--tinit", "1", "--tfinal", "2", "--delta-t", "1", "--warmup-steps", "1", "--eval-batch-size", "16"]
+TINY_FLAGS = ["--tinit", "1", "--tfinal", "2", "--delta-t", "1", "--warmup-steps", "1",
+              "--per-device-eval-batch-size", "16"]
 TWO_TASKS = {t: grid.TASKS[t] for t in ("sst2", "stsb")}  # the tasks the glue_dir fixture has
 
 

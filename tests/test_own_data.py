@@ -305,7 +305,7 @@ def test_a_resumed_classification_run_equals_the_uninterrupted_one(number_files,
     reference = tmp_path / "reference"
     assert main(train_argv(*number_files, tiny_deberta, reference, *args)) == 0
     resumed = tmp_path / "resumed"
-    assert main(train_argv(*number_files, tiny_deberta, resumed, *args, "--resume",
+    assert main(train_argv(*number_files, tiny_deberta, resumed, *args, "--resume-from-checkpoint",
                            str(reference / "checkpoints" / "checkpoint-4"))) == 0
     assert_same_run(reference, resumed)
 

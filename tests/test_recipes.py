@@ -26,9 +26,9 @@ def test_cola_bayes_adalora_follows_the_paper():
     # CoLA row: max_len 64, 25 epochs, IVON two-phase 2.0 to 0.4 (const until step 500), warm-up 100,
     # alpha 32, orth_reg 0.1, tinit 800, tfinal 3500, deltaT 10
     assert c.max_length == 64
-    assert c.epochs == 25
-    assert c.lr_schedule == "two-phase"
-    assert c.lr == 1.0  # "base lr 1.0 scaled by a multiplier"
+    assert c.num_train_epochs == 25
+    assert c.lr_scheduler_type == "two-phase"
+    assert c.learning_rate == 1.0  # "base lr 1.0 scaled by a multiplier"
     assert (c.two_phase_first, c.two_phase_second, c.two_phase_const) == (2.0, 0.4, 500)
     assert c.warmup_steps == 100
     assert c.lora_alpha == 32
@@ -47,44 +47,44 @@ def test_cola_bayes_adalora_follows_the_paper():
 
 def test_cola_adalora_uses_the_adamw_column():
     c = paper("cola", "adalora")
-    assert c.lr == 8e-4
+    assert c.learning_rate == 8e-4
     assert c.warmup_steps == 100
-    assert c.lr_schedule == "linear"
+    assert c.lr_scheduler_type == "linear"
     assert c.weight_decay == 0.0  # "weight decay 0 for AdamW"
-    assert (c.init_r, c.target_r, c.max_length, c.epochs) == (3, 2, 64, 25)
+    assert (c.init_r, c.target_r, c.max_length, c.num_train_epochs) == (3, 2, 64, 25)
 
 
 def test_other_rows_of_the_table():
     sst2 = paper("sst2", "bayes-adalora")
-    assert (sst2.lr, sst2.lr_schedule, sst2.warmup_steps) == (0.4, "linear", 500)
-    assert (sst2.max_length, sst2.epochs, sst2.lora_alpha) == (128, 24, 16)
+    assert (sst2.learning_rate, sst2.lr_scheduler_type, sst2.warmup_steps) == (0.4, "linear", 500)
+    assert (sst2.max_length, sst2.num_train_epochs, sst2.lora_alpha) == (128, 24, 16)
     assert (sst2.tinit, sst2.tfinal, sst2.delta_t) == (6000, 22000, 100)
     assert paper("sst2", "adalora").warmup_steps == 1000
     full_sst2 = paper("sst2", "full")
-    assert (full_sst2.lr, full_sst2.epochs) == (2e-5, 6)
-    assert paper("qnli", "full").epochs == 4
-    assert paper("mnli", "full").lr == 1.5e-5
+    assert (full_sst2.learning_rate, full_sst2.num_train_epochs) == (2e-5, 6)
+    assert paper("qnli", "full").num_train_epochs == 4
+    assert paper("mnli", "full").learning_rate == 1.5e-5
     lora = paper("mrpc", "lora")
-    assert (lora.lr, lora.lora_r) == (2e-4, 2)
+    assert (lora.learning_rate, lora.lora_r) == (2e-4, 2)
     rte = paper("rte", "adalora-ivon")
-    assert (rte.lr_schedule, rte.two_phase_first, rte.two_phase_second, rte.two_phase_const) == (
+    assert (rte.lr_scheduler_type, rte.two_phase_first, rte.two_phase_second, rte.two_phase_const) == (
         "two-phase",
         2.0,
         0.5,
         400,
     )
-    assert (rte.orth_reg, rte.delta_t, rte.max_length, rte.epochs) == (0.3, 1, 320, 50)
-    assert paper("rte", "adalora").lr == 1.2e-3
+    assert (rte.orth_reg, rte.delta_t, rte.max_length, rte.num_train_epochs) == (0.3, 1, 320, 50)
+    assert paper("rte", "adalora").learning_rate == 1.2e-3
     stsb = paper("stsb", "adalora")
-    assert (stsb.lr, stsb.orth_reg, stsb.tfinal) == (2.2e-3, 0.3, 2000)
+    assert (stsb.learning_rate, stsb.orth_reg, stsb.tfinal) == (2.2e-3, 0.3, 2000)
     assert paper("qqp", "bayes-adalora").warmup_steps == 500
     assert paper("qqp", "adalora").warmup_steps == 2000
 
 
 def test_explicit_values_win_over_the_recipe():
-    assert paper("cola", "bayes-adalora", lr=0.1).lr == 0.1
-    c = from_command_line("--task", "cola", "--recipe", "paper", "--lr", "0.1")
-    assert c.lr == 0.1
+    assert paper("cola", "bayes-adalora", learning_rate=0.1).learning_rate == 0.1
+    c = from_command_line("--task", "cola", "--recipe", "paper", "--learning-rate", "0.1")
+    assert c.learning_rate == 0.1
     assert c.max_length == 64 and c.tinit == 800  # the rest still comes from the recipe
     # a flag equal to the built-in default still wins: 128 is TrainConfig's default and the recipe says 64
     assert from_command_line("--task", "cola", "--recipe", "paper", "--max-length", "128").max_length == 128
@@ -93,7 +93,7 @@ def test_explicit_values_win_over_the_recipe():
 
 def test_without_the_recipe_nothing_of_it_applies():
     c = from_command_line("--task", "cola")
-    assert c.recipe is None and c.tinit is None and c.lr is None and c.max_length == TrainConfig().max_length
+    assert c.recipe is None and c.tinit is None and c.learning_rate is None and c.max_length == TrainConfig().max_length
 
 
 def test_recipe_for_wnli_is_a_clear_user_error(tmp_path, capsys):

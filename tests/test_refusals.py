@@ -107,7 +107,7 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file(damaged, capfd, tmp_pat
     truncate(checkpoint / damaged)
     out = tmp_path / "resumed"
     line = refused(capfd, argv(glue_dir, tiny_deberta, out, "--mc-samples", "2", "--resume", str(checkpoint)))
-    assert f"{checkpoint} is damaged ({damaged} cannot be read)" in line and "--resume PATH" in line
+    assert f"{checkpoint} is damaged ({damaged} cannot be read)" in line and "--resume-from-checkpoint PATH" in line
     assert not out.exists()
 
 
@@ -127,7 +127,7 @@ def test_a_resume_with_another_method_or_length_is_refused(capfd, tmp_path, run_
     line = refused(capfd, argv(glue_dir, tiny_deberta, out, "--method", "adalora", "--resume", str(checkpoint)))
     assert "(--method 'bayes-adalora' there, 'adalora' here)" in line
     line = refused(capfd, argv(glue_dir, tiny_deberta, out, "--max-steps", "5", "--resume", str(checkpoint)))
-    assert "(the step count 4 there, 5 here)" in line and "only --lr" in line
+    assert "(the step count 4 there, 5 here)" in line and "only --learning-rate" in line
     assert not out.exists()
 
 
@@ -152,7 +152,7 @@ def test_a_resume_on_other_training_data_is_refused_and_on_a_moved_copy_goes_on(
     assert main(argv(moved, tiny_deberta, out, "--mc-samples", "2", "--resume", str(checkpoint))) == 0
     # the lr the resume took from the checkpoint stays derived, as in the first run's config.json: --config of
     # the resumed run with --method adalora gets AdamW's lr, not IVON's
-    assert "lr" in json.loads((out / "config.json").read_text())["derived"]
+    assert "learning_rate" in json.loads((out / "config.json").read_text())["derived"]
 
 
 # ----------------------------------------------------------------------------- saved runs

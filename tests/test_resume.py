@@ -82,14 +82,14 @@ def test_killed_and_resumed_runs_equal_the_uninterrupted_run(method, tmp_path, g
         # a kill while a checkpoint is written leaves it incomplete (without the run's state file); --resume
         # takes the latest complete one
         assert latest < STEPS and len(list((out / "checkpoints").glob("checkpoint-*"))) <= 3
-        assert main([*args, "--resume"]) == 0
+        assert main([*args, "--resume-from-checkpoint"]) == 0
         assert len(list((out / "checkpoints").glob("checkpoint-*"))) <= 2  # keeps the last 2
         assert_same_run(reference, out)
 
 
 def test_resume_refuses_a_missing_checkpoint(tmp_path, glue_dir, tiny_deberta, capsys):
     out = tmp_path / "nothing"
-    code = main(run_args(glue_dir, tiny_deberta, out, "--resume", str(tmp_path / "no-such-checkpoint")))
+    code = main(run_args(glue_dir, tiny_deberta, out, "--resume-from-checkpoint", str(tmp_path / "no-such-checkpoint")))
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "checkpoint" in err[0]
@@ -114,7 +114,7 @@ def test_divergence_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, 
     assert main(run_args(glue_dir, tiny_deberta, out, "--lr", "1.0", "--ivon-clip-radius", "1e6", "--resume")) == 0
     config = json.loads((out / "config.json").read_text())
     history = json.loads((out / "history.json").read_text())
-    assert config["lr"] == 1.0 and len(history["loss"]) == STEPS
+    assert config["learning_rate"] == 1.0 and len(history["loss"]) == STEPS
     assert all(lr <= 1.0 for lr in history["lr"][step - 2:])
 
 
@@ -134,5 +134,5 @@ def test_resume_from_a_checkpoint_at_an_epoch_end(tmp_path, glue_dir, tiny_deber
     assert main(run_args(glue_dir, tiny_deberta, saved, "--save-steps", "8", "--save-total-limit", "0")) == 0
     checkpoint = saved / "checkpoints" / "checkpoint-16"
     assert json.loads((checkpoint / "trainer_state.json").read_text())["epoch"] == 2.0  # the second epoch's end
-    assert main(run_args(glue_dir, tiny_deberta, resumed, "--resume", str(checkpoint))) == 0
+    assert main(run_args(glue_dir, tiny_deberta, resumed, "--resume-from-checkpoint", str(checkpoint))) == 0
     assert_same_run(reference, resumed)

@@ -1,20 +1,10 @@
-"""Learning-rate multipliers and AdaLoRA's default phases, checked at hand-worked points."""
+"""The two-phase learning-rate multiplier and AdaLoRA's default phases, checked at hand-worked points."""
 
 import math
 
 import pytest
 
-from bayes_adalora.schedules import constant_warmup, default_adalora_phases, linear_warmup_decay, two_phase
-
-
-def test_linear_warmup_decay_points():
-    # warm-up 10 of 110 steps: 0, half way, peak, then linear to 0 at step 110
-    assert linear_warmup_decay(0, 10, 110) == 0.0
-    assert linear_warmup_decay(5, 10, 110) == 0.5
-    assert linear_warmup_decay(10, 10, 110) == 1.0
-    assert linear_warmup_decay(60, 10, 110) == 0.5
-    assert linear_warmup_decay(110, 10, 110) == 0.0
-    assert linear_warmup_decay(3, 0, 10) == pytest.approx(0.7)
+from bayes_adalora.schedules import default_adalora_phases, two_phase
 
 
 def test_two_phase_matches_the_paper_description():
@@ -26,14 +16,6 @@ def test_two_phase_matches_the_paper_description():
     assert f(500) == pytest.approx(0.4)
     assert f(1000) == pytest.approx(0.2)
     assert f(1500) == 0.0
-
-
-def test_constant_warmup():
-    assert constant_warmup(0, 4) == 0.0
-    assert constant_warmup(2, 4) == 0.5
-    assert constant_warmup(400, 4) == 1.0
-    # no warm-up: the full lr from the first update, as linear_warmup_decay gives (it used to be 0 there)
-    assert constant_warmup(0, 0) == 1.0 == linear_warmup_decay(0, 0, 10)
 
 
 GLUE_TRAIN_SIZES = {"mnli": 392702, "sst2": 67349, "cola": 8551, "qqp": 363846, "qnli": 104743, "rte": 2490,

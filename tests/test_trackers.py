@@ -38,6 +38,20 @@ def test_tensorboard_gets_the_history_and_sigma_percentiles_at_allocation_steps(
     assert scalars["sigma/P/p01"][-1][1] < scalars["sigma/P/p99"][-1][1]
 
 
+def test_logging_steps_log_the_mean_loss_of_each_interval(tmp_path, glue_dir, tiny_deberta):
+    out = tmp_path / "run"
+    assert main(["train", "--task", "sst2", "--data-dir", str(glue_dir), "--model", str(tiny_deberta),
+                 "--max-steps", "8", "--batch-size", "16", "--max-length", "32", "--no-progress", "--no-plots",
+                 "--report-to", "tensorboard", "--logging-steps", "3", "--output-dir", str(out)]) == 0
+    logs = next((out / "tensorboard" / "run").glob("events.out.tfevents.*")).parent
+    events = event_accumulator.EventAccumulator(str(logs)).Reload()
+    loss = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    history = json.loads((out / "history.json").read_text())["loss"]
+    assert len(history) == 8  # history.json keeps every step
+    means = [(3, np.mean(history[0:3])), (6, np.mean(history[3:6])), (8, np.mean(history[6:8]))]  # and the last
+    assert loss == [(s, pytest.approx(v, rel=1e-6)) for s, v in means]
+
+
 def test_a_tracker_whose_package_is_missing_is_refused_in_one_sentence(tmp_path, glue_dir, tiny_deberta, capsys,
                                                                        monkeypatch):
     import accelerate.utils
@@ -58,7 +72,7 @@ def test_a_failed_run_s_tensorboard_folder_neither_blocks_the_retry_nor_mixes_in
               "--batch-size", "16", "--max-length", "32", "--no-progress", "--no-plots", "--report-to", "tensorboard",
               "--output-dir", str(out)]
     # diverges (exit 1) after the tracker has written its first steps: only tensorboard/ is left
-    assert main([*common, "--max-steps", "6", "--lr", "1e4", "--ivon-clip-radius", "1e6"]) == 1
+    assert main([*common, "--max-steps", "6", "--learning-rate", "1e4", "--ivon-clip-radius", "1e6"]) == 1
     assert [p.name for p in out.iterdir()] == ["tensorboard"]
     capsys.readouterr()
     # the same command with a sane lr and no --overwrite runs, and its event file holds only its own steps
@@ -93,7 +107,7 @@ def test_a_run_that_fails_ends_its_tracker_run_as_failed_and_a_finished_one_as_f
     monkeypatch.setattr(trackers, "start_tracker", lambda kind, out, config: FakeWandb())
     common = ["train", "--task", "sst2", "--data-dir", str(glue_dir), "--model", str(tiny_deberta),
               "--batch-size", "16", "--max-length", "32", "--no-progress", "--no-plots", "--report-to", "wandb"]
-    assert main([*common, "--max-steps", "6", "--lr", "1e4", "--ivon-clip-radius", "1e6",
+    assert main([*common, "--max-steps", "6", "--learning-rate", "1e4", "--ivon-clip-radius", "1e6",
                  "--output-dir", str(tmp_path / "diverges")]) == 1
     assert ended[-1] == ("run.finish", 1) and ("finish", None) not in ended  # after its logged steps
     assert any(e[0] == "log" for e in ended)

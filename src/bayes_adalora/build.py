@@ -20,7 +20,7 @@ from .errors import UserError
 from .fast_adalora import enable_fast_optimizer, enable_fast_path
 from .ivon_settings import AUTO, resolve_beta2
 from .models import FAN_IN_FAN_OUT_TYPES, plan_adapter_modules, target_module_suffixes
-from .schedules import constant_warmup, cosine_warmup_decay, linear_warmup_decay, two_phase
+from .schedules import two_phase
 from .steps import NoiseStream, make_step
 from .tasks import get_task
 
@@ -138,19 +138,20 @@ def make_training_step(optimizer, config: TrainConfig):
     return make_step(optimizer, True, config.train_mc_samples, NoiseStream(config.seed, device))
 
 
-def lr_multiplier(config: TrainConfig, total_steps: int, warmup: int):
-    if config.lr_schedule == "two-phase":
-        return lambda s: two_phase(s, warmup, config.two_phase_const, config.two_phase_first,
-                                   config.two_phase_second, total_steps)
-    if config.lr_schedule == "constant":
-        return lambda s: constant_warmup(s, warmup)
-    if config.lr_schedule == "cosine":
-        return lambda s: cosine_warmup_decay(s, warmup, total_steps)
-    return lambda s: linear_warmup_decay(s, warmup, total_steps)
+def make_scheduler(config: TrainConfig, optimizer, total_steps: int, warmup: int):
+    """The learning-rate schedule of --lr-scheduler-type: transformers' (`get_scheduler`, with the warm-up), or
+    the paper's two-phase IVON schedule; both are a `LambdaLR`, so `set_peak_lr` can change their peak."""
+    if config.lr_scheduler_type == "two-phase":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: two_phase(
+            s, warmup, config.two_phase_const, config.two_phase_first, config.two_phase_second, total_steps))
+    from transformers import get_scheduler
+
+    return get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
 def set_peak_lr(scheduler, optimizer, lr: float) -> None:
-    """Make `lr` the schedule's peak from here on (a resumed run given a new --lr, e.g. after a divergence)."""
+    """Make `lr` the schedule's peak from here on (a resumed run given a new --learning-rate,
+    e.g. after a divergence)."""
     scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
     for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
         group["lr"] = lr * factor(scheduler.last_epoch)

@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from .config import current_names
 from .errors import UserError
 from .paths import atomic_file
 
@@ -111,7 +112,7 @@ def read_run_state(path: Path) -> dict:
 
 def damaged_checkpoint(path: Path, name: str) -> UserError:
     return UserError(f"the checkpoint {path} is damaged ({name} cannot be read): resume from an earlier one "
-                     f"with --resume PATH, or start again with --overwrite")
+                     f"with --resume-from-checkpoint PATH, or start again with --overwrite")
 
 
 def check_checkpoint_files(path: Path) -> None:
@@ -135,15 +136,16 @@ def check_checkpoint_files(path: Path) -> None:
 
 # the settings (config.json's keys) a resumed run may change: where it runs and where its model and data
 # are read from (their contents are the user's to keep: the checkpoint holds the trained weights only);
-# how it is evaluated, saved, logged or shown; and --lr (a diverged run is resumed with a lower one).
+# how it is evaluated, saved, logged or shown; and --learning-rate (a diverged run is resumed with a lower one).
 # Any other difference would change the run half-way (its schedules, its optimizer, its data size),
 # so it is refused; the step count is compared first, as a change in the data's size shows there.
 MAY_CHANGE_ON_RESUME = frozenset({
     "model", "data_dir", "train_file", "validation_file", "trust_remote_code", "device", "bf16", "fast_path",
     "gradient_checkpointing",
-    "lr", "eval_steps", "max_eval_samples", "eval_batch_size", "mc_samples",
+    "learning_rate", "eval_steps", "max_eval_samples", "per_device_eval_batch_size", "mc_samples", "logging_steps",
+    "per_device_train_batch_size",
     "log_correlations", "plots", "report_to", "progress", "output_dir", "divergence_factor", "save_steps",
-    "save_total_limit", "resume", "overwrite", "recipe", "derived",
+    "save_total_limit", "resume_from_checkpoint", "overwrite", "recipe", "derived",
 })
 PLAN_ONLY = {"total_steps": "the step count", "num_labels": "the number of classes", "labels": "the classes"}
 
@@ -153,6 +155,7 @@ def check_same_settings(path: Path, saved: dict | None, now: dict) -> None:
     form, kept in the checkpoint) than this run (`now`), naming the first that differs."""
     if saved is None:  # a checkpoint written before the settings were kept in it
         return
+    saved = current_names(saved)
     for name in sorted(now, key=lambda n: n != "total_steps"):
         value = now[name]
         if name in MAY_CHANGE_ON_RESUME or name not in saved or saved[name] == value:
@@ -160,9 +163,9 @@ def check_same_settings(path: Path, saved: dict | None, now: dict) -> None:
         what = PLAN_ONLY.get(name, "--" + name.replace("_", "-"))
         raise UserError(
             f"the checkpoint {path} was trained with other settings ({what} {saved[name]!r} there, {value!r} "
-            f"here): resume with the checkpoint's settings (only --lr, the device, where the model and data are "
-            f"read from, and how the run is evaluated, saved, logged or shown may change), or start again with "
-            f"--overwrite")
+            f"here): resume with the checkpoint's settings (only --learning-rate, the device, where the model and "
+            f"data are read from, and how the run is evaluated, saved, logged or shown may change), or start again "
+            f"with --overwrite")
 
 
 def data_fingerprint(dataset) -> dict | None:
@@ -194,6 +197,6 @@ def check_same_data(path: Path, saved: dict | None, now: dict | None) -> None:
 def checkpoint_settings(path: Path) -> dict | None:
     """The settings a checkpoint's run was planned with (None: not a readable checkpoint)."""
     try:
-        return read_run_state(path)["settings"]
+        return current_names(read_run_state(path)["settings"])
     except UserError:
         return None  # the resume says what is wrong with it

@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from .config import RunPlan, bounds_of, config_fields, field_type, make_config
+from .config import RunPlan, bounds_of, config_fields, current_names, field_type, make_config
 from .errors import TrainingDiverged, UserError
 from .ivon_settings import NumberOrWord
 from .paths import require_file
@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "or multiple choice) and save the run",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for field in config_fields():
-        train.add_argument("--" + field.name.replace("_", "-"), dest=field.name, **flag_kwargs(field))
+        train.add_argument("--" + field.name.replace("_", "-"), *field.metadata.get("aliases", ()), dest=field.name,
+                           **flag_kwargs(field))
     train.add_argument("--config", dest="config_file", metavar="FILE", default=argparse.SUPPRESS,
                        help="Start from a settings file: a run's config.json, or a JSON or YAML file (.yaml, .yml) "
                             "of settings named as in config.json; flags given here win.")
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("bayes-adalora: interrupted: the run was not written (checkpoints saved by --save-steps are kept: "
-              "continue with --resume, or start again with --overwrite)", file=sys.stderr)
+              "continue with --resume-from-checkpoint, or start again with --overwrite)", file=sys.stderr)
         return 130
     finally:
         close_processes()
@@ -171,8 +172,8 @@ def close_processes() -> None:
 
 def read_config_file(path: str | None) -> dict | None:
     """The settings of a --config file: a run's config.json, or any JSON or YAML object of TrainConfig fields
-    (the plan's keys a run's config.json adds, such as total_steps, are left out, and so are --resume and
-    --overwrite; any other key is refused, naming the setting it may misspell)."""
+    (the plan's keys a run's config.json adds, such as total_steps, are left out, and so are
+    --resume-from-checkpoint and --overwrite; any other key is refused, naming the setting it may misspell)."""
     if path is None:
         return None
     file = Path(path)
@@ -186,6 +187,7 @@ def read_config_file(path: str | None) -> dict | None:
     if not isinstance(values, dict):
         raise UserError(f"--config {file} must hold a {'YAML mapping' if yaml_file else 'JSON object'} of settings, "
                         f"not a {type(values).__name__}")
+    values = current_names(values)
     fields = {f.name for f in config_fields()}
     known = fields | {f.name for f in dataclasses.fields(RunPlan)} | {"derived"}  # a run's config.json holds its plan
     unknown = sorted(set(values) - known)
@@ -194,7 +196,7 @@ def read_config_file(path: str | None) -> dict | None:
         hint = f" (did you mean {near[0]!r}?)" if near else ""
         raise UserError(f"--config {file}: unknown setting {unknown[0]!r}{hint}; a config file holds TrainConfig's "
                         f"settings as a run's config.json names them")
-    names = fields - {"resume", "overwrite"}  # how to run, not what: give them anew
+    names = fields - {"resume_from_checkpoint", "overwrite"}  # how to run, not what: give them anew
     names.add("derived")  # what the run derived, make_config derives again
     return {k: v for k, v in values.items() if k in names}
 

@@ -27,9 +27,11 @@ from .recipes import paper_recipe
 from .schedules import default_adalora_phases
 from .tasks import TaskSpec, check_own_files, get_task
 
-LR_SCHEDULES = ("linear", "cosine", "two-phase", "constant")
+# transformers' schedules that need nothing beyond the warm-up and the step count, and the paper's two-phase
+LR_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                "inverse_sqrt", "two-phase")
 LAMBDA_INITS = ("zero", "paper")
-REPORT_TO = ("none", "tensorboard", "wandb", "mlflow")
+REPORT_TO = ("none", "all", "tensorboard", "wandb", "mlflow")
 SEED_MAX = 2**32 - 1  # NumPy's seed range
 DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 
@@ -115,28 +117,34 @@ class TrainConfig:
     # schedule
     batch_size: int = _f(32, "Training batch size: the examples of one optimizer step, over all processes and "
                               "micro-batches.", bounds=POSITIVE)
+    per_device_train_batch_size: int | None = _f(
+        None, "Instead of --batch-size: the examples each process runs forward at once, as the Trainer counts them "
+              "(the batch is this x the processes x --gradient-accumulation-steps).", bounds=POSITIVE)
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step: each process runs its share of "
                                              "--batch-size forward and backward in this many parts, in turn (the "
                                              "memory of a smaller batch, the gradient of the whole).",
                                           bounds=POSITIVE)
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass instead of keeping them: "
                                              "less memory, about a third more compute.")
-    eval_batch_size: int = _f(128, "Evaluation batch size.", bounds=POSITIVE)
-    max_steps: int | None = _f(None, "Number of optimizer steps (wins over --epochs).", bounds=POSITIVE)
-    epochs: float = _f(
-        3.0, "Number of passes over the training data, when --max-steps is not given.", bounds=POSITIVE_REAL
+    per_device_eval_batch_size: int = _f(128, "Evaluation batch size (each process evaluates every dev example).",
+                                         bounds=POSITIVE, aliases=["--eval-batch-size"])
+    max_steps: int | None = _f(None, "Number of optimizer steps (wins over --num-train-epochs).", bounds=POSITIVE)
+    num_train_epochs: float = _f(
+        3.0, "Number of passes over the training data, when --max-steps is not given.", bounds=POSITIVE_REAL,
+        aliases=["--epochs"],
     )
-    lr: float | None = _f(
+    learning_rate: float | None = _f(
         None,
         "Peak learning rate; default per optimizer: IVON 3.0 / --ivon-hess-init (its step is lr x hess_init x "
         "a clipped Newton-like ratio), AdaLoRA 2e-3, LoRA 1e-3, full 3e-5.",
-        bounds=Bounds(low=0, high=1e6, low_open=True),  # above, AdamW's float32 step overflows (--lr 1e39 crashed)
+        bounds=Bounds(low=0, high=1e6, low_open=True),  # above, AdamW's float32 step overflows (1e39 crashed)
+        aliases=["--lr"],
     )
-    lr_schedule: str = _f(
+    lr_scheduler_type: str = _f(
         "linear",
-        "linear warm-up and decay, linear warm-up and cosine decay (transformers' cosine), the paper's two-phase "
-        "IVON schedule, or constant after warm-up.",
-        choices=LR_SCHEDULES,
+        "The learning-rate schedule: transformers' schedules (each with --warmup-steps' warm-up), or the paper's "
+        "two-phase IVON schedule.",
+        choices=LR_SCHEDULES, aliases=["--lr-schedule"],
     )
     warmup_steps: int | None = _f(None, "Learning-rate warm-up steps (default: 6% of the run).", bounds=NON_NEGATIVE)
     two_phase_first: float = _f(2.0, "two-phase: multiplier reached after warm-up and held until --two-phase-const.",
@@ -199,8 +207,11 @@ class TrainConfig:
         "each allocation step to correlations.json (default: on for IVON methods).",
     )
     plots: bool = _f(True, "Write PNG plots of the run into the output folder at the end.")
-    report_to: str = _f("none", "Log loss, lr, rank budget, the main metric and IVON's sigma statistics to a tracker: "
-                                "tensorboard (into OUTPUT_DIR/tensorboard), wandb or mlflow.", choices=REPORT_TO)
+    report_to: list[str] = _f("none", "Log loss, lr, rank budget, the main metric and IVON's sigma statistics to "
+                                      "trackers: tensorboard (into OUTPUT_DIR/tensorboard), wandb, mlflow, several, "
+                                      "all (those installed) or none.", choices=REPORT_TO)
+    logging_steps: int = _f(1, "Log to the trackers every N steps: the mean loss over those steps, the lr, the rank "
+                               "budget (history.json keeps every step).", bounds=POSITIVE)
     # running
     output_dir: str = _f("runs/latest", "Where results.json, adapter/, posterior.safetensors and config.json go.")
     divergence_factor: float = _f(
@@ -208,14 +219,16 @@ class TrainConfig:
         "Stop when the loss exceeds this many times the first step's (0: only NaN/inf stops).",
         bounds=Bounds(low=1, off=0, why="a smaller factor stops any run at its first step"),
     )
-    save_steps: int | None = _f(None, "Write a checkpoint (for --resume) every N steps into OUTPUT_DIR/checkpoints.",
+    save_steps: int | None = _f(None, "Write a checkpoint (for --resume-from-checkpoint) every N steps into "
+                                      "OUTPUT_DIR/checkpoints.",
                                 bounds=POSITIVE)
     save_total_limit: int = _f(2, "Checkpoints kept, the latest ones (0 keeps all).", bounds=NON_NEGATIVE)
-    resume: str | None = _f(
+    resume_from_checkpoint: str | None = _f(
         None,
         "Continue from the latest checkpoint in --output-dir, or from the checkpoint folder given.",
         nargs="?",
         const="latest",
+        aliases=["--resume"],
     )
     overwrite: bool = _f(False, "Replace a run already in --output-dir.")
     recipe: str | None = _f(
@@ -241,7 +254,10 @@ class TrainConfig:
         get_task(self.task)
         check_own_files(self.task, self.train_file, self.validation_file)
         method = get_method(self.method)
-        if self.batch_size % self.gradient_accumulation_steps:
+        if len(self.report_to) > 1 and ({"none", "all"} & set(self.report_to)):
+            raise UserError(f"--report-to {' '.join(self.report_to)}: none and all stand alone; name the trackers, "
+                            f"or give one of them")
+        if self.per_device_train_batch_size is None and self.batch_size % self.gradient_accumulation_steps:
             raise UserError(f"--batch-size {self.batch_size} must split into --gradient-accumulation-steps "
                             f"{self.gradient_accumulation_steps} equal micro-batches")
         if not DEVICE.match(self.device):
@@ -292,10 +308,10 @@ class TrainConfig:
         return self.uses_adalora and self.uses_ivon if self.log_correlations is None else self.log_correlations
 
     def resolved_lr(self) -> float:
-        """--lr, else the method's default; IVON's default over --ivon-hess-init: ivon-opt scales its step by
+        """--learning-rate, else the method's default; IVON's default over --ivon-hess-init: ivon-opt scales its step by
         the initial Hessian (`rescale_lr`), so its first steps keep one size whatever that Hessian is."""
-        if self.lr is not None:
-            return self.lr
+        if self.learning_rate is not None:
+            return self.learning_rate
         spec = self.method_spec
         return spec.default_lr / self.ivon_hess_init if spec.uses_ivon else spec.default_lr
 
@@ -329,12 +345,15 @@ def field_type(f: dataclasses.Field, owner: type | None = None) -> type:
 
 def coerce_field(obj, f: dataclasses.Field) -> None:
     """The lenient conversions, in place: a whole float for an int field (32.0 from a JSON file or the
-    Python API is 32), a tuple for a list field."""
+    Python API is 32), a tuple for a list field, and one name for a list of choices (`report_to="wandb"`, as
+    `TrainingArguments` takes it)."""
     value, kind = getattr(obj, f.name), field_type(f, type(obj))
     if kind is int and isinstance(value, float) and value.is_integer():
         setattr(obj, f.name, int(value))
     elif isinstance(value, tuple) and typing.get_origin(kind) is list:
         setattr(obj, f.name, list(value))
+    elif isinstance(value, str) and typing.get_origin(kind) is list and "choices" in f.metadata:
+        setattr(obj, f.name, [value])
 
 
 # the bounds of TrainConfig's number fields by name (the dataclass holds the field objects _f made)
@@ -366,10 +385,11 @@ def check_field(f: dataclasses.Field, value, owner: type | None = None) -> None:
         shown = f"the string {value!r} (write [{json.dumps(value)}] for one name)" if isinstance(value, str) else repr(
             value)
         raise UserError(f"{flag(f.name)} must be a list of names, got {shown}")
-    if "choices" in f.metadata and value not in f.metadata["choices"]:
-        raise UserError(
-            f"unknown {f.name.replace('_', ' ')} {value!r}: choose one of {', '.join(f.metadata['choices'])}"
-        )
+    for one in value if isinstance(value, list) else [value]:  # a list field's choices are its items'
+        if "choices" in f.metadata and one not in f.metadata["choices"]:
+            raise UserError(
+                f"unknown {f.name.replace('_', ' ')} {one!r}: choose one of {', '.join(f.metadata['choices'])}"
+            )
     bounds = bounds_of(f)
     if bounds is None:
         return
@@ -392,6 +412,23 @@ def config_fields() -> list[dataclasses.Field]:
     return list(dataclasses.fields(TrainConfig))
 
 
+# settings renamed to the name `TrainingArguments` gives them; the old names are read from settings files and
+# `make_config`, and the command line takes them as aliases of the new flags
+RENAMED = {"lr": "learning_rate", "epochs": "num_train_epochs", "lr_schedule": "lr_scheduler_type",
+           "eval_batch_size": "per_device_eval_batch_size", "resume": "resume_from_checkpoint"}
+
+
+def current_names(values: dict) -> dict:
+    """`values` (settings, or a run's config.json) under the current names; an old `lr_schedule: constant`,
+    which warmed up, is transformers' `constant_with_warmup` (its `constant` has no warm-up)."""
+    renamed = {RENAMED.get(k, k): v for k, v in values.items()}
+    if values.get("lr_schedule") == "constant":
+        renamed["lr_scheduler_type"] = "constant_with_warmup"
+    if isinstance(values.get("derived"), list):
+        renamed["derived"] = [RENAMED.get(k, k) for k in values["derived"]]
+    return renamed
+
+
 def make_config(given: dict, base: dict | None = None) -> tuple[TrainConfig, set[str]]:
     """A TrainConfig from defaults, then the recipe if asked for, then `base` (e.g. a run's config.json,
     `--config`), then the explicitly `given` values, which win; a recipe `given` beside a `base` of a run
@@ -402,6 +439,7 @@ def make_config(given: dict, base: dict | None = None) -> tuple[TrainConfig, set
     Returns the config and the names given explicitly.
     """
     names = {f.name for f in config_fields()}
+    given, base = current_names(given), current_names(base or {})
     unknown = set(given) - names
     if unknown:
         raise UserError(f"unknown setting {sorted(unknown)[0]!r}")
@@ -410,8 +448,8 @@ def make_config(given: dict, base: dict | None = None) -> tuple[TrainConfig, set
     kept = {k: v for k, v in base.items() if k in names and k not in derived}
     if "ivon_ess" in derived and "ivon_ess_resolved" not in base:  # a run planned before --ivon-ess auto: its
         kept["ivon_ess"] = TRAIN_SIZE  # derived ess was the training-set size, so a rerun's is again
-    if "epochs" in given and "max_steps" not in given:
-        kept.pop("max_steps", None)  # --epochs beside a file that counted steps: the epochs count
+    if "num_train_epochs" in given and "max_steps" not in given:
+        kept.pop("max_steps", None)  # --num-train-epochs beside a file that counted steps: the epochs count
     stated = {**kept, **given}
     fields = {f.name: f for f in config_fields()}
     for name in ("task", "method"):  # the recipe reads them before TrainConfig checks the rest
@@ -446,7 +484,7 @@ def data_dir_of(config: TrainConfig) -> str | None:
 def total_steps_for(config: TrainConfig, batches_per_epoch: int) -> int:
     if config.max_steps is not None:
         return config.max_steps
-    return max(1, math.ceil(config.epochs * batches_per_epoch))
+    return max(1, math.ceil(config.num_train_epochs * batches_per_epoch))
 
 
 def adalora_phases(config: TrainConfig, total_steps: int) -> tuple[int, int, int]:
@@ -475,7 +513,7 @@ class RunPlan:
 
     model: str
     data_dir: str | None
-    lr: float
+    learning_rate: float
     total_steps: int
     warmup_steps: int
     eval_steps: int
@@ -501,11 +539,11 @@ def plan_run(config: TrainConfig, model: str, train_examples: int, batches_per_e
     if warmup > total_steps:
         raise UserError(f"--warmup-steps {warmup} is longer than the run's {total_steps} steps: the learning rate "
                         f"would never reach its peak; lower --warmup-steps or train longer")
-    if config.lr_schedule == "two-phase" and not warmup < config.two_phase_const < total_steps:
+    if config.lr_scheduler_type == "two-phase" and not warmup < config.two_phase_const < total_steps:
         raise UserError(f"--two-phase-const {config.two_phase_const} must lie after the warm-up's end (step {warmup}) "
                         f"and before the run's last step ({total_steps}), or the schedule skips a phase")
     return RunPlan(
-        model=model, data_dir=data_dir_of(config), lr=config.resolved_lr(), total_steps=total_steps,
+        model=model, data_dir=data_dir_of(config), learning_rate=config.resolved_lr(), total_steps=total_steps,
         warmup_steps=warmup,
         eval_steps=config.eval_steps or max(1, total_steps // 10),
         ivon_ess_resolved=resolve_ess(config.ivon_ess, train_examples, trainable_parameters)
@@ -517,7 +555,7 @@ def plan_run(config: TrainConfig, model: str, train_examples: int, batches_per_e
 
 
 # settings that, left unset, the plan derives from the run: its method, length and data
-DERIVED = ("model", "data_dir", "lr", "warmup_steps", "eval_steps", "ivon_ess", "tinit", "tfinal", "delta_t")
+DERIVED = ("model", "data_dir", "learning_rate", "warmup_steps", "eval_steps", "ivon_ess", "tinit", "tfinal", "delta_t")
 
 
 def planned_config(config: TrainConfig, plan: RunPlan) -> dict:

@@ -44,7 +44,7 @@ def train_command(resolved: dict) -> str:
     derived = set(resolved.get("derived", ()))
     for f in config_fields():
         value = resolved.get(f.name, f.default)
-        if f.name in ("resume", "overwrite") or f.name in derived or value == f.default or value is None:
+        if f.name in ("resume_from_checkpoint", "overwrite") or f.name in derived or value in (f.default, None):
             continue
         if isinstance(value, bool):
             words.append(flag(f.name) if value else "--no-" + flag(f.name)[2:])

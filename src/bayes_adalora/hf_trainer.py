@@ -547,7 +547,7 @@ class IVONTrainer(AdaLoraCheckpoints, Trainer):
         """IVON over the trainable parameters (unless one was passed in), with `sync=True` under several
         processes; for bayes-adalora, the posterior allocator; the fast path where the arguments ask for
         it (`build.use_fast_path`)."""
-        settings = self.ivon_args.train_config(lr=self.args.learning_rate)
+        settings = self.ivon_args.train_config(learning_rate=self.args.learning_rate)
         if self.optimizer is None:
             self._ivon_noise = None  # a new optimizer (a new train() or trial) draws from a new stream of args.seed
             model = model if model is not None else self.model

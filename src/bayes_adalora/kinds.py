@@ -105,7 +105,8 @@ class ClassifierKind:
         return encode(data.train, tokenizer, config.max_length)
 
     def dev_loader(self, dataset, tokenizer, config: TrainConfig):
-        return make_loader(encode(dataset, tokenizer, config.max_length), tokenizer, config.eval_batch_size, False,
+        return make_loader(encode(dataset, tokenizer, config.max_length), tokenizer,
+                           config.per_device_eval_batch_size, False,
                            config.seed)
 
     def evaluate(self, model, loaders: dict, device, autocast) -> dict:
@@ -177,7 +178,7 @@ class CausalLMKind:
 
     def dev_loader(self, dataset, tokenizer, config: TrainConfig):
         encoded = encode_completions(dataset, tokenizer, config.max_length, self.eos)
-        return completion_loader(encoded, tokenizer, config.eval_batch_size, False, config.seed)
+        return completion_loader(encoded, tokenizer, config.per_device_eval_batch_size, False, config.seed)
 
     def evaluate(self, model, loaders: dict, device, autocast) -> dict:
         return evaluate_causal_lm(model, loaders, self.spec, device, autocast)

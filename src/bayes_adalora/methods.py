@@ -18,7 +18,7 @@ class Method:
     (peft's SVD triplets with a rank budget), "lora" (a fixed rank) or None (every weight trained).
     `allocator`: who scores AdaLoRA's triplets, "posterior" (IVON's posterior, `allocator.py`) or
     "sensitivity" (peft's own smoothed |theta * grad|); None without AdaLoRA. `default_lr`: the peak
-    learning rate when --lr is not given (tuned on MiniLM / SST-2, see README); IVON's is for an initial
+    learning rate when --learning-rate is not given (tuned on MiniLM / SST-2, see README); IVON's is for an initial
     Hessian of 1, and `TrainConfig.resolved_lr` divides it by --ivon-hess-init.
     """
 

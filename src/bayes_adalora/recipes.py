@@ -62,7 +62,7 @@ def paper_recipe(task: str, method: str) -> dict:
     t = PAPER_GLUE[task]
     kind = get_method(method)
     values = dict(
-        max_length=t.max_length, epochs=t.epochs, batch_size=32, weight_decay=0.0,
+        max_length=t.max_length, num_train_epochs=t.epochs, batch_size=32, weight_decay=0.0,
         init_r=3, target_r=2, lora_r=2, lora_alpha=t.lora_alpha, orth_reg=t.orth_reg,
         tinit=t.tinit, tfinal=t.tfinal, delta_t=t.delta_t,
         sensitivity_beta1=0.85, sensitivity_beta2=0.85,
@@ -72,16 +72,16 @@ def paper_recipe(task: str, method: str) -> dict:
     if kind.uses_ivon:
         values["warmup_steps"] = t.warmup_ivon
         if isinstance(t.ivon_lr, tuple):
-            values.update(lr=1.0, lr_schedule="two-phase", two_phase_first=t.ivon_lr[0],
+            values.update(learning_rate=1.0, lr_scheduler_type="two-phase", two_phase_first=t.ivon_lr[0],
                           two_phase_second=t.ivon_lr[1], two_phase_const=t.two_phase_const)
         else:
-            values.update(lr=t.ivon_lr, lr_schedule="linear")
+            values.update(learning_rate=t.ivon_lr, lr_scheduler_type="linear")
     else:
         values["warmup_steps"] = t.warmup_adamw
-        values["lr"] = {"adalora": t.adamw_lr, "lora": t.lora_lr, "full": t.full_lr}[kind.family]
-        values["lr_schedule"] = "linear"
+        values["learning_rate"] = {"adalora": t.adamw_lr, "lora": t.lora_lr, "full": t.full_lr}[kind.family]
+        values["lr_scheduler_type"] = "linear"
     if method == "full" and task == "sst2":
-        values["epochs"] = 6
+        values["num_train_epochs"] = 6
     if method == "full" and task == "qnli":
-        values["epochs"] = 4
+        values["num_train_epochs"] = 4
     return values

@@ -15,7 +15,7 @@ import torch
 
 from .adapters import POSTERIOR_FILE, read_posterior
 from .checkpoint import CHECKPOINTS
-from .config import TrainConfig, config_fields
+from .config import TrainConfig, config_fields, current_names
 from .errors import UserError
 from .paths import FOLDER, exists_at_all, partial_path, path_kind, require_folder
 from .tasks import TaskSpec, get_task, is_data_task
@@ -147,7 +147,8 @@ def check_output_dir(path: Path, overwrite: bool, resume: str | None = None) -> 
     if holds_run and not overwrite:
         raise UserError(f"{path} already holds a run: pass --overwrite to replace it, or choose another --output-dir")
     if holds_checkpoints and not holds_run and not (overwrite or resume):
-        raise UserError(f"{path} holds an unfinished run: pass --resume to continue it, or --overwrite to start again")
+        raise UserError(f"{path} holds an unfinished run: pass --resume-from-checkpoint to continue it, or --overwrite "
+                        f"to start again")
     # refused up front, not after training; and --overwrite only ever deletes a run, never other files
     others = sorted(p.name for p in path.iterdir()
                     if p.name not in (RUN_MARKER, CHECKPOINTS, TRACKER_DIR, *RUN_FILES, *EXPORTS))
@@ -284,7 +285,7 @@ def read_run(folder: str | Path) -> SavedRun:
         if not path.is_file():
             raise UserError(f"{folder} is not a finished run: it has no {name}")
         files[name] = read_run_json(path)
-    run = SavedRun(folder, files["config.json"], files["results.json"])
+    run = SavedRun(folder, current_names(files["config.json"]), files["results.json"])
     run.require("task", "method")
     run.config  # noqa: B018 - refused here, in one sentence, if config.json does not hold a valid configuration
     return run
@@ -298,7 +299,7 @@ def read_export(folder: Path) -> SavedRun:
     saved = read_run_json(folder / EXPORT_RUN_FILE)
     if not all(isinstance(saved.get(k), dict) for k in ("config", "results")):
         raise UserError(f"{folder / EXPORT_RUN_FILE} is not an export's: it has no 'config' and 'results' objects")
-    run = SavedRun(folder, saved["config"], saved["results"], exported=True)
+    run = SavedRun(folder, current_names(saved["config"]), saved["results"], exported=True)
     run.require("task", "method")
     run.config  # noqa: B018 - refused here, in one sentence, if the settings are not a valid configuration
     return run

@@ -68,7 +68,7 @@ def load_run_model(run: SavedRun, device: torch.device):
         load_adapter_weights(model, adapter)
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise UserError(f"the weights saved in {run.folder} are not finite (NaN or inf): the run diverged; "
-                        f"train it again with a lower --lr")
+                        f"train it again with a lower --learning-rate")
     return tokenizer, on_device(model, device).eval()
 
 
@@ -313,7 +313,8 @@ def evaluate_run(run_dir: str | Path, data_dir: str | None = None, data_file: st
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config.bf16 else nullcontext()
     loaders = {
         name: make_loader(
-            encode(s.data, tokenizer, config.max_length), tokenizer, config.eval_batch_size, False, config.seed
+            encode(s.data, tokenizer, config.max_length), tokenizer, config.per_device_eval_batch_size, False,
+            config.seed
         )
         for name, s in splits.items()
     }

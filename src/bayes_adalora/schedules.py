@@ -1,19 +1,7 @@
-"""Schedules as pure functions of the step: learning-rate multipliers and AdaLoRA's default phases."""
+"""Schedules as pure functions of the step: the paper's two-phase learning-rate multiplier (transformers'
+schedules serve the others) and AdaLoRA's default phases."""
 
 from __future__ import annotations
-
-import math
-
-
-def linear_warmup_decay(step: int, warmup_steps: int, total_steps: int) -> float:
-    """LR multiplier: 0 -> 1 linearly over `warmup_steps`, then 1 -> 0 linearly at `total_steps`.
-
-    `step` counts optimizer steps taken before this one (0 for the first update), as in
-    transformers' `get_linear_schedule_with_warmup`.
-    """
-    if step < warmup_steps:
-        return step / max(1, warmup_steps)
-    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
 def two_phase(step: int, warmup_steps: int, const_until: int, first: float, second: float, total_steps: int) -> float:
@@ -26,24 +14,7 @@ def two_phase(step: int, warmup_steps: int, const_until: int, first: float, seco
     return second * max(0.0, (total_steps - step) / max(1, total_steps - const_until))
 
 
-def cosine_warmup_decay(step: int, warmup_steps: int, total_steps: int) -> float:
-    """LR multiplier: 0 -> 1 linearly over `warmup_steps`, then half a cosine from 1 to 0 at `total_steps`,
-    as transformers' `get_cosine_schedule_with_warmup`."""
-    if step < warmup_steps:
-        return step / max(1, warmup_steps)
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
-def constant_warmup(step: int, warmup_steps: int) -> float:
-    """LR multiplier: 0 -> 1 linearly over `warmup_steps`, then 1 (from the first step if there is
-    no warm-up)."""
-    if step >= warmup_steps:
-        return 1.0
-    return step / warmup_steps
-
-
-# The paper's GLUE runs (shared/recipes/paper-glue.md) spend 9-18% of a run at the initial budget
+# The paper's GLUE runs (its recipes) spend 9-18% of a run at the initial budget
 # (median 13%), 44-58% at the final pattern (median 48%), and mask 64-1500 times while the budget
 # falls (median about 230).
 PAPER_TINIT_SHARE = 0.15

@@ -1,8 +1,9 @@
 """Experiment trackers for the CLI's runs (`--report-to`), through accelerate's tracker classes:
 TensorBoard (offline, into OUTPUT_DIR/tensorboard), Weights & Biases, MLflow.
 
-What a run logs: every step `train/loss`, `train/lr` and `train/rank_budget`; at each evaluation the
-main dev metric `eval/<name>`; at each allocation step IVON's posterior sigma per AdaLoRA factor,
+What a run logs: every `--logging-steps` steps `train/loss` (the mean over those steps), `train/lr` and
+`train/rank_budget`; at each evaluation the main dev metric `eval/<name>`; at those of the logging steps
+where the ranks are allocated, IVON's posterior sigma per AdaLoRA factor,
 `sigma/<P|lambda|Q>/{p01,median,p99}` (the 1st percentile, median and 99th percentile over every
 entry of that factor in the model).
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +46,40 @@ def sigma_statistics(sigma: dict[str, torch.Tensor], overall: bool = False) -> d
     return out
 
 
+class Trackers:
+    """The trackers of one run together: `log` reaches each."""
+
+    def __init__(self, trackers: list):
+        self.trackers = trackers
+
+    def log(self, values: dict, step: int) -> None:
+        for tracker in self.trackers:
+            tracker.log(values, step=step)
+
+
+def tracker_kinds(report_to: list[str] | str) -> list[str]:
+    """The trackers `--report-to` names: none, all (those whose package is installed), or the ones listed."""
+    kinds = [report_to] if isinstance(report_to, str) else list(report_to)
+    if kinds == ["all"]:
+        from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_wandb_available
+
+        available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available,
+                     "mlflow": is_mlflow_available}
+        return [kind for kind, present in available.items() if present()]
+    return [kind for kind in kinds if kind != "none"]
+
+
 @contextmanager
-def tracking(kind: str, output_dir: Path, config: dict) -> Iterator:
+def tracking(report_to: list[str] | str, output_dir: Path, config: dict) -> Iterator[Trackers | None]:
+    """The trackers `report_to` names (`tracker_kinds`), for the block, or None where it names none; each is
+    started before training, and ended when the block ends (`tracking_one`)."""
+    with ExitStack() as stack:
+        started = [stack.enter_context(tracking_one(kind, output_dir, config)) for kind in tracker_kinds(report_to)]
+        yield Trackers(started) if started else None
+
+
+@contextmanager
+def tracking_one(kind: str, output_dir: Path, config: dict) -> Iterator:
     """`start_tracker`'s tracker for the block, ended when the block ends: as failed (W&B exit code 1,
     MLflow status FAILED) when it raises, so an interrupted or diverged run is not left "running" with
     its last events unflushed."""

@@ -32,7 +32,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .adapters import POSTERIOR_FILE, adapter_ranks, posterior_state_dict
 from .allocator import CorrelationLog, install_allocator
-from .build import build_trainable_model, lr_multiplier, make_optimizer, on_device, resolve_device, set_peak_lr
+from .build import build_trainable_model, make_optimizer, make_scheduler, on_device, resolve_device, set_peak_lr
 from .checkpoint import (
     CHECKPOINTS,
     check_checkpoint_files,
@@ -70,11 +70,12 @@ def resume_checkpoint(out: Path, resume: str | None) -> Path | None:
     if resume == "latest":
         found = checkpoint_dirs(out)
         if not found:
-            raise UserError(f"--resume found no checkpoint in {out / CHECKPOINTS}")
+            raise UserError(f"--resume-from-checkpoint found no checkpoint in {out / CHECKPOINTS}")
         return found[-1]
     path = Path(resume)
     if not path.is_dir() or not any(path.iterdir()) or not (path / "trainer_state.json").exists():
-        raise UserError(f"--resume {resume}: no checkpoint there (a checkpoint folder holds trainer_state.json "
+        raise UserError(f"--resume-from-checkpoint {resume}: no checkpoint there (a checkpoint folder holds "
+                        f"trainer_state.json "
                         f"and bayes-adalora-state.json)")
     return path
 
@@ -103,7 +104,7 @@ def diverged(out: Path, step: int, reason: str, first_bad: int, is_main: bool) -
         drop_checkpoints_from(out, first_bad)
     found = checkpoint_dirs(out)
     kept = f"; the last good checkpoint is {found[-1]}" if found else "; no good checkpoint is left"
-    return TrainingDiverged(f"training diverged at step {step}: {reason}; lower --lr{kept}")
+    return TrainingDiverged(f"training diverged at step {step}: {reason}; lower --learning-rate{kept}")
 
 
 def finite_state(model: nn.Module, optimizer) -> bool:
@@ -148,7 +149,7 @@ class Progress:
 class RunTrainerMixin:
     """What the run needs of its Trainer beyond the stock one: a classifier's loss weighed as the batch's mean,
     the loss of each optimizer step (the sum of its micro-batches' `training_step` losses, which the Trainer
-    scales so that it is the step's mean; under several processes, their mean), and a resume with a new --lr
+    scales so that it is the step's mean; under several processes, their mean), and a resume with a new --learning-rate
     (a diverged run's) that replaces the checkpoint's."""
 
     step_loss = None
@@ -232,10 +233,11 @@ class RunRecorder(TrainerCallback):
             history.setdefault("sigma", []).append(
                 {"step": step, "hessian_data_share": data_share(plan.ivon_beta2_resolved, step),
                  **sigma_statistics(named_posterior_sigma(run.model, run.optimizer), overall=True)})
-        if run.tracker is not None:
+        if run.tracker is not None and (step % config.logging_steps == 0 or step == plan.total_steps):
             allocated = allocated and step <= plan.total_steps - plan.tfinal and config.uses_ivon
             sigma = sigma_statistics(named_posterior_sigma(run.model, run.optimizer)) if allocated else {}
-            run.tracker.log({"train/loss": loss, "train/lr": lr_now,
+            since = history["loss"][(step - 1) // config.logging_steps * config.logging_steps:]
+            run.tracker.log({"train/loss": sum(since) / len(since), "train/lr": lr_now,
                              **({"train/rank_budget": budget} if budget is not None else {}), **sigma}, step=step)
 
         end_of_epoch = step % run.steps_per_epoch == 0
@@ -307,16 +309,19 @@ def train(config: TrainConfig, figures: Figures | None = None) -> dict:
 def _train(config: TrainConfig, figures: Figures | None, closing: ExitStack) -> dict:
     kind = task_kind(get_task(config.task))  # what varies with the task: data, model, batches, metrics
     out = Path(config.output_dir)
-    check_output_dir(out, config.overwrite, config.resume)
-    resume_from = resume_checkpoint(out, config.resume)
+    check_output_dir(out, config.overwrite, config.resume_from_checkpoint)
+    resume_from = resume_checkpoint(out, config.resume_from_checkpoint)
     lr_derived = False  # the checkpoint's lr, taken below, stays derived in config.json as it was there
-    if resume_from is not None and config.lr is None:  # unset, the lr is the checkpoint's (not the default)
+    if resume_from is not None and config.learning_rate is None:  # unset, the lr is the checkpoint's, not the default
         saved = checkpoint_settings(resume_from) or {}
-        lr_derived = "lr" in (saved.get("derived") or [])
-        config = dataclasses.replace(config, lr=saved["lr"]) if saved.get("lr") is not None else config
+        lr_derived = "learning_rate" in (saved.get("derived") or [])
+        if saved.get("learning_rate") is not None:
+            config = dataclasses.replace(config, learning_rate=saved["learning_rate"])
     device = resolve_device(config.device)
     world = process_count()
     micro = world * config.gradient_accumulation_steps
+    if config.per_device_train_batch_size is not None:  # the Trainer's count: the batch follows the processes
+        config = dataclasses.replace(config, batch_size=config.per_device_train_batch_size * micro)
     if config.batch_size % micro:
         raise UserError(f"--batch-size {config.batch_size} is the global batch and must divide among {world} "
                         f"processes x {config.gradient_accumulation_steps} micro-batches")
@@ -340,13 +345,13 @@ def _train(config: TrainConfig, figures: Figures | None, closing: ExitStack) -> 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     plan = plan_run(config, model_name, len(data.train), steps_per_epoch, spec, trainable_parameters=trainable)
     settings = planned_config(config, plan)  # config.json's form: kept in checkpoints, checked on resume
-    if lr_derived and "lr" not in settings["derived"]:  # so --config of this run derives it again, as of the first
-        settings["derived"].append("lr")
+    if lr_derived and "learning_rate" not in settings["derived"]:  # a --config rerun derives it again, as the first
+        settings["derived"].append("learning_rate")
     train_data = data_fingerprint(data.train) if config.save_steps or resume_from is not None else None
 
     model.train()
     optimizer = make_optimizer(model, config, plan.ivon_ess_resolved, sync=world > 1, total_steps=plan.total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(config, plan.total_steps, plan.warmup_steps))
+    scheduler = make_scheduler(config, optimizer, plan.total_steps, plan.warmup_steps)
     correlations = CorrelationLog() if config.logs_correlations else None
     allocator = install_allocator(model, config.method, optimizer, config.criterion, correlations)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config.bf16 else nullcontext()
@@ -358,7 +363,7 @@ def _train(config: TrainConfig, figures: Figures | None, closing: ExitStack) -> 
     if resume_from is not None:
         state = read_run_state(resume_from)
         # the data first: another training set changes what the run derives from its size (IVON's ess, the
-        # step count of --epochs), and the message must name the data, not the setting derived from it
+        # step count of --num-train-epochs), and the message must name the data, not the setting derived from it
         check_same_data(resume_from, state.get("train_data"), train_data)
         check_same_settings(resume_from, state.get("settings"), settings)
         check_checkpoint_files(resume_from)
@@ -376,7 +381,7 @@ def _train(config: TrainConfig, figures: Figures | None, closing: ExitStack) -> 
     # fails leaves nothing behind
     checkpoints = out / CHECKPOINTS if config.save_steps else Path(closing.enter_context(TemporaryDirectory()))
     args = TrainingArguments(
-        output_dir=str(checkpoints), max_steps=plan.total_steps, learning_rate=plan.lr,
+        output_dir=str(checkpoints), max_steps=plan.total_steps, learning_rate=plan.learning_rate,
         per_device_train_batch_size=config.batch_size // micro, seed=config.seed,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         **(checkpointing_arguments() if config.gradient_checkpointing else {}),
@@ -389,7 +394,7 @@ def _train(config: TrainConfig, figures: Figures | None, closing: ExitStack) -> 
     extra = {"config": config} if config.uses_ivon else {}
     trainer = trainer_class(model=model, args=args, train_dataset=train_set, data_collator=kind.collator(tokenizer),
                             optimizers=(optimizer, scheduler), callbacks=[RunRecorder(run)], **extra)
-    trainer.peak_lr = plan.lr
+    trainer.peak_lr = plan.learning_rate
     # the run prints its own summary: the Trainer's logs (its closing train_runtime line) are not printed
     trainer.remove_callback(PrinterCallback)
     if trainer.pop_callback(ProgressCallback) is not None:
