@@ -9,7 +9,7 @@ from packaging.requirements import Requirement
 
 PYPROJECT = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
 # the packages whose private API we override: peft's RankAllocator (allocator.py), the Trainer's checkpoint
-# methods (hf_trainer.py), IVON's sampling, restore and update (ivon_inplace.py)
+# methods (trainer_checkpoints.py), IVON's sampling, restore and update (ivon_inplace.py)
 PRIVATE_API = ("peft", "transformers", "ivon-opt")
 
 

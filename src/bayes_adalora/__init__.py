@@ -16,12 +16,13 @@ LAZY = {
     "export_run": "export",
     "evaluate_run": "run_io",
     "AdaLoraTrainer": "hf_trainer",
-    "IVONArguments": "hf_trainer",
+    "IVONArguments": "trainer_args",
     "IVONTrainer": "hf_trainer",
-    "RankAllocationCallback": "hf_trainer",
-    "compute_metrics": "hf_trainer",
-    "compute_lm_metrics": "hf_trainer",
-    "reduce_lm_logits": "hf_trainer",
+    "make_trainer": "hf_trainer",
+    "RankAllocationCallback": "trainer_callback",
+    "compute_metrics": "trainer_metrics",
+    "compute_lm_metrics": "trainer_metrics",
+    "reduce_lm_logits": "trainer_metrics",
 }
 
 __all__ = [

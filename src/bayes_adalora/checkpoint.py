@@ -1,7 +1,7 @@
 """What a run adds to the Trainer's checkpoints, and how a resume is checked.
 
 The Trainer keeps the weights, optimizer, scheduler, RNG states and the data position in
-`checkpoints/checkpoint-N/`; `hf_trainer.AdaLoraCheckpoints` adds what peft and ivon-opt do not save
+`checkpoints/checkpoint-N/`; `trainer_checkpoints.AdaLoraCheckpoints` adds what peft and ivon-opt do not save
 themselves (peft's allocator EMAs and rank pattern, IVON's `current_step` and its noise stream). The run
 adds `bayes-adalora-state.json` (its history, best and final evaluations, training time, the settings it
 was planned with and its training data's fingerprint), written last and at once: a checkpoint is complete

@@ -487,16 +487,22 @@ def total_steps_for(config: TrainConfig, batches_per_epoch: int) -> int:
     return max(1, math.ceil(config.num_train_epochs * batches_per_epoch))
 
 
+def check_phases(tinit: int, tfinal: int, total_steps: int) -> None:
+    """AdaLoRA's budget falls between steps tinit and total_steps - tfinal: that interval must not be empty
+    (the command line's run plan and the Trainer's callback check it alike)."""
+    if tinit < 0 or tfinal < 0 or tinit >= total_steps - tfinal:
+        raise UserError(
+            f"--tinit {tinit} and --tfinal {tfinal} leave no steps for the budget to fall in a {total_steps}-step run"
+        )
+
+
 def adalora_phases(config: TrainConfig, total_steps: int) -> tuple[int, int, int]:
     """(tinit, tfinal, delta_t): the flags where given, else defaults that scale with the run."""
     tinit, tfinal, delta_t = default_adalora_phases(total_steps)
     tinit = config.tinit if config.tinit is not None else tinit
     tfinal = config.tfinal if config.tfinal is not None else tfinal
     delta_t = config.delta_t if config.delta_t is not None else delta_t
-    if tinit < 0 or tfinal < 0 or tinit >= total_steps - tfinal:
-        raise UserError(
-            f"--tinit {tinit} and --tfinal {tfinal} leave no steps for the budget to fall in a {total_steps}-step run"
-        )
+    check_phases(tinit, tfinal, total_steps)
     if total_steps - tfinal < 2 and config.method_spec.allocator == "sensitivity":
         # peft masks for the last time at step total - tfinal without a sensitivity update there: at step 1
         # it has none yet and fails (KeyError); the posterior allocator reads IVON's state instead

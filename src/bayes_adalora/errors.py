@@ -1,8 +1,9 @@
 """The one exception type for mistakes a user can make (bad file, unknown task, bad flag)."""
 
 
-class UserError(Exception):
-    """A problem with the user's input: the CLI prints its message as one sentence and exits with 2."""
+class UserError(ValueError):
+    """A problem with the user's input: the CLI prints its message as one sentence and exits with 2; in
+    Python, a `ValueError`, as the Trainer's own checks raise."""
 
 
 class TrainingDiverged(UserError):
