@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import PeftModel, set_peft_model_state_dict
+from peft import AdaLoraConfig, PeftModel, set_peft_model_state_dict
 from peft.tuners.adalora import AdaLoraLayer, AdaLoraModel
 from peft.tuners.lora import LoraLayer
 from safetensors import SafetensorError, safe_open
@@ -85,6 +85,32 @@ def adalora_tuner(model: nn.Module) -> AdaLoraModel:
             f"got {type(model).__name__}"
         )
     return tuner
+
+
+def adalora_settings(tuner: AdaLoraModel) -> AdaLoraConfig:
+    """The trained adapter's `AdaLoraConfig` (its budget, phases, penalty weight and rank pattern)."""
+    return tuner.peft_config[tuner.trainable_adapter_name]
+
+
+def rank_allocator(tuner: AdaLoraModel):
+    """peft's `RankAllocator` of the tuner (or the one `allocator.install_allocator` put in its place)."""
+    return tuner.rankallocator
+
+
+def rank_pattern(tuner: AdaLoraModel) -> dict | None:
+    """The rank pattern of the last masking (None before the first)."""
+    return adalora_settings(tuner).rank_pattern
+
+
+def set_rank_pattern(tuner: AdaLoraModel, pattern: dict | None) -> None:
+    adalora_settings(tuner).rank_pattern = pattern
+
+
+def remask(tuner: AdaLoraModel) -> None:
+    """Apply the tuner's rank pattern to its lambdas (a no-op before the first mask)."""
+    pattern = rank_pattern(tuner)
+    if pattern:
+        rank_allocator(tuner).mask_using_rank_pattern(tuner.model, pattern)
 
 
 PAPER_LAMBDA_STD = 0.02  # peft 0.11, which the paper ran, drew lambda from N(0, 0.02); peft >= 0.12 starts it at 0

@@ -21,7 +21,7 @@ from .fast_adalora import enable_fast_optimizer, enable_fast_path
 from .ivon_settings import AUTO, resolve_beta2
 from .models import FAN_IN_FAN_OUT_TYPES, plan_adapter_modules, target_module_suffixes
 from .schedules import two_phase
-from .steps import NoiseStream, make_step
+from .steps import AdamWStep, IVONStep, NoiseStream
 from .tasks import get_task
 
 
@@ -81,19 +81,27 @@ def build_adapter_model(model: nn.Module, config: TrainConfig, total_steps: int,
         modules_to_save=trained_in_full, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
         fan_in_fan_out=model.config.model_type in FAN_IN_FAN_OUT_TYPES,
     )
-    if adapter == "lora":
-        peft_config = LoraConfig(r=config.lora_r, **common)
-    else:
-        tinit, tfinal, delta_t = adalora_phases(config, total_steps)
-        peft_config = AdaLoraConfig(
-            init_r=config.init_r, target_r=config.target_r, tinit=tinit, tfinal=tfinal, deltaT=delta_t,
-            beta1=config.sensitivity_beta1, beta2=config.sensitivity_beta2, orth_reg_weight=config.orth_reg,
-            total_step=total_steps, **common,
-        )
-    model = get_peft_model(model, peft_config)
-    if adapter != "lora" and config.lambda_init == "paper":
+    model = get_peft_model(model, ADAPTERS[adapter](config, total_steps, common))
+    if config.lambda_init == "paper":  # AdaLoRA's alone (TrainConfig refuses it for other methods)
         init_lambdas_normal(model, PAPER_LAMBDA_STD)
     return model
+
+
+def lora_config(config: TrainConfig, total_steps: int, common: dict) -> LoraConfig:
+    return LoraConfig(r=config.lora_r, **common)
+
+
+def adalora_config(config: TrainConfig, total_steps: int, common: dict) -> AdaLoraConfig:
+    tinit, tfinal, delta_t = adalora_phases(config, total_steps)
+    return AdaLoraConfig(
+        init_r=config.init_r, target_r=config.target_r, tinit=tinit, tfinal=tfinal, deltaT=delta_t,
+        beta1=config.sensitivity_beta1, beta2=config.sensitivity_beta2, orth_reg_weight=config.orth_reg,
+        total_step=total_steps, **common,
+    )
+
+
+# `Method.adapter` -> the peft config of its adapter, from the run's settings, length and the common keywords
+ADAPTERS = {"lora": lora_config, "adalora": adalora_config}
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig, ess: float, sync: bool = False,
@@ -112,14 +120,25 @@ def make_optimizer(model: nn.Module, config: TrainConfig, ess: float, sync: bool
                         f"weights (IVON keeps its Hessian in their dtype, where it "
                         f"{'overflows' if half == torch.float16 else 'cannot move'}): keep the adapter in fp32 "
                         f"(peft's default; --bf16 autocasts the compute and keeps fp32 weights)")
-    if config.uses_ivon:
-        optimizer = ivon.IVON(
-            params, lr=lr, ess=ess, hess_init=config.ivon_hess_init, beta1=config.ivon_beta1,
-            beta2=ivon_beta2(config, total_steps), weight_decay=config.ivon_weight_decay,
-            mc_samples=config.train_mc_samples, clip_radius=config.ivon_clip_radius, sync=sync,
-        )
-        return enable_fast_optimizer(optimizer) if fast_path_applies(config) else optimizer
+    return OPTIMIZERS[config.method_spec.optimizer](params, config, lr, ess, sync, total_steps)
+
+
+def make_ivon(params: list, config: TrainConfig, lr: float, ess: float, sync: bool, total_steps: int | None):
+    optimizer = ivon.IVON(
+        params, lr=lr, ess=ess, hess_init=config.ivon_hess_init, beta1=config.ivon_beta1,
+        beta2=ivon_beta2(config, total_steps), weight_decay=config.ivon_weight_decay,
+        mc_samples=config.train_mc_samples, clip_radius=config.ivon_clip_radius, sync=sync,
+    )
+    return enable_fast_optimizer(optimizer) if fast_path_applies(config) else optimizer
+
+
+def make_adamw(params: list, config: TrainConfig, lr: float, ess: float, sync: bool, total_steps: int | None):
     return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+
+
+# `Method.optimizer` -> its factory (the trainable parameters, the settings, the peak lr, IVON's ess, whether
+# processes sync its state, the run's length) and its step for a loop of one's own (`make_training_step`)
+OPTIMIZERS = {"ivon": make_ivon, "adamw": make_adamw}
 
 
 def ivon_beta2(config: TrainConfig, total_steps: int | None) -> float:
@@ -132,10 +151,15 @@ def ivon_beta2(config: TrainConfig, total_steps: int | None) -> float:
 def make_training_step(optimizer, config: TrainConfig):
     """The method's step (`steps.py`): IVON's sampled step with `train_mc_samples` draws, its noise from a
     `NoiseStream` of the run's seed (the same in every process), or AdamW's."""
-    if not config.uses_ivon:
-        return make_step(optimizer, False)
+    return STEPS[config.method_spec.optimizer](optimizer, config)
+
+
+def ivon_step(optimizer, config: TrainConfig) -> IVONStep:
     device = next(p.device for group in optimizer.param_groups for p in group["params"] if p is not None)
-    return make_step(optimizer, True, config.train_mc_samples, NoiseStream(config.seed, device))
+    return IVONStep(optimizer, config.train_mc_samples, NoiseStream(config.seed, device))
+
+
+STEPS = {"ivon": ivon_step, "adamw": lambda optimizer, config: AdamWStep(optimizer)}  # `Method.optimizer` -> step
 
 
 def make_scheduler(config: TrainConfig, optimizer, total_steps: int, warmup: int):

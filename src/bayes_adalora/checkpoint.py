@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from .adapters import rank_allocator, rank_pattern, set_rank_pattern
 from .config import current_names
 from .errors import UserError
 from .paths import atomic_file
@@ -60,11 +61,10 @@ def allocator_state(tuner) -> dict:
     """peft's AdaLoRA allocator state and rank pattern (None where the method has no allocator)."""
     if tuner is None:
         return {}
-    alloc = tuner.rankallocator
-    config = tuner.peft_config[tuner.trainable_adapter_name]
+    alloc = rank_allocator(tuner)
     return {
         "ipt": dict(alloc.ipt), "exp_avg_ipt": dict(alloc.exp_avg_ipt), "exp_avg_unc": dict(alloc.exp_avg_unc),
-        "rank_pattern": config.rank_pattern,
+        "rank_pattern": rank_pattern(tuner),
     }
 
 
@@ -73,12 +73,12 @@ def load_allocator_state(tuner, state: dict) -> None:
     and the rank pattern."""
     if tuner is None or not state:
         return
-    alloc = tuner.rankallocator
+    alloc = rank_allocator(tuner)
     devices = {n: p.device for n, p in tuner.model.named_parameters()}
     alloc.ipt, alloc.exp_avg_ipt, alloc.exp_avg_unc = (
         {n: t.to(devices.get(n, t.device)) for n, t in state[key].items()}
         for key in ("ipt", "exp_avg_ipt", "exp_avg_unc"))
-    tuner.peft_config[tuner.trainable_adapter_name].rank_pattern = state["rank_pattern"]
+    set_rank_pattern(tuner, state["rank_pattern"])
 
 
 def place_ivon_state(optimizer) -> None:

@@ -23,7 +23,7 @@ import ivon
 import torch
 from transformers import Trainer, TrainingArguments, set_seed
 
-from .adapters import adalora_tuner
+from .adapters import adalora_tuner, rank_allocator, remask
 from .allocator import PosteriorRankAllocator, install_allocator
 from .build import build_trainable_model, make_optimizer, use_fast_path
 from .config import TrainConfig
@@ -34,7 +34,7 @@ from .models import causal_lm_token_loss
 from .steps import IVONStep, NoiseStream
 from .tasks import get_task
 from .trainer_args import ADALORA_METHODS, IVONArguments, trainer_max_steps
-from .trainer_callback import RankAllocationCallback, remask
+from .trainer_callback import RankAllocationCallback
 from .trainer_checkpoints import ADALORA_STATE, AdaLoraCheckpoints, read_adalora_state, unwrap_optimizer
 from .trainer_metrics import compute_lm_metrics, compute_metrics, reduce_lm_logits
 
@@ -168,7 +168,7 @@ class IVONTrainer(AdaLoraCheckpoints, Trainer):
             optimizer.sync = True  # one passed in too: else accumulated micro-batches stay per process
         tuner = adalora_tuner(self.model)
         if get_method(self.ivon_args.method).reads_posterior:
-            allocator = tuner.rankallocator
+            allocator = rank_allocator(tuner)
             if not (isinstance(allocator, PosteriorRankAllocator) and allocator.optimizer is optimizer):
                 install_allocator(self.model, self.ivon_args.method, optimizer, self.ivon_args.criterion)
         use_fast_path(self.model, settings, optimizer)  # a model or an IVON passed in: fast path too

@@ -16,6 +16,7 @@ by the step's token count (`num_items_in_batch`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -51,6 +52,21 @@ from .models import (
 )
 from .predict import evaluate, evaluate_sampled
 from .tasks import LMTaskSpec, TaskSpec
+
+
+class TaskKind(Protocol):
+    """What the run and `evaluate` call on a kind of task."""
+
+    spec: TaskSpec | LMTaskSpec
+
+    def read_data(self, config: TrainConfig): ...  # its `.spec`, `.train`, `.dev` (split name -> examples)
+    def load_model(self, name: str, config: TrainConfig, device: torch.device): ...  # (tokenizer, model, fresh)
+    def check_processes(self, model, world: int) -> None: ...  # refuse what cannot train on `world` processes
+    def collator(self, tokenizer): ...  # the Trainer's data_collator: pads a batch of `train_dataset` rows
+    def train_dataset(self, data, tokenizer, config: TrainConfig) -> list[dict]: ...  # encoded, not padded
+    def dev_loader(self, dataset, tokenizer, config: TrainConfig): ...
+    def evaluate(self, model, loaders: dict, device, autocast) -> dict: ...  # metrics at the weights
+    def evaluate_sampled(self, model, loaders: dict, device, autocast, sigma, samples: int, seed: int) -> dict: ...
 
 
 @dataclass
@@ -218,9 +234,12 @@ class ChoiceKind(CausalLMKind):
         return choice_rows(model, loader, dataset.choices, self.spec, device, autocast, sigma, samples, seed)
 
 
-def task_kind(spec: TaskSpec | LMTaskSpec) -> ClassifierKind | CausalLMKind | ChoiceKind:
-    """The kind of task `spec` is: a classifier (GLUE, or the user's own labelled data), causal-lm or
-    multiple-choice."""
-    if isinstance(spec, TaskSpec):
-        return ClassifierKind(spec)
-    return ChoiceKind(spec) if spec.name == "multiple-choice" else CausalLMKind(spec)
+# a task spec's `kind` -> the class that serves it; a new kind of task is its class here and its specs
+KINDS: dict[str, type[TaskKind]] = {"classifier": ClassifierKind, "causal-lm": CausalLMKind,
+                                    "multiple-choice": ChoiceKind}
+
+
+def task_kind(spec: TaskSpec | LMTaskSpec) -> TaskKind:
+    """The kind of task `spec` names (`spec.kind`): a classifier (GLUE, or the user's own labelled data),
+    causal-lm or multiple-choice."""
+    return KINDS[spec.kind](spec)

@@ -14,8 +14,9 @@ from .errors import UserError
 class Method:
     """What a method is made of.
 
-    `optimizer`: "ivon" (IVON's sampled step, a posterior) or "adamw". `adapter`: "adalora"
-    (peft's SVD triplets with a rank budget), "lora" (a fixed rank) or None (every weight trained).
+    `optimizer`: "ivon" (IVON's sampled step, a posterior) or "adamw", a key of `build.OPTIMIZERS` (its
+    factory) and `build.STEPS`. `adapter`: "adalora" (peft's SVD triplets with a rank budget), "lora" (a
+    fixed rank), keys of `build.ADAPTERS` (their peft configs), or None (every weight trained).
     `allocator`: who scores AdaLoRA's triplets, "posterior" (IVON's posterior, `allocator.py`) or
     "sensitivity" (peft's own smoothed |theta * grad|); None without AdaLoRA. `default_lr`: the peak
     learning rate when --learning-rate is not given (tuned on MiniLM / SST-2, see README); IVON's is for an initial

@@ -130,7 +130,3 @@ class IVONStep:
 
     def update(self) -> None:
         self.optimizer.step()
-
-
-def make_step(optimizer, uses_ivon: bool, samples: int = 1, noise: NoiseStream | None = None) -> AdamWStep | IVONStep:
-    return IVONStep(optimizer, samples, noise) if uses_ivon else AdamWStep(optimizer)

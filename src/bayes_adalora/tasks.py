@@ -38,6 +38,7 @@ class TaskSpec:
 
     higher_is_better = True  # of the main metric (class attributes: not fields)
     peft_task_type = "SEQ_CLS"  # peft's TaskType of the adapter
+    kind = "classifier"  # the kind of task (`kinds.KINDS`): how its data are read, batched and evaluated
 
     @property
     def is_regression(self) -> bool:
@@ -234,6 +235,7 @@ class LMTaskSpec:
     metrics: tuple[str, ...]
     main_metric: str
     higher_is_better: bool
+    kind: str  # the kind of task (`kinds.KINDS`): how its data are read, batched and evaluated
     dev_splits: tuple[str, ...] = ("dev",)
     peft_task_type = "CAUSAL_LM"
     is_regression = False  # multiple choice is a classification over the choices
@@ -252,9 +254,10 @@ class LMTaskSpec:
         return self.main_metric
 
 
-CAUSAL_LM = LMTaskSpec(name="causal-lm", metrics=("nll", "perplexity"), main_metric="nll", higher_is_better=False)
+CAUSAL_LM = LMTaskSpec(name="causal-lm", metrics=("nll", "perplexity"), main_metric="nll", higher_is_better=False,
+                       kind="causal-lm")
 MULTIPLE_CHOICE = LMTaskSpec(name="multiple-choice", metrics=("accuracy",), main_metric="accuracy",
-                             higher_is_better=True)
+                             higher_is_better=True, kind="multiple-choice")
 LM_TASKS: dict[str, LMTaskSpec] = {spec.name: spec for spec in (CAUSAL_LM, MULTIPLE_CHOICE)}
 
 

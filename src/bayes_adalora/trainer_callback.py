@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
-from .adapters import adalora_tuner
+from .adapters import adalora_settings, adalora_tuner, rank_allocator, remask
 from .allocator import PosteriorRankAllocator
 from .config import check_phases
 
@@ -41,10 +41,10 @@ class RankAllocationCallback(TrainerCallback):
                 "adapter trimmed to their rank pattern; use bayes_adalora's AdaLoraTrainer or IVONTrainer"
             )
         tuner = adalora_tuner(model)
-        config = tuner.peft_config[tuner.trainable_adapter_name]
+        config = adalora_settings(tuner)
         check_phases(config.tinit, config.tfinal, state.max_steps)
         config.total_step = state.max_steps
-        tuner.rankallocator.set_total_step(state.max_steps)  # the same config object, unless replaced
+        rank_allocator(tuner).set_total_step(state.max_steps)  # the same config object, unless replaced
 
     def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         # the Trainer counts this step in global_step only after the hook
@@ -55,7 +55,7 @@ class RankAllocationCallback(TrainerCallback):
         # fp16's loss scaler skipped the step: its gradients are inf or NaN, which would stay in the
         # sensitivity EMAs for good (NaN scores are never pruned). The schedule still masks (or fixes the
         # final pattern) at this step, from the EMAs as they were.
-        allocator = tuner.rankallocator
+        allocator = rank_allocator(tuner)
         if not isinstance(allocator, PosteriorRankAllocator) and not allocator.exp_avg_ipt:
             return  # no step has been read yet: there is nothing to mask from (peft's masking needs the EMAs)
         allocator.update_ipt = lambda model: None  # shadows the class's method for this call only
@@ -66,10 +66,3 @@ class RankAllocationCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         remask(adalora_tuner(model))
-
-
-def remask(tuner) -> None:
-    """Apply the tuner's rank pattern to its lambdas (a no-op before the first mask)."""
-    rank_pattern = tuner.peft_config[tuner.trainable_adapter_name].rank_pattern
-    if rank_pattern:
-        tuner.rankallocator.mask_using_rank_pattern(tuner.model, rank_pattern)

@@ -10,10 +10,10 @@ import ivon
 import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .adapters import adalora_tuner
+from .adapters import adalora_settings, adalora_tuner, rank_pattern, remask, set_rank_pattern
 from .checkpoint import allocator_state, load_allocator_state, place_ivon_state
 from .models import causal_lm_token_loss
-from .trainer_callback import RankAllocationCallback, remask
+from .trainer_callback import RankAllocationCallback
 
 ADALORA_STATE = "adalora_state.pt"  # in a Trainer checkpoint: the allocator state and IVON's step count
 
@@ -44,12 +44,12 @@ class AdaLoraCheckpoints:
     @contextmanager
     def untrimmed(self):
         """peft trims the saved adapter to `rank_pattern`: without one, it saves every triplet."""
-        config = self.tuner.peft_config[self.tuner.trainable_adapter_name]
-        pattern, config.rank_pattern = config.rank_pattern, None
+        pattern = rank_pattern(self.tuner)
+        set_rank_pattern(self.tuner, None)
         try:
             yield
         finally:
-            config.rank_pattern = pattern
+            set_rank_pattern(self.tuner, pattern)
 
     @property
     def tuner(self):
@@ -84,7 +84,7 @@ class AdaLoraCheckpoints:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The Trainer's loss, with the orthogonality penalty weighted so that it counts once a step."""
         divisor = self.penalty_divisor(model, num_items_in_batch)
-        config = self.tuner.peft_config[self.tuner.trainable_adapter_name]
+        config = adalora_settings(self.tuner)
         weight = config.orth_reg_weight
         config.orth_reg_weight = weight / divisor
         try:
@@ -140,7 +140,7 @@ class AdaLoraCheckpoints:
             super()._load_best_model()
         # the best checkpoint's pattern: what its zero lambdas are, and what save_model trims to
         state = read_adalora_state(self.state.best_model_checkpoint)
-        self.tuner.peft_config[self.tuner.trainable_adapter_name].rank_pattern = state["allocator"]["rank_pattern"]
+        set_rank_pattern(self.tuner, state["allocator"]["rank_pattern"])
         remask(self.tuner)
 
 
