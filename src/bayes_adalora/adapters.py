@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from .errors import UserError
 from .posterior import hessian_views, posterior_sigma_from_hessian
+from .sharding import gather_rows, local_shard
 
 BASE_PREFIX = "base_model.model."  # a PeftModel's parameter names start with it
 FACTORS = {"lora_B": "P", "lora_E": "λ", "lora_A": "Q"}  # peft's name -> the paper's, in triplet order
@@ -194,14 +195,16 @@ def posterior_state_dict(optimizer, names: dict[nn.Parameter, str]) -> tuple[dic
     """Tensors and metadata for posterior.safetensors.
 
     For every named parameter: `<name>.mean`, `<name>.hess` and `<name>.sigma`; metadata holds the
-    `ess` and `weight_decay` that turn the Hessian into sigma, so either can be used.
+    `ess` and `weight_decay` that turn the Hessian into sigma, so either can be used. Under FSDP every
+    process must call it: each sharded tensor is gathered whole from its rows.
     """
     tensors: dict[str, Tensor] = {}
     meta: dict[str, str] = {}
-    for p, h, group in hessian_views(optimizer):
+    for p, h, group in hessian_views(optimizer):  # of a sharded parameter, gathered whole (every process calls)
         name = names[p]
-        tensors[f"{name}.mean"] = p.detach().float().contiguous().cpu()
-        tensors[f"{name}.hess"] = h.detach().float().contiguous().cpu()
+        h = gather_rows(p, h.detach())
+        tensors[f"{name}.mean"] = gather_rows(p, local_shard(p).detach()).float().contiguous().cpu()
+        tensors[f"{name}.hess"] = h.float().contiguous().cpu()
         tensors[f"{name}.sigma"] = (
             posterior_sigma_from_hessian(h, group["ess"], group["weight_decay"]).float().contiguous().cpu()
         )

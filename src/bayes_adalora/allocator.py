@@ -32,6 +32,7 @@ from .evaluation import importance_correlations
 from .importance import POSTERIOR_CRITERIA, posterior_score
 from .methods import get_method
 from .posterior import posterior_sigma_from_hessian
+from .sharding import all_sum, local_shard, shard_rows
 
 # What "sensitivity" means in the correlation log of each allocator.
 INSTANT_SENSITIVITY = "instantaneous |mu * grad|: posterior mean times the gradient of the last sampled training pass"
@@ -65,33 +66,36 @@ class TripletLayout:
 
 
 def flat_offsets(optimizer) -> dict[torch.nn.Parameter, int]:
-    """Where each parameter starts in IVON's flat state (its groups' parameters concatenated)."""
+    """Where each parameter starts in IVON's flat state (its groups' parameters concatenated; of a parameter
+    FSDP sharded, this process's rows)."""
     offsets, offset = {}, 0
     for group in optimizer.param_groups:
         for p in group["params"]:
             if p is not None:  # IVON's flat state skips them too
                 offsets[p] = offset
-                offset += p.numel()
+                offset += local_shard(p).numel()
     return offsets
 
 
 def triplet_layout(layers: list[SVDLayer], offsets: dict) -> TripletLayout:
     """The layout of `layers` in a flat state at `offsets`: masking then costs a fixed handful of
-    tensor ops, whatever the layer count."""
+    tensor ops, whatever the layer count. Of a layer FSDP sharded by rows, the entries of this process's
+    rows (P's rows i, lambda's and Q's rows k), whose sums are then partial (`all_sum` completes them)."""
     index, segment, weight, first = [], [], [], 0
     for layer in layers:
         P, E, Q, r = layer.P, layer.lam, layer.Q, layer.r
         if any(p not in offsets for p in (P, E, Q)):
             raise RuntimeError(f"the IVON optimizer does not hold the adapter parameters of {layer.name}")
+        (p0, p1), (e0, e1), (q0, q1) = (shard_rows(p) for p in (P, E, Q))
         # P is (out, r) row-major, Q is (r, in): entry -> its triplet k, weighted for a mean
-        for p, k, w in ((P, torch.arange(r).repeat(P.shape[0]), 1.0 / P.shape[0]),
-                        (E, torch.arange(r), 1.0),
-                        (Q, torch.arange(r).repeat_interleave(Q.shape[1]), 1.0 / Q.shape[1])):
-            index.append(torch.arange(offsets[p], offsets[p] + p.numel()))
+        for p, k, w in ((P, torch.arange(r).repeat(p1 - p0), 1.0 / P.shape[0]),
+                        (E, torch.arange(e0, e1), 1.0),
+                        (Q, torch.arange(q0, q1).repeat_interleave(Q.shape[1]), 1.0 / Q.shape[1])):
+            index.append(torch.arange(offsets[p], offsets[p] + local_shard(p).numel()))
             segment.append(first + k)
-            weight.append(torch.full((p.numel(),), w))
+            weight.append(torch.full((local_shard(p).numel(),), w))
         first += r
-    device = layers[0].lam.device
+    device = local_shard(layers[0].lam).device
     return TripletLayout(layers, torch.cat(index).to(device), torch.cat(segment).to(device),
                          torch.cat(weight).to(device), first)
 
@@ -101,14 +105,16 @@ def posterior_state(layout: TripletLayout, optimizer) -> tuple[Tensor, Tensor]:
     sigma = torch.cat([
         posterior_sigma_from_hessian(g["hess"], g["ess"], g["weight_decay"]) for g in optimizer.param_groups
     ])[layout.index]
-    return torch.cat([p.detach().reshape(-1) for p in layout.params]), sigma
+    return torch.cat([local_shard(p).detach().reshape(-1) for p in layout.params]), sigma
 
 
 def triplet_sum(layout: TripletLayout, score: Tensor) -> Tensor:
-    """S_k = s(lambda_k) + mean_i s(P_ik) + mean_j s(Q_kj), as one weighted segment sum."""
-    return torch.zeros(layout.n_triplets, dtype=score.dtype, device=score.device).index_add_(
+    """S_k = s(lambda_k) + mean_i s(P_ik) + mean_j s(Q_kj), as one weighted segment sum; over processes that
+    hold shards of the layers, the sums of every process's rows (one all-reduce)."""
+    partial = torch.zeros(layout.n_triplets, dtype=score.dtype, device=score.device).index_add_(
         0, layout.segment, score * layout.weight
     )
+    return all_sum(partial, layout.params)
 
 
 def triplets_to_keep(scores: Tensor, n_masked: int) -> Tensor:
@@ -120,10 +126,11 @@ def triplets_to_keep(scores: Tensor, n_masked: int) -> Tensor:
 
 
 def apply_mask(layout: TripletLayout, keep: Tensor) -> None:
-    """lambda_k := 0 for every triplet not kept."""
-    lambdas = [layer.lam for layer in layout.layers]
-    sizes = [layer.r for layer in layout.layers]
-    torch._foreach_mul_(lambdas, [k.view(-1, 1).to(lam.dtype) for k, lam in zip(keep.split(sizes), lambdas)])
+    """lambda_k := 0 for every triplet not kept (of a sharded lambda, in this process's rows)."""
+    lambdas = [local_shard(layer.lam) for layer in layout.layers]
+    rows = [shard_rows(layer.lam) for layer in layout.layers]
+    kept = [k[start:stop] for k, (start, stop) in zip(keep.split([layer.r for layer in layout.layers]), rows)]
+    torch._foreach_mul_(lambdas, [k.view(-1, 1).to(lam.dtype) for k, lam in zip(kept, lambdas)])
 
 
 def rank_pattern(layout: TripletLayout, keep: Tensor) -> dict[str, list[bool]]:
@@ -170,7 +177,8 @@ class TripletScoring:
     def sensitivity_scores(self, model) -> Tensor:
         """Elementwise sensitivity, flat in layout order (here: |mu * grad|, 0 where no gradient is held)."""
         return torch.cat([
-            (p.detach() * p.grad).abs().reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=p.device)
+            (local_shard(p) * local_shard(p.grad)).abs().reshape(-1) if p.grad is not None
+            else torch.zeros(local_shard(p).numel(), device=local_shard(p).device)
             for p in self.layout_of(model).params
         ])
 

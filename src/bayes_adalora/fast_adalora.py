@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from .adapters import SVDLayer, sensitivity_parameters, svd_layers
 from .ivon_inplace import InplaceIVON
+from .sharding import is_sharded, local_shard, shard_rows
 
 # ---------------------------------------------------------------- the orthogonality penalty
 
@@ -42,11 +43,13 @@ def orthogonality_penalty(groups: list[tuple[list[Tensor], bool]]) -> Tensor:
     """R = mean over matrices M of ||M M^T - I||_F, M = Q (r, in) or P^T (r, out), as peft's AdaLoRA.
 
     `groups`: (matrices of one shape, transposed): P matrices come as (out, r) with transposed True.
-    One stack, one batched matmul, one subtract and one norm per group, whatever the layer count.
+    One stack, one batched matmul, one subtract and one norm per group, whatever the layer count. A matrix
+    FSDP sharded by rows is gathered whole first (differentiably; P and Q are the adapter's small factors),
+    so every process adds the same penalty, and its gradient reaches each process's rows.
     """
     total, count = None, 0
     for mats, transposed in groups:
-        stacked = torch.stack(mats)
+        stacked = torch.stack([m.full_tensor() if is_sharded(m) else m for m in mats])
         cov = stacked.transpose(1, 2) @ stacked if transposed else stacked @ stacked.transpose(1, 2)
         eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
         norms = torch.linalg.matrix_norm(cov - eye).sum()
@@ -68,7 +71,8 @@ def group_by_shape(layers: list[SVDLayer]) -> list[tuple[list[Tensor], bool]]:
 
 
 class FinalMasks:
-    """peft's final rank pattern as 0/1 multipliers of each lambda, on the device, applied in one op."""
+    """peft's final rank pattern as 0/1 multipliers of each lambda, on the device, applied in one op (to
+    this process's rows of a lambda FSDP sharded)."""
 
     def __init__(self, layers: list[SVDLayer], rank_pattern: dict):
         self.rank_pattern = rank_pattern  # held, so that its id identifies it while this lives
@@ -76,8 +80,10 @@ class FinalMasks:
         for layer in layers:
             # peft keys the pattern with the adapter's name in training, without it once loaded from a file
             key = layer.rank_key if layer.rank_key in rank_pattern else layer.saved_rank_key
+            start, stop = shard_rows(layer.lam)
+            local = local_shard(layer.lam)
             self.lambdas.append(layer.lam)
-            self.masks.append(torch.tensor(rank_pattern[key], dtype=layer.lam.dtype, device=layer.lam.device)
+            self.masks.append(torch.tensor(rank_pattern[key][start:stop], dtype=local.dtype, device=local.device)
                               .unsqueeze(-1))
 
     def matches(self, rank_pattern: dict, lambdas: list[Tensor]) -> bool:
@@ -86,7 +92,7 @@ class FinalMasks:
 
     @torch.no_grad()
     def apply(self) -> None:
-        torch._foreach_mul_(self.lambdas, self.masks)
+        torch._foreach_mul_([local_shard(lam) for lam in self.lambdas], self.masks)
 
 
 # ---------------------------------------------------------------- peft's sensitivity EMAs
@@ -143,11 +149,21 @@ class FastAdaLoraModel(AdaLoraModel):
     """peft's AdaLoraModel with the batched penalty and the cached final masks."""
 
     def svd_layers(self) -> list[SVDLayer]:
-        """The trained adapter's layers (cached: the layers and their parameters stay the same objects)."""
+        """The trained adapter's layers (cached: the layers and their parameters stay the same objects; not
+        once sharded, where FSDP swaps each module's parameters between sharded and gathered ones)."""
         layers = self.__dict__.get("_fast_layers")
         if layers is None:
-            layers = self.__dict__["_fast_layers"] = svd_layers(self.model, self.trainable_adapter_name)
+            layers = svd_layers(self.model, self.trainable_adapter_name)
+            if not self.__dict__.get("_fast_sharded"):
+                self.__dict__["_fast_layers"] = layers
         return layers
+
+    def forget_layers(self) -> None:
+        """For a model FSDP sharded: drop the cached layers, penalty groups and final masks (`fully_shard`
+        registered new parameters and freed the old ones' memory), and cache no parameter from now on."""
+        for key in ("_fast_layers", "_fast_groups", "_fast_final_masks"):
+            self.__dict__.pop(key, None)
+        self.__dict__["_fast_sharded"] = True
 
     def penalty_groups(self) -> list | None:
         """The matrices of the penalty grouped by shape (cached while the parameters stay the same

@@ -110,25 +110,36 @@ class InplaceIVON(ivon.IVON):
         draws it."""
         self._ensure_views()
         denominator = self._scratch[0]
-        for group, part in zip(self.param_groups, self._group_slices):
+        for index, (group, part) in enumerate(zip(self.param_groups, self._group_slices)):
             noise, denom = self._noise[part], denominator[part]
-            torch.randn(group["numel"], out=noise)
+            self._draw_noise(index, group, noise)
             torch.add(group["hess"], group["weight_decay"], out=denom)
             denom.mul_(group["ess"]).sqrt_()
             noise.div_(denom)
         self._mean.copy_(self._flat)
         self._flat.add_(self._noise)
+        self._push()
         return self._mean, self._noise
+
+    def _draw_noise(self, index: int, group: dict, out: Tensor) -> None:
+        """eps ~ N(0, I) for group `index`, into `out` (ivon-opt's draw: one randn of the group's size)."""
+        torch.randn(group["numel"], out=out)
+
+    def _push(self) -> None:
+        """After the buffer changed: nothing (the parameters are views of it); `ShardedIVON` copies it out."""
+
+    def _local_grads(self) -> list[Tensor | None]:
+        return [p.grad if p.requires_grad else None for p in self._params()]
 
     @torch.no_grad()
     def _restore_param_average(self, train: bool, param_avg: Tensor, noise: Tensor) -> None:
         """theta <- mean; with `train`, Welford means of the gradient and of noise * gradient."""
         self._ensure_views()
         self._flat.copy_(param_avg)
+        self._push()
         if not train:
             return
-        params = self._params()
-        grads = [p.grad if p.requires_grad else None for p in params]
+        grads = self._local_grads()
         if any(g is None for g in grads):  # ivon-opt counts a frozen parameter's gradient as zeros
             for view, g in zip(self._grad_views, grads):
                 if g is None:
@@ -189,3 +200,101 @@ class InplaceIVON(ivon.IVON):
             torch.add(h, wd, out=b)
             a.div_(b).clamp_(min=-group["clip_radius"], max=group["clip_radius"]).mul_(step_lr)
             mean.sub_(a)
+        self._push()
+
+
+class ShardedIVON(InplaceIVON):
+    """`InplaceIVON` over parameters that FSDP2's `fully_shard` sharded by rows (DTensors): its flat buffer,
+    momentum and Hessian hold this process's rows only, beside them; nothing is gathered for a step.
+
+    - FSDP owns the shards' memory (it gathers the layers from it), so the parameters are not re-pointed at
+      the buffer: the buffer is read from the shards before each of ivon-opt's three methods and written
+      back after (`_ensure_views`, `_push`), a copy of this process's rows of the adapter.
+    - The gradients FSDP leaves are each shard's rows of the mean over the processes (its reduce-scatter),
+      so there is nothing for IVON to sync: `sync` is off.
+    - The noise: every process draws each group's whole noise vector from the same stream and keeps its rows'
+      entries, so the draws are those of one process holding every parameter; with the same batches, one
+      process and several train the same posterior.
+    Plain (unsharded) parameters are their own shard, so one process runs it too, with InplaceIVON's numbers.
+    """
+
+    def __init__(self, params, *args, **kwargs):
+        kwargs["sync"] = False
+        super().__init__(params, *args, **kwargs)
+
+    def _get_param_configs(self):
+        """ivon-opt's sizes, counted over this process's rows; each group's whole size kept as `global_numel`."""
+        from .sharding import check_row_sharded, local_shard
+
+        params = self._params()
+        for p in params:
+            check_row_sharded(p)
+        for group in self.param_groups:
+            kept = [p for p in group["params"] if p is not None]
+            group["numel"] = sum(local_shard(p).numel() for p in kept)
+            group["global_numel"] = sum(p.numel() for p in kept)
+        if not params:
+            return 0, torch.device("cpu"), torch.get_default_dtype()
+        locals_ = [local_shard(p) for p in params]
+        devices, dtypes = {t.device for t in locals_}, {t.dtype for t in locals_}
+        if len(devices) > 1 or len(dtypes) > 1:
+            raise ValueError(f"the parameters' shards are on several devices or dtypes: {devices}, {dtypes}")
+        return sum(g["numel"] for g in self.param_groups), devices.pop(), dtypes.pop()
+
+    def _flatten(self) -> None:
+        """The buffers over this process's rows, and where each of its entries sits in its group's whole vector."""
+        from .sharding import local_shard, shard_rows
+
+        options = dict(device=self._device, dtype=self._dtype)
+        self._flat = torch.empty(self._numel, **options)
+        self._mean = torch.empty(self._numel, **options)
+        self._noise = torch.empty(self._numel, **options)
+        self._grad = torch.empty(self._numel, **options)
+        self._avg_grad = torch.empty(self._numel, **options)
+        self._avg_nxg = torch.empty(self._numel, **options)
+        self._scratch = [torch.empty(self._numel, **options) for _ in range(3)]
+        self._views, self._grad_views, self._noise_index, offset = [], [], [], 0
+        self._group_slices, group_offset = [], 0
+        for group in self.param_groups:
+            index, whole_offset = [], 0
+            for p in group["params"]:
+                if p is None:
+                    continue
+                local = local_shard(p)
+                n = local.numel()
+                self._views.append(self._flat[offset : offset + n].view(local.shape))
+                self._grad_views.append(self._grad[offset : offset + n].view(local.shape))
+                start, _ = shard_rows(p)
+                row = p.numel() // p.shape[0] if p.dim() else 1
+                index.append(torch.arange(whole_offset + start * row, whole_offset + start * row + n))
+                whole_offset += p.numel()
+                offset += n
+            self._noise_index.append(torch.cat(index).to(self._device) if index else torch.zeros(0, dtype=torch.long))
+            self._group_slices.append(slice(group_offset, group_offset + group["numel"]))
+            group_offset += group["numel"]
+        self._ensure_views()
+
+    def _locals(self) -> list[Tensor]:
+        from .sharding import local_shard
+
+        return [local_shard(p) for p in self._params()]
+
+    def _ensure_views(self) -> None:
+        """The buffer := the shards (what FSDP, a checkpoint load or the user last wrote)."""
+        if self._views:
+            torch._foreach_copy_(self._views, self._locals())
+
+    def _push(self) -> None:
+        """The shards := the buffer."""
+        if self._views:
+            torch._foreach_copy_(self._locals(), self._views)
+
+    def _local_grads(self) -> list[Tensor | None]:
+        from .sharding import local_shard
+
+        return [local_shard(p.grad) if p.requires_grad and p.grad is not None else None for p in self._params()]
+
+    def _draw_noise(self, index: int, group: dict, out: Tensor) -> None:
+        """The group's whole draw, as one process makes it, of which this process keeps its rows' entries."""
+        whole = torch.randn(group["global_numel"], device=out.device, dtype=out.dtype)
+        torch.index_select(whole, 0, self._noise_index[index], out=out)

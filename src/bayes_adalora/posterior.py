@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import UserError
+from .sharding import local_shard
 
 
 def posterior_sigma_from_hessian(hess: Tensor, ess: float, weight_decay: float) -> Tensor:
@@ -35,8 +36,9 @@ def hessian_views(optimizer) -> Iterator[tuple[nn.Parameter, Tensor, dict]]:
         for p in group["params"]:
             if p is None:
                 continue
-            n = p.numel()
-            yield p, group["hess"][offset : offset + n].view_as(p), group
+            local = local_shard(p)  # of a parameter FSDP sharded, this process's rows
+            n = local.numel()
+            yield p, group["hess"][offset : offset + n].view_as(local), group
             offset += n
 
 

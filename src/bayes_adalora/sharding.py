@@ -1,0 +1,102 @@
+"""PyTorch FSDP2 (`torch.distributed.fsdp.fully_shard`) for the models trained here.
+
+`fully_shard` turns every parameter into a `DTensor` sharded by rows (`Shard(0)` over the processes):
+each process keeps rows `[start, stop)` of it (torch.chunk's split: ceil(rows / processes) rows each, the
+last processes fewer or none). What reads the trained parameters by value (IVON, the rank allocation, the
+posterior file) reads its own rows through `local_shard` and `shard_rows`, and a value that must be whole
+(the posterior file, the rank pattern's scores) is gathered once by `gather_rows` or summed by `all_sum`.
+A plain parameter (no sharding, one process or DDP) is its own shard, rows `[0, rows)`, and the
+collectives are no-ops, so one code path serves both.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def _dtensor():
+    from torch.distributed.tensor import DTensor, Shard
+
+    return DTensor, Shard
+
+
+def is_sharded(p: Tensor) -> bool:
+    """Whether `p` is a DTensor (a parameter `fully_shard` sharded)."""
+    DTensor, _ = _dtensor()
+    return isinstance(p, DTensor)
+
+
+def check_row_sharded(p: Tensor, name: str = "a parameter") -> None:
+    """Refuse a DTensor that is not FSDP2's row sharding (one mesh dimension, `Shard(0)`)."""
+    _, Shard = _dtensor()
+    if is_sharded(p) and (p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),)):
+        raise ValueError(f"{name} is sharded as {tuple(p.placements)} over a {p.device_mesh.ndim}-D mesh; "
+                         f"IVON and the rank allocation read FSDP2's row sharding (Shard(0) over one mesh dimension)")
+
+
+def local_shard(p: Tensor) -> Tensor:
+    """This process's rows of `p` (a DTensor's local tensor; a plain tensor is whole here), sharing its memory:
+    writing into it writes the parameter."""
+    return p.to_local() if is_sharded(p) else p.data
+
+
+def shard_rows(p: Tensor) -> tuple[int, int]:
+    """The global rows `[start, stop)` of dim 0 that this process holds (all of them for a plain tensor)."""
+    rows = p.shape[0] if p.dim() else 1
+    if not is_sharded(p):
+        return 0, rows
+    check_row_sharded(p)
+    mesh = p.device_mesh
+    chunk = -(-rows // mesh.size())  # torch.chunk's chunk size, which Shard(0) follows
+    start = min(mesh.get_local_rank() * chunk, rows)
+    return start, start + (local_shard(p).shape[0] if p.dim() else 1)
+
+
+def gather_rows(p: Tensor, local: Tensor) -> Tensor:
+    """The whole tensor of which `local` holds this process's rows, sharded like `p` (every process must call
+    it: it is a collective); `local` itself for a plain `p`."""
+    if not is_sharded(p):
+        return local
+    DTensor, _ = _dtensor()
+    return DTensor.from_local(local.contiguous(), p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                              stride=p.stride()).full_tensor()
+
+
+def all_sum(value: Tensor, params) -> Tensor:
+    """`value` summed over the processes that share the sharding of `params` (in place); as it is when no
+    parameter is sharded."""
+    mesh = next((p.device_mesh for p in params if is_sharded(p)), None)
+    if mesh is not None:
+        torch.distributed.all_reduce(value, group=mesh.get_group())
+    return value
+
+
+def model_is_sharded(model: nn.Module) -> bool:
+    return any(is_sharded(p) for p in model.parameters())
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks, by the class names transformers gives FSDP to wrap
+    (`_no_split_modules`: `LlamaDecoderLayer`, `BertLayer`, ...)."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def shard_model(model: nn.Module, mesh=None) -> nn.Module:
+    """FSDP2 over `model`: each transformer block sharded on its own (gathered only while it runs), then the
+    rest at the root; in place, and returned. `mesh`: a 1-D device mesh (default: every process)."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = transformer_blocks(model)
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} names no transformer block to shard (its _no_split_modules)")
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    for module in model.modules():  # what cached the parameters fully_shard replaced (the fast path's layers)
+        if hasattr(module, "forget_layers"):
+            module.forget_layers()
+    return model
