@@ -40,8 +40,8 @@ RUNS = {
     "mrpc150-bayes": {**MRPC_150, "method": "bayes-adalora"},
     "mrpc150-bayes-lambda-paper": {**MRPC_150, "method": "bayes-adalora", "lambda_init": "paper"},
     "mrpc150-bayes-paper-phases": {**MRPC_150, "method": "bayes-adalora", **PAPER_PHASES_150},
-    "mrpc150-bayes-lr6": {**MRPC_150, "method": "bayes-adalora", "lr": 6.0},
-    "mrpc150-bayes-lr12": {**MRPC_150, "method": "bayes-adalora", "lr": 12.0},
+    "mrpc150-bayes-lr6": {**MRPC_150, "method": "bayes-adalora", "learning_rate": 6.0},
+    "mrpc150-bayes-lr12": {**MRPC_150, "method": "bayes-adalora", "learning_rate": 12.0},
     "mrpc150-bayes-ess10x": {**MRPC_150, "method": "bayes-adalora", "ivon_ess": 36680.0},
     "mrpc150-bayes-beta2-0.999": {**MRPC_150, "method": "bayes-adalora", "ivon_beta2": 0.999},
 }
@@ -89,7 +89,7 @@ def row(name: str, work: Path, glue_dir: str) -> dict | None:
     settings = {k: v for k, v in RUNS.get(name, {}).items() if k not in ("task", "method")}
     return {
         "name": name, "task": results["task"], "method": results["method"], "settings": settings,
-        "steps": results["steps"], "lr": config["lr"], "metric": metric,
+        "steps": results["steps"], "lr": config.get("learning_rate", config.get("lr")), "metric": metric,
         "phases": [config.get("tinit"), config.get("tfinal"), config.get("delta_t")],
         "baseline": trivial_baseline(results["task"], glue_dir, metric),
         "best": results["metrics"]["best"][metric], "best_step": results["metrics"]["best"]["step"],

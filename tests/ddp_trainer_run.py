@@ -1,5 +1,6 @@
 """One IVONTrainer run, launched by tests/test_trainer_parity.py alone or under torchrun (2 processes, gloo)."""
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -38,5 +39,9 @@ if trainer.args.process_index == 0:
     sync = trainer.ivon_optimizer.sync
     (out / "result.json").write_text(json.dumps({"ranks": every, "weights": weights, "sync": sync,
                                                  "world": trainer.args.world_size}))
-if dist.is_initialized():  # left open at exit, a gloo process can abort after its result was written
+# what holds the process group (DDP's reducer, in the Trainer's wrapped model) goes first, then the group: one
+# left to the interpreter's exit can abort the process (gloo's threads still hold tensors) after its result is written
+del trainer, model
+gc.collect()
+if dist.is_initialized():
     dist.destroy_process_group()

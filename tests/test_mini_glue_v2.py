@@ -115,7 +115,7 @@ def test_a_cell_runs_in_a_subprocess_with_this_checkouts_package(tmp_path, glue_
     record = grid.run_cell(args, {"cell": "bayes-adalora"}, tmp_path / "cell.json", threads=1)
     assert record["steps"] == 4 and json.loads((tmp_path / "cell.json").read_text()) == record
     run_config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert run_config["criterion"] == "snr_abs" and run_config["lr"] == 0.5
+    assert run_config["criterion"] == "snr_abs" and run_config["learning_rate"] == 0.5
     bad = [*args, "--learning-rate", "-1", "--output-dir", str(tmp_path / "bad")]
     code, stderr = grid.run_train(bad, threads=1)  # bad input: one sentence, exit 2
     assert code == 2 and "--learning-rate" in stderr

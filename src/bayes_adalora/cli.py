@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import gc
 import json
 import sys
 import typing
@@ -163,10 +164,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def close_processes() -> None:
-    """Closes the process group the Trainer opened under torchrun: left open at exit, a gloo process can abort
-    ("terminate called without an active exception") after its run was written."""
+    """Closes the process group the Trainer opened under torchrun, once what held it (the run's DDP model) is
+    collected: left to the interpreter's exit, a gloo process can abort ("terminate called without an active
+    exception") after its run was written, as gloo's threads still hold tensors then."""
     distributed = sys.modules.get("torch.distributed")  # never imported by --help or a refused flag
     if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        gc.collect()
         distributed.destroy_process_group()
 
 
