@@ -10,11 +10,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from bayes_adalora.cli import main
 from bayes_adalora.ivon_inplace import InplaceIVON, ShardedIVON
 from bayes_adalora.sharding import gather_rows, local_shard, shard_rows
+from conftest import save_tiny_deberta
+from helpers import read_json, refused
 
 SCRIPT = Path(__file__).with_name("fsdp_run.py")
+
+
+@pytest.fixture(scope="module")
+def tiny_deberta_no_dropout(tmp_path_factory):
+    """Dropout draws from each process's RNG on its rows; without it, 2 x 8 examples = 1 x 16."""
+    return save_tiny_deberta(tmp_path_factory.mktemp("tiny-deberta-nodrop"), hidden_dropout_prob=0.0,
+                             attention_probs_dropout_prob=0.0, pooler_dropout=0.0)
+
+
+def cli_args(glue_dir, model, out, *extra):
+    return ["train", "--task", "sst2", "--data-dir", str(glue_dir), "--model", str(model), "--max-steps", "16",
+            "--batch-size", "16", "--max-length", "32", "--eval-steps", "8", "--max-train-samples", "32",
+            "--no-progress", "--no-plots", "--output-dir", str(out), *extra]
 
 
 def run(kind: str, criterion: str, out: Path, processes: int) -> dict:
@@ -70,3 +87,52 @@ def test_a_whole_tensor_is_its_own_shard():
     assert local_shard(p).data_ptr() == p.data_ptr()
     local = local_shard(p)
     assert gather_rows(p, local) is local
+
+
+@pytest.mark.parametrize("method", ["bayes-adalora", "lora"])
+def test_the_command_trains_sharded_over_two_processes_as_one_process_does(method, tmp_path, glue_dir,
+                                                                          tiny_deberta_no_dropout):
+    single, double = tmp_path / "single", tmp_path / "double"
+    assert main(cli_args(glue_dir, tiny_deberta_no_dropout, single, "--method", method)) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+              "bayes_adalora.cli", *cli_args(glue_dir, tiny_deberta_no_dropout, double, "--method", method,
+                                             "--fsdp", "full_shard")]
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (read_json(r / "results.json") for r in (single, double))
+    assert (one["processes"], two["processes"], read_json(double / "config.json")["fsdp"]) == (1, 2, "full_shard")
+    assert one["final_ranks"] == two["final_ranks"]  # the run itself checks that both processes agree
+    assert two["metrics"]["final"]["accuracy"] == one["metrics"]["final"]["accuracy"]
+    # the files hold the whole tensors, gathered from the shards
+    files = ["adapter/adapter_model.safetensors"] + (["posterior.safetensors"] if method == "bayes-adalora" else [])
+    for name in files:
+        a, b = load_file(single / name), load_file(double / name)
+        assert a.keys() == b.keys()
+        assert relative_gap(*({k: v.tolist() for k, v in t.items() if v.numel()} for t in (a, b))) < 1e-4
+    if method == "bayes-adalora":  # sigma's spread at the masking steps: over the whole posterior, not one shard
+        sigma = [read_json(r / "history.json")["sigma"] for r in (single, double)]
+        assert [s["step"] for s in sigma[0]] == [s["step"] for s in sigma[1]]
+        assert all(abs(x[k] - y[k]) <= 1e-4 * abs(x[k]) for x, y in zip(*sigma) for k in x if k.startswith("sigma/"))
+        # the exported, merged model of a sharded run, as of any run
+        assert main(["export", str(double), "--merge"]) == 0
+        assert (double / "merged" / "config.json").is_file()
+
+
+def test_sharding_in_one_process_is_refused(capfd, tmp_path, glue_dir, tiny_deberta):
+    out = tmp_path / "run"
+    refused(capfd, cli_args(glue_dir, tiny_deberta, out, "--fsdp", "full_shard"),
+            "--fsdp shards the model over processes")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--method", "adalora"], "--method adalora is not yet one of them"),
+    (["--no-fast-path"], "drop --no-fast-path"),
+    (["--save-steps", "4"], "--fsdp does not yet combine with --save-steps"),
+])
+def test_what_does_not_train_on_shards_yet_is_refused_in_one_sentence(extra, words, capfd, tmp_path, glue_dir,
+                                                                       tiny_deberta):
+    out = tmp_path / "run"
+    refused(capfd, cli_args(glue_dir, tiny_deberta, out, "--fsdp", "full_shard", *extra), words)
+    assert not out.exists()

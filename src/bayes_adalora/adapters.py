@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .errors import UserError
 from .posterior import hessian_views, posterior_sigma_from_hessian
-from .sharding import gather_rows, local_shard
+from .sharding import all_sum, gather_rows, is_sharded, local_shard, shard_rows
 
 BASE_PREFIX = "base_model.model."  # a PeftModel's parameter names start with it
 FACTORS = {"lora_B": "P", "lora_E": "λ", "lora_A": "Q"}  # peft's name -> the paper's, in triplet order
@@ -108,10 +108,21 @@ def set_rank_pattern(tuner: AdaLoraModel, pattern: dict | None) -> None:
 
 
 def remask(tuner: AdaLoraModel) -> None:
-    """Apply the tuner's rank pattern to its lambdas (a no-op before the first mask)."""
+    """Apply the tuner's rank pattern to its lambdas (a no-op before the first mask); of lambdas FSDP sharded,
+    to this process's rows."""
     pattern = rank_pattern(tuner)
-    if pattern:
+    if not pattern:
+        return
+    layers = svd_layers(tuner.model, tuner.trainable_adapter_name)
+    if not any(is_sharded(layer.lam) for layer in layers):
         rank_allocator(tuner).mask_using_rank_pattern(tuner.model, pattern)
+        return
+    with torch.no_grad():
+        for layer in layers:
+            start, stop = shard_rows(layer.lam)
+            local = local_shard(layer.lam)
+            kept = pattern[layer.rank_key if layer.rank_key in pattern else layer.saved_rank_key][start:stop]
+            local.mul_(torch.tensor(kept, dtype=local.dtype, device=local.device).unsqueeze(-1))
 
 
 PAPER_LAMBDA_STD = 0.02  # peft 0.11, which the paper ran, drew lambda from N(0, 0.02); peft >= 0.12 starts it at 0
@@ -132,15 +143,20 @@ def lambda_parameters(model: nn.Module) -> set[int]:
 
 
 def adapter_ranks(model: nn.Module) -> dict[str, int]:
-    """Rank per adapted matrix of a PeftModel: AdaLoRA's unmasked triplets, or LoRA's r."""
+    """Rank per adapted matrix of a PeftModel: AdaLoRA's unmasked triplets, or LoRA's r. (Under FSDP every
+    process must call it: the counts of the lambdas' rows are summed over the processes.)"""
     adapter = model.active_adapter
-    ranks = {}
+    counts, fixed = {}, {}
     for name, module in model.base_model.model.named_modules():
         if isinstance(module, AdaLoraLayer):
-            ranks[name] = int((module.lora_E[adapter] != 0).sum())
+            counts[name] = module.lora_E[adapter]
         elif isinstance(module, LoraLayer):
-            ranks[name] = int(module.r[adapter])
-    return ranks
+            fixed[name] = int(module.r[adapter])
+    if counts:
+        lambdas = list(counts.values())
+        nonzero = all_sum(torch.stack([(local_shard(lam) != 0).sum() for lam in lambdas]), lambdas)
+        counts = dict(zip(counts, map(int, nonzero.tolist())))
+    return {**counts, **fixed}
 
 
 def parameter_module(name: str) -> tuple[str, str]:

@@ -18,9 +18,11 @@ from .adapters import PAPER_LAMBDA_STD, init_lambdas_normal
 from .config import DEVICE, TrainConfig, adalora_phases
 from .errors import UserError
 from .fast_adalora import enable_fast_optimizer, enable_fast_path
+from .ivon_inplace import ShardedIVON
 from .ivon_settings import AUTO, resolve_beta2
 from .models import FAN_IN_FAN_OUT_TYPES, plan_adapter_modules, target_module_suffixes
 from .schedules import two_phase
+from .sharding import is_sharded
 from .steps import AdamWStep, IVONStep, NoiseStream
 from .tasks import get_task
 
@@ -124,6 +126,12 @@ def make_optimizer(model: nn.Module, config: TrainConfig, ess: float, sync: bool
 
 
 def make_ivon(params: list, config: TrainConfig, lr: float, ess: float, sync: bool, total_steps: int | None):
+    if any(is_sharded(p) for p in params):  # FSDP: IVON's state beside each process's rows, nothing to sync
+        return ShardedIVON(
+            params, lr=lr, ess=ess, hess_init=config.ivon_hess_init, beta1=config.ivon_beta1,
+            beta2=ivon_beta2(config, total_steps), weight_decay=config.ivon_weight_decay,
+            mc_samples=config.train_mc_samples, clip_radius=config.ivon_clip_radius,
+        )
     optimizer = ivon.IVON(
         params, lr=lr, ess=ess, hess_init=config.ivon_hess_init, beta1=config.ivon_beta1,
         beta2=ivon_beta2(config, total_steps), weight_decay=config.ivon_weight_decay,

@@ -27,6 +27,7 @@ from .adapters import adalora_tuner, rank_allocator, remask
 from .allocator import PosteriorRankAllocator, install_allocator
 from .build import build_trainable_model, make_optimizer, use_fast_path
 from .config import TrainConfig
+from .ivon_inplace import ShardedIVON
 from .ivon_settings import resolve_ess
 from .kinds import task_kind
 from .methods import IVON_METHODS, get_method
@@ -164,7 +165,8 @@ class IVONTrainer(AdaLoraCheckpoints, Trainer):
             self.optimizer = make_optimizer(model, settings, self.ivon_ess(model), sync=self.args.world_size > 1,
                                             total_steps=self.run_steps())
         optimizer = self.ivon_optimizer
-        if self.args.world_size > 1 and optimizer.hess_approx == "price":  # ivon-opt cannot sync 'gradsq'
+        sharded = isinstance(optimizer, ShardedIVON)  # FSDP's reduce-scatter already averaged each shard's gradient
+        if self.args.world_size > 1 and optimizer.hess_approx == "price" and not sharded:  # ivon-opt cannot sync gradsq
             optimizer.sync = True  # one passed in too: else accumulated micro-batches stay per process
         tuner = adalora_tuner(self.model)
         if get_method(self.ivon_args.method).reads_posterior:

@@ -14,6 +14,7 @@ from torch import nn
 from .adapters import lambda_parameters
 from .evaluation import mc_predictive, point_predictive, predictive_metrics
 from .posterior import posterior_sigma
+from .sharding import gather_rows, is_sharded, local_shard, shard_rows
 from .tasks import TaskSpec
 
 
@@ -49,17 +50,28 @@ def posterior_draw(model: nn.Module, sigma: dict[str, torch.Tensor], generator: 
     """The weights named in `sigma` set to one draw mu + sigma * eps of the posterior, mu restored after.
 
     eps comes from `generator` on the CPU, so a seed gives the same draws on every device. Pruned
-    AdaLoRA triplets stay pruned: the noise of a lambda that is exactly 0 in mu is dropped.
+    AdaLoRA triplets stay pruned: the noise of a lambda that is exactly 0 in mu is dropped. Of a parameter
+    FSDP sharded (`sigma` then holds this process's rows, as `named_posterior_sigma` gives it), the draw is
+    one process's whole draw, of which this process adds its rows, in place (FSDP owns their memory).
     """
     lambdas = lambda_parameters(model)
-    means = {}
+    means, sharded = {}, {}
     try:  # the setup too: an error half-way through it (out of memory, say) restores what it had changed
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name in sigma:
-                    noise = sigma[name].to(p.device, p.dtype) * torch.randn(p.shape, generator=generator).to(
-                        p.device, p.dtype
-                    )
+                    eps = torch.randn(p.shape, generator=generator)
+                    if is_sharded(p):
+                        start, stop = shard_rows(p)
+                        local = local_shard(p)
+                        rows = eps[start:stop].to(local.device, local.dtype)
+                        noise = sigma[name].to(local.device, local.dtype) * rows
+                        if id(p) in lambdas:
+                            noise *= local != 0
+                        sharded[name] = local.clone()
+                        local.add_(noise)
+                        continue
+                    noise = sigma[name].to(p.device, p.dtype) * eps.to(p.device, p.dtype)
                     if id(p) in lambdas:
                         noise *= p != 0
                     means[name] = p.data
@@ -69,6 +81,8 @@ def posterior_draw(model: nn.Module, sigma: dict[str, torch.Tensor], generator: 
         for name, p in model.named_parameters():
             if name in means:
                 p.data = means[name]
+            elif name in sharded:
+                local_shard(p).copy_(sharded[name])
 
 
 def predict_sampled(model: nn.Module, loaders: dict, device, autocast, sigma: dict[str, torch.Tensor],
@@ -124,7 +138,9 @@ def posterior_predictive(model: nn.Module, posterior, inputs: dict, samples: int
     return (total - math.log(samples)).exp().float()
 
 
-def named_posterior_sigma(model: nn.Module, optimizer) -> dict[str, torch.Tensor]:
-    """IVON's posterior sigma of every trained parameter, keyed by its name in `model` (as in posterior.safetensors)."""
+def named_posterior_sigma(model: nn.Module, optimizer, whole: bool = False) -> dict[str, torch.Tensor]:
+    """IVON's posterior sigma of every trained parameter, keyed by its name in `model` (as in posterior.safetensors);
+    of a parameter FSDP sharded, this process's rows, or with `whole` the whole tensor (every process must call
+    it then: it gathers)."""
     names = {p: n for n, p in model.named_parameters()}
-    return {names[p]: s for p, s in posterior_sigma(optimizer).items()}
+    return {names[p]: gather_rows(p, s) if whole else s for p, s in posterior_sigma(optimizer).items()}

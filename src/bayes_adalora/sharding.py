@@ -77,25 +77,35 @@ def model_is_sharded(model: nn.Module) -> bool:
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The model's repeated blocks, by the class names transformers gives FSDP to wrap
-    (`_no_split_modules`: `LlamaDecoderLayer`, `BertLayer`, ...)."""
+    """The model's repeated blocks: by the class names transformers gives FSDP to wrap (`_no_split_modules`:
+    `LlamaDecoderLayer`, `GPT2Block`, ...), else (encoders such as BERT and DeBERTa name none) the modules of
+    its largest list of same-class modules (`encoder.layer`)."""
     names: set[str] = set()
     for module in model.modules():
         names.update(getattr(module, "_no_split_modules", None) or ())
-    return [m for m in model.modules() if type(m).__name__ in names]
+    named = [m for m in model.modules() if type(m).__name__ in names]
+    if named:
+        return named
+    lists = [m for m in model.modules()
+             if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(child) for child in m}) == 1]
+    if not lists:
+        return []
+    return list(max(lists, key=lambda blocks: sum(p.numel() for p in blocks.parameters())))
 
 
-def shard_model(model: nn.Module, mesh=None) -> nn.Module:
+def shard_model(model: nn.Module, mesh=None, reshard_after_forward: bool = True) -> nn.Module:
     """FSDP2 over `model`: each transformer block sharded on its own (gathered only while it runs), then the
-    rest at the root; in place, and returned. `mesh`: a 1-D device mesh (default: every process)."""
+    rest at the root; in place, and returned. `mesh`: a 1-D device mesh (default: every process);
+    `reshard_after_forward` False keeps each block gathered from its forward to its backward (FSDP's
+    SHARD_GRAD_OP)."""
     from torch.distributed.fsdp import fully_shard
 
     blocks = transformer_blocks(model)
     if not blocks:
         raise ValueError(f"{type(model).__name__} names no transformer block to shard (its _no_split_modules)")
     for block in blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
     for module in model.modules():  # what cached the parameters fully_shard replaced (the fast path's layers)
         if hasattr(module, "forget_layers"):
             module.forget_layers()

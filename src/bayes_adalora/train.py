@@ -54,6 +54,7 @@ from .models import LABELS_FILE, causal_lm_token_loss, default_model_path, label
 from .predict import named_posterior_sigma
 from .run_folder import TRACKER_DIR, check_output_dir, write_json, write_marker, write_outputs
 from .schedules import masking_steps
+from .sharding import all_sum, is_sharded, local_shard, model_is_sharded, shard_model
 from .tasks import get_task
 from .trackers import sigma_statistics, tracking
 
@@ -108,9 +109,12 @@ def diverged(out: Path, step: int, reason: str, first_bad: int, is_main: bool) -
 
 
 def finite_state(model: nn.Module, optimizer) -> bool:
-    """Whether every trained weight, and IVON's Hessian (the posterior) where there is one, is finite."""
-    weights = all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)
-    return weights and all(torch.isfinite(g["hess"]).all() for g in optimizer.param_groups if "hess" in g)
+    """Whether every trained weight, and IVON's Hessian (the posterior) where there is one, is finite (of a
+    model FSDP sharded: in every process's rows; every process must call it then)."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    tensors = [local_shard(p) for p in trained] + [g["hess"] for g in optimizer.param_groups if "hess" in g]
+    bad = torch.stack([(~torch.isfinite(t)).any() for t in tensors]).sum().float() if tensors else torch.zeros(())
+    return all_sum(bad.reshape(1), trained).item() == 0
 
 
 def score(value: float, higher_is_better: bool = True) -> float:
@@ -172,6 +176,18 @@ class RunTrainerMixin:
             loss = self.accelerator.reduce(loss, "mean")
         return loss.item()  # one device sync a step
 
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        prepare = self.accelerator.prepare_model
+
+        def prepare_model(model, device_placement=None, evaluation_mode=False):
+            if model_is_sharded(model):  # FSDP2 already: not wrapped in DDP (which accelerate refuses for DTensors)
+                self.accelerator._models.append(model)
+                return model
+            return prepare(model, device_placement=device_placement, evaluation_mode=evaluation_mode)
+
+        self.accelerator.prepare_model = prepare_model
+
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
         scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)
@@ -232,10 +248,13 @@ class RunRecorder(TrainerCallback):
         if step in run.sigma_steps:  # the posterior's spread where the ranks are first and last decided
             history.setdefault("sigma", []).append(
                 {"step": step, "hessian_data_share": data_share(plan.ivon_beta2_resolved, step),
-                 **sigma_statistics(named_posterior_sigma(run.model, run.optimizer), overall=True)})
-        if run.tracker is not None and (step % config.logging_steps == 0 or step == plan.total_steps):
+                 **sigma_statistics(named_posterior_sigma(run.model, run.optimizer, whole=True), overall=True)})
+        # every process decides alike (the main one logs): under FSDP the whole sigma is gathered from all
+        logs = config.report_to != ["none"] and (step % config.logging_steps == 0 or step == plan.total_steps)
+        if logs:
             allocated = allocated and step <= plan.total_steps - plan.tfinal and config.uses_ivon
-            sigma = sigma_statistics(named_posterior_sigma(run.model, run.optimizer)) if allocated else {}
+            sigma = sigma_statistics(named_posterior_sigma(run.model, run.optimizer, whole=True)) if allocated else {}
+        if logs and run.tracker is not None:
             since = history["loss"][(step - 1) // config.logging_steps * config.logging_steps:]
             run.tracker.log({"train/loss": sum(since) / len(since), "train/lr": lr_now,
                              **({"train/rank_budget": budget} if budget is not None else {}), **sigma}, step=step)
@@ -342,6 +361,12 @@ def _train(config: TrainConfig, figures: Figures | None, closing: ExitStack) -> 
     dev_loaders = {split: kind.dev_loader(ds, tokenizer, config) for split, ds in data.dev.items()}
     # the adapter first (its size sets --ivon-ess auto); its length is the plan's, from the same two numbers
     model = on_device(build_trainable_model(model, config, total_steps_for(config, steps_per_epoch), fresh), device)
+    if config.fsdp:  # before the optimizer: IVON's state is made beside each process's rows
+        if world < 2:
+            raise UserError("--fsdp shards the model over processes: launch 2 or more (torchrun --nproc_per_node N, "
+                            "or accelerate launch)")
+        start_processes(device)
+        shard_model(model, reshard_after_forward=config.fsdp == "full_shard")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     plan = plan_run(config, model_name, len(data.train), steps_per_epoch, spec, trainable_parameters=trainable)
     settings = planned_config(config, plan)  # config.json's form: kept in checkpoints, checked on resume
@@ -434,9 +459,14 @@ def _train(config: TrainConfig, figures: Figures | None, closing: ExitStack) -> 
         "device": str(device),
         "processes": world,
     }
+    # what the files hold, whole: every process takes part where FSDP sharded it
+    adapter_state = whole_adapter_state(model) if model_is_sharded(model) else None
+    posterior = posterior_state_dict(optimizer, {p: n for n, p in model.named_parameters()}) \
+        if config.uses_ivon else None
     if run.is_main:
-        write_outputs(out, lambda folder: write_run(folder, config, settings, model, tokenizer, optimizer,
-                                                    done.history, results, allocator, correlations, figures))
+        write_outputs(out, lambda folder: write_run(folder, config, settings, model, tokenizer, posterior,
+                                                    done.history, results, allocator, correlations, figures,
+                                                    adapter_state))
     trainer.accelerator.wait_for_everyone()
     return results
 
@@ -454,18 +484,38 @@ def same_everywhere(trainer: Trainer, value) -> bool:
     return len(set(gather_object([digest]))) == 1
 
 
-def write_run(folder: Path, config: TrainConfig, settings: dict, model: nn.Module, tokenizer, optimizer, history: dict,
-              results: dict, allocator, correlations: CorrelationLog | None, figures: Figures | None) -> None:
-    """Every file of a finished run, into `folder`; `settings` is config.json (`planned_config`)."""
+def start_processes(device: torch.device) -> None:
+    """The process group, before the Trainer's arguments would start it: FSDP shards over it (accelerate's
+    state, which the Trainer then takes over, with each process on its own GPU)."""
+    from accelerate import PartialState
+
+    PartialState(cpu=device.type == "cpu")
+
+
+def whole_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors (and the modules trained in full) of a model FSDP sharded, gathered whole from every
+    process's rows, for `save_pretrained(state_dict=...)`; every process must call it. The frozen base is not
+    gathered."""
+    state = model.state_dict()  # FSDP2's: DTensors, nothing gathered
+    kept = {k: v for k, v in state.items() if "lora_" in k or "modules_to_save" in k}
+    return {k: (v.full_tensor() if is_sharded(v) else v).detach().cpu() for k, v in kept.items()}
+
+
+def write_run(folder: Path, config: TrainConfig, settings: dict, model: nn.Module, tokenizer, posterior, history: dict,
+              results: dict, allocator, correlations: CorrelationLog | None, figures: Figures | None,
+              adapter_state: dict | None = None) -> None:
+    """Every file of a finished run, into `folder`; `settings` is config.json (`planned_config`); `posterior`:
+    `adapters.posterior_state_dict`'s tensors and metadata (IVON methods); `adapter_state`: the adapter's
+    tensors gathered whole (FSDP), else the model's own are written."""
     if config.method_spec.adapter is None:
         model.save_pretrained(folder / "model")
         tokenizer.save_pretrained(folder / "model")
     else:
-        model.save_pretrained(folder / "adapter")
+        model.save_pretrained(folder / "adapter", **({"state_dict": adapter_state} if adapter_state else {}))
         if "id2label" in results:  # the class names beside the adapter (model/config.json holds them for full)
             write_json({k: results[k] for k in ("id2label", "label2id")}, folder / "adapter" / LABELS_FILE)
-    if config.uses_ivon:
-        tensors, meta = posterior_state_dict(optimizer, {p: n for n, p in model.named_parameters()})
+    if posterior is not None:
+        tensors, meta = posterior
         save_file(tensors, folder / POSTERIOR_FILE, metadata=meta)
     write_json(settings, folder / "config.json")
     write_marker(folder, "run")  # what --overwrite and the other commands know a run by (not its config.json)
