@@ -37,6 +37,16 @@ def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
+def train_argv(data_dir, model, out, *extra: str, task: str = "sst2", plots: bool = False, **flags) -> list[str]:
+    """`bayes-adalora train`'s arguments for a test run on GLUE files: the task, data, model and output folder, no
+    progress bar (nor figures unless `plots`), then `flags` (`max_steps=8` is `--max-steps 8`) and `extra`."""
+    words = ["train", "--task", task, "--data-dir", str(data_dir), "--model", str(model), "--output-dir", str(out),
+             "--no-progress", *([] if plots else ["--no-plots"])]
+    for name, value in flags.items():
+        words += ["--" + name.replace("_", "-"), str(value)]
+    return [*words, *extra]
+
+
 def refused(capfd, args: list, *words: str, code: int = 2) -> str:
     """The one stderr line of a refused `bayes-adalora` command: exit `code` (2: bad input), no traceback, and
     each of `words` in it."""

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
+import helpers
 from bayes_adalora.cli import main
 from helpers import refused
 
 
 def train_argv(glue_dir, model, out, *extra) -> list[str]:
-    return ["train", "--task", "sst2", "--data-dir", str(glue_dir), "--model", str(model), "--output-dir", str(out),
-            "--method", "lora", "--max-steps", "2", "--max-length", "16", "--batch-size", "8",
-            "--max-eval-samples", "8", "--no-progress", "--no-plots", *extra]
+    return helpers.train_argv(glue_dir, model, out, *extra, method="lora", max_steps=2, max_length=16, batch_size=8,
+                              max_eval_samples=8)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from scipy import stats
 from sklearn.metrics import accuracy_score
 
+import helpers
 from bayes_adalora.cli import main
 from bayes_adalora.config import bounds_of, config_fields
 from helpers import read_json, refused
@@ -46,10 +47,8 @@ RESULT_KEYS = {
 
 
 def train_argv(data_dir: Path, model: Path, out: Path, *extra: str, task: str = "sst2") -> list[str]:
-    return [
-        "train", "--task", task, "--data-dir", str(data_dir), "--model", str(model), "--output-dir", str(out),
-        "--max-steps", str(STEPS), "--max-length", str(MAX_LENGTH), "--no-progress", "--no-plots", *extra,
-    ]  # figures are tested in test_plots.py; drawing them for every run here would add ~20 s
+    # figures are tested in test_plots.py; drawing them for every run here would add ~20 s
+    return helpers.train_argv(data_dir, model, out, *extra, task=task, max_steps=STEPS, max_length=MAX_LENGTH)
 
 
 def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from bayes_adalora.cli import main
 from conftest import save_tiny_deberta
+from helpers import train_argv
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +23,8 @@ def tiny_deberta_no_dropout(tmp_path_factory):
 
 def args(glue_dir, model, out, method):
     # 32 examples: two global batches of 16 an epoch, which 2 processes share as 8 and 8 rows
-    return ["train", "--task", "sst2", "--data-dir", str(glue_dir), "--model", str(model), "--method", method,
-            "--max-steps", "16", "--batch-size", "16", "--max-length", "32", "--eval-steps", "8",
-            "--max-train-samples", "32", "--no-progress", "--no-plots", "--output-dir", str(out)]
+    return train_argv(glue_dir, model, out, method=method, max_steps=16, batch_size=16, max_length=32, eval_steps=8,
+                      max_train_samples=32)
 
 
 @pytest.mark.parametrize("method", ["bayes-adalora", "adalora"])

@@ -11,7 +11,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from bayes_adalora.cli import main
 from conftest import save_tiny_deberta
-from helpers import refused
+from helpers import refused, train_argv
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +22,7 @@ def tiny_deberta_no_dropout(tmp_path_factory):
 
 
 def args(glue_dir, model, out, *extra):
-    return ["train", "--task", "sst2", "--data-dir", str(glue_dir), "--model", str(model), "--max-steps", "8",
-            "--batch-size", "16", "--max-length", "32", "--eval-steps", "8", "--no-progress", "--no-plots",
-            "--output-dir", str(out), *extra]
+    return train_argv(glue_dir, model, out, *extra, max_steps=8, batch_size=16, max_length=32, eval_steps=8)
 
 
 def relative_gap(a: dict, b: dict) -> float:

@@ -16,7 +16,7 @@ from bayes_adalora.cli import main
 from bayes_adalora.ivon_inplace import InplaceIVON, ShardedIVON
 from bayes_adalora.sharding import gather_rows, local_shard, shard_rows
 from conftest import save_tiny_deberta
-from helpers import read_json, refused
+from helpers import read_json, refused, train_argv
 
 SCRIPT = Path(__file__).with_name("fsdp_run.py")
 
@@ -29,9 +29,8 @@ def tiny_deberta_no_dropout(tmp_path_factory):
 
 
 def cli_args(glue_dir, model, out, *extra):
-    return ["train", "--task", "sst2", "--data-dir", str(glue_dir), "--model", str(model), "--max-steps", "16",
-            "--batch-size", "16", "--max-length", "32", "--eval-steps", "8", "--max-train-samples", "32",
-            "--no-progress", "--no-plots", "--output-dir", str(out), *extra]
+    return train_argv(glue_dir, model, out, *extra, max_steps=16, batch_size=16, max_length=32, eval_steps=8,
+                      max_train_samples=32)
 
 
 def run(kind: str, criterion: str, out: Path, processes: int) -> dict:

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import helpers
 from bayes_adalora.cli import main
 from bayes_adalora.plots import PLOTS, moving_average, rank_grid, sigma_groups, split_layer_module
 from bayes_adalora.run_folder import read_run
@@ -148,8 +149,7 @@ def test_figures_of_a_minilm_sized_run_have_titles_and_no_overlapping_labels(nam
 
 
 def train_argv(glue_dir: Path, model: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--task", "sst2", "--data-dir", str(glue_dir), "--model", str(model), "--output-dir", str(out),
-            "--max-steps", "12", "--max-length", "32", "--no-progress", *extra]
+    return helpers.train_argv(glue_dir, model, out, *extra, plots=True, max_steps=12, max_length=32)
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,11 @@ from safetensors.torch import load_file, save_file
 
 import bayes_adalora.train as train_module
 from bayes_adalora.cli import main
-from helpers import refused
+from helpers import refused, train_argv
 
 
 def argv(glue_dir, model, out, *extra) -> list[str]:
-    return ["train", "--task", "sst2", "--data-dir", str(glue_dir), "--model", str(model), "--output-dir", str(out),
-            "--max-steps", "4", "--max-length", "32", "--batch-size", "8", "--max-eval-samples", "8",
-            "--no-progress", "--no-plots", *extra]
+    return train_argv(glue_dir, model, out, *extra, max_steps=4, max_length=32, batch_size=8, max_eval_samples=8)
 
 
 def truncate(path: Path) -> None:

@@ -13,14 +13,13 @@ import torch
 from safetensors.torch import load_file
 
 from bayes_adalora.cli import main
+from helpers import train_argv
 
 STEPS = 60
 
 
 def run_args(glue_dir, model, out, *extra):
-    return ["train", "--task", "sst2", "--data-dir", str(glue_dir), "--model", str(model), "--max-steps", str(STEPS),
-            "--max-length", "32", "--batch-size", "8", "--eval-steps", "15", "--no-progress", "--no-plots",
-            "--output-dir", str(out), *extra]
+    return train_argv(glue_dir, model, out, *extra, max_steps=STEPS, max_length=32, batch_size=8, eval_steps=15)
 
 
 def adapter_tensors(run):
