@@ -135,3 +135,14 @@ def test_what_does_not_train_on_shards_yet_is_refused_in_one_sentence(extra, wor
     out = tmp_path / "run"
     refused(capfd, cli_args(glue_dir, tiny_deberta, out, "--fsdp", "full_shard", *extra), words)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("variable, words", [("ACCELERATE_USE_DEEPSPEED", "launched with DeepSpeed"),
+                                             ("ACCELERATE_USE_FSDP", "accelerate's FSDP configuration")])
+def test_a_launch_by_another_sharding_engine_is_refused_before_the_model_loads(variable, words, capfd, tmp_path,
+                                                                                 glue_dir, monkeypatch):
+    monkeypatch.setenv(variable, "true")
+    out = tmp_path / "run"
+    # a model path that does not exist: the refusal comes before any model is read
+    refused(capfd, cli_args(glue_dir, tmp_path / "no-model", out), words, "--fsdp full_shard")
+    assert not out.exists()

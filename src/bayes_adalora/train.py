@@ -81,6 +81,18 @@ def resume_checkpoint(out: Path, resume: str | None) -> Path | None:
     return path
 
 
+def check_launcher() -> None:
+    """Refuse, before any model loads, a launch that would shard the run by another engine: DeepSpeed, which
+    IVON's state and the rank allocation do not read, and accelerate's FSDP plugin, whose part `--fsdp` plays."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true"):
+        raise UserError("this run was launched with DeepSpeed, which bayes-adalora does not train with (IVON's state "
+                        "and the rank allocation read whole or FSDP-sharded weights): launch without DeepSpeed, "
+                        "and add --fsdp full_shard to shard the model")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
+        raise UserError("this run was launched with accelerate's FSDP configuration; bayes-adalora shards the model "
+                        "itself: launch without it (plain multi-GPU) and add --fsdp full_shard")
+
+
 def process_count() -> int:
     """The processes of this run: torchrun's or accelerate's WORLD_SIZE (1 without a launcher)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -337,6 +349,7 @@ def _train(config: TrainConfig, figures: Figures | None, closing: ExitStack) -> 
         if saved.get("learning_rate") is not None:
             config = dataclasses.replace(config, learning_rate=saved["learning_rate"])
     device = resolve_device(config.device)
+    check_launcher()
     world = process_count()
     micro = world * config.gradient_accumulation_steps
     if config.per_device_train_batch_size is not None:  # the Trainer's count: the batch follows the processes
