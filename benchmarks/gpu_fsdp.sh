@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # FSDP2 on NVIDIA GPUs (NCCL), one prepared session of under 10 minutes: the packaged MiniLM on SST-2 (the real
-# files under $GLUE_DIR), bayes-adalora, 120 steps, batch 32, trained three ways with the same settings: one
+# files under $GLUE_DIR), bayes-adalora, 120 steps, batch 16 per GPU, trained three ways with the same settings: one
 # process, DDP over all GPUs, and --fsdp full_shard over all GPUs. It checks that the three end with the same
 # rank pattern and adapter weights within 1e-4 (relative), the same for the posterior file, and reports each
 # run's seconds per step and peak GPU memory (results.json's `seconds_per_step`, `peak_memory_mb`).
@@ -18,7 +18,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 export PYTHONPATH="$PWD/src:/tmp/site" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 common=(train --task sst2 --data-dir "${GLUE_DIR:?set GLUE_DIR to the GLUE files}" --method bayes-adalora
-        --max-steps 120 --batch-size 32 --max-length 64 --eval-steps 120 --max-eval-samples 512
+        --max-steps 120 --batch-size $((16 * gpus)) --max-length 64 --eval-steps 120 --max-eval-samples 512
         --no-plots --no-progress --seed 0)
 {
   python3 -m bayes_adalora.cli "${common[@]}" --output-dir "$out/one"

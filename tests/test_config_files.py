@@ -103,16 +103,29 @@ def test_a_json_config_still_reads_as_before(tmp_path):
         read_config_file(str(path))
 
 
+def from_command_line(*argv: str):
+    flags = vars(build_parser().parse_args(["train", *argv]))
+    flags.pop("command")
+    return make_config(flags)[0]
+
+
 def test_the_flags_take_the_trainers_names_and_the_old_spellings_stay_aliases():
-    new = vars(build_parser().parse_args([
-        "train", "--learning-rate", "0.3", "--num-train-epochs", "2", "--lr-scheduler-type", "cosine",
-        "--per-device-eval-batch-size", "8", "--resume-from-checkpoint", "--report-to", "tensorboard", "wandb"]))
-    old = vars(build_parser().parse_args([
-        "train", "--lr", "0.3", "--epochs", "2", "--lr-schedule", "cosine", "--eval-batch-size", "8", "--resume",
-        "--report-to", "tensorboard", "wandb"]))
-    assert new == old == {"command": "train", "learning_rate": 0.3, "num_train_epochs": 2.0,
-                          "lr_scheduler_type": "cosine", "per_device_eval_batch_size": 8,
-                          "resume_from_checkpoint": "latest", "report_to": ["tensorboard", "wandb"]}
+    new = from_command_line("--learning-rate", "0.3", "--num-train-epochs", "2", "--lr-scheduler-type", "cosine",
+                            "--per-device-eval-batch-size", "8", "--resume-from-checkpoint",
+                            "--report-to", "tensorboard", "wandb")
+    old = from_command_line("--lr", "0.3", "--epochs", "2", "--lr-schedule", "cosine", "--eval-batch-size", "8",
+                            "--resume", "--report-to", "tensorboard", "wandb")
+    assert new == old
+    assert (new.learning_rate, new.num_train_epochs, new.lr_scheduler_type, new.per_device_eval_batch_size,
+            new.resume_from_checkpoint, new.report_to) == (0.3, 2.0, "cosine", 8, "latest", ["tensorboard", "wandb"])
+    # the old constant schedule warmed up: its old spelling still does; transformers' constant does not
+    assert from_command_line("--lr-schedule", "constant").lr_scheduler_type == "constant_with_warmup"
+    assert from_command_line("--lr-scheduler-type", "constant").lr_scheduler_type == "constant"
+
+
+def test_the_batch_is_set_once():
+    with pytest.raises(UserError, match="--batch-size and --per-device-train-batch-size both set the batch"):
+        from_command_line("--batch-size", "32", "--per-device-train-batch-size", "8")
 
 
 def test_a_config_file_of_the_old_names_reads_as_the_new(tmp_path):

@@ -73,15 +73,25 @@ def test_an_epochs_short_last_batch_is_completed_as_accelerate_does_not_a_nan(tm
     assert result["processes"] == 2
 
 
-def test_the_command_closes_the_process_group_it_ran_in(tmp_path):
+def test_the_command_closes_the_process_group_it_opened_and_leaves_the_callers(tmp_path, monkeypatch):
     """Left open at exit, a gloo process can abort ("terminate called without an active exception") after its
-    run was written, failing torchrun; the command closes the group however it ends (here: a refused folder)."""
+    run was written, failing torchrun; the command closes the group it opened however it ends (here: a refused
+    folder), and leaves open one its caller opened."""
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    from bayes_adalora import cli
+
+    store = f"file://{tmp_path / 'store'}"
+    quiet = cli.quiet_libraries
+    monkeypatch.setattr(cli, "quiet_libraries",  # as the Trainer's arguments open it, during the command
+                        lambda: (quiet(), dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)))
     try:
         assert main(["plot", str(tmp_path / "absent")]) == 2
         assert not dist.is_initialized()
+        monkeypatch.setattr(cli, "quiet_libraries", quiet)
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store2'}", rank=0, world_size=1)
+        assert main(["plot", str(tmp_path / "absent")]) == 2
+        assert dist.is_initialized()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

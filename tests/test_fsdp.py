@@ -92,17 +92,20 @@ def test_a_whole_tensor_is_its_own_shard():
 def test_the_command_trains_sharded_over_two_processes_as_one_process_does(method, tmp_path, glue_dir,
                                                                           tiny_deberta_no_dropout):
     single, double = tmp_path / "single", tmp_path / "double"
-    assert main(cli_args(glue_dir, tiny_deberta_no_dropout, single, "--method", method)) == 0
+    mc = ["--mc-samples", "2"] if method == "bayes-adalora" else []  # the posterior predictive draws on shards
+    assert main(cli_args(glue_dir, tiny_deberta_no_dropout, single, "--method", method, *mc)) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
               "bayes_adalora.cli", *cli_args(glue_dir, tiny_deberta_no_dropout, double, "--method", method,
-                                             "--fsdp", "full_shard")]
+                                             "--fsdp", "full_shard", *mc)]
     done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     one, two = (read_json(r / "results.json") for r in (single, double))
     assert (one["processes"], two["processes"], read_json(double / "config.json")["fsdp"]) == (1, 2, "full_shard")
     assert one["final_ranks"] == two["final_ranks"]  # the run itself checks that both processes agree
     assert two["metrics"]["final"]["accuracy"] == one["metrics"]["final"]["accuracy"]
+    if mc:  # the same draws as one process: each process adds its rows of one whole draw
+        assert two["metrics"]["mc"]["nll"] == pytest.approx(one["metrics"]["mc"]["nll"], rel=1e-4)
     # the files hold the whole tensors, gathered from the shards
     files = ["adapter/adapter_model.safetensors"] + (["posterior.safetensors"] if method == "bayes-adalora" else [])
     for name in files:

@@ -272,7 +272,7 @@ def test_callback_refuses_phases_longer_than_the_run(tiny_deberta, glue_dir, tmp
     train_set = read_sst2(glue_dir, "train", tokenizer, limit=16)
     trainer = make_trainer(str(tiny_deberta), train_set, None, config, trainer_args(tmp_path, max_steps=10))
     trainer.args.max_steps = 4
-    with pytest.raises(ValueError, match=r"--tinit 3 and --tfinal 2 leave no steps .* 4-step run"):
+    with pytest.raises(ValueError, match=r"tinit \(3\) and tfinal \(2\) leave no steps .* 4 steps"):
         trainer.train()
 
 

@@ -108,7 +108,7 @@ ADAPTERS = {"lora": lora_config, "adalora": adalora_config}
 
 def make_optimizer(model: nn.Module, config: TrainConfig, ess: float, sync: bool = False,
                    total_steps: int | None = None):
-    """IVON or AdamW over the trainable parameters, at `config.lr` (else the method's default); on the
+    """IVON or AdamW over the trainable parameters, at `config.learning_rate` (else the method's default); on the
     fast path IVON is an `InplaceIVON` (ivon-opt's numbers, in place). `total_steps`: the run's length,
     which `--ivon-beta2 auto` follows."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -178,7 +178,11 @@ def make_scheduler(config: TrainConfig, optimizer, total_steps: int, warmup: int
             s, warmup, config.two_phase_const, config.two_phase_first, config.two_phase_second, total_steps))
     from transformers import get_scheduler
 
-    return get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    try:
+        return get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
+                             num_training_steps=total_steps)
+    except ValueError as err:  # e.g. polynomial's end (1e-7) above the peak learning rate
+        raise UserError(f"--lr-scheduler-type {config.lr_scheduler_type} cannot follow this run: {err}") from None
 
 
 def set_peak_lr(scheduler, optimizer, lr: float) -> None:

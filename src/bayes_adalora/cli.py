@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from .config import RunPlan, bounds_of, config_fields, current_names, field_type, make_config
+from .config import RunPlan, bounds_of, config_fields, current_names, field_type, flag, make_config
 from .errors import TrainingDiverged, UserError
 from .ivon_settings import NumberOrWord
 from .paths import require_file
@@ -60,8 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 "or multiple choice) and save the run",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for field in config_fields():
-        train.add_argument("--" + field.name.replace("_", "-"), *field.metadata.get("aliases", ()), dest=field.name,
-                           **flag_kwargs(field))
+        train.add_argument("--" + field.name.replace("_", "-"), dest=field.name, **flag_kwargs(field))
+        for alias in field.metadata.get("aliases", ()):  # the old spelling, read under the old name (RENAMED)
+            old = alias.removeprefix("--").replace("-", "_")
+            train.add_argument(alias, dest=old, **{**flag_kwargs(field), "help": f"old spelling of {flag(field.name)}"})
     train.add_argument("--config", dest="config_file", metavar="FILE", default=argparse.SUPPRESS,
                        help="Start from a settings file: a run's config.json, or a JSON or YAML file (.yaml, .yml) "
                             "of settings named as in config.json; flags given here win.")
@@ -123,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as done:  # --help (0), or a flag argparse refused (2): its line is printed
         return done.code
     command = args.pop("command")
+    opened_before = processes_started()  # a group the caller opened stays open
     quiet_libraries()
     try:
         if command == "train":
@@ -159,18 +162,29 @@ def main(argv: list[str] | None = None) -> int:
               "continue with --resume-from-checkpoint, or start again with --overwrite)", file=sys.stderr)
         return 130
     finally:
-        close_processes()
+        if not opened_before:
+            close_processes()
     return 0
 
 
-def close_processes() -> None:
-    """Closes the process group the Trainer opened under torchrun, once what held it (the run's DDP model) is
-    collected: left to the interpreter's exit, a gloo process can abort ("terminate called without an active
-    exception") after its run was written, as gloo's threads still hold tensors then."""
+def processes_started() -> bool:
+    """Whether a torch.distributed process group is open (torch not imported: none is)."""
     distributed = sys.modules.get("torch.distributed")  # never imported by --help or a refused flag
-    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+    return distributed is not None and distributed.is_available() and distributed.is_initialized()
+
+
+def close_processes() -> None:
+    """Closes the process group the command opened (the Trainer's, under torchrun), once what held it (the run's
+    DDP model) is collected: left to the interpreter's exit, a gloo process can abort ("terminate called without
+    an active exception") after its run was written, as gloo's threads still hold tensors then. accelerate's
+    state, which describes the group, is reset with it."""
+    if processes_started():
         gc.collect()
-        distributed.destroy_process_group()
+        sys.modules["torch.distributed"].destroy_process_group()
+        accelerate_state = sys.modules.get("accelerate.state")
+        reset = getattr(getattr(accelerate_state, "AcceleratorState", None), "_reset_state", None)
+        if reset is not None:
+            reset(reset_partial_state=True)
 
 
 def read_config_file(path: str | None) -> dict | None:

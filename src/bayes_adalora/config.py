@@ -144,8 +144,8 @@ class TrainConfig:
     )
     lr_scheduler_type: str = _f(
         "linear",
-        "The learning-rate schedule: transformers' schedules (each with --warmup-steps' warm-up), or the paper's "
-        "two-phase IVON schedule.",
+        "The learning-rate schedule: transformers' (after --warmup-steps' linear warm-up, but constant, which has "
+        "none: constant_with_warmup has it), or the paper's two-phase IVON schedule.",
         choices=LR_SCHEDULES, aliases=["--lr-schedule"],
     )
     warmup_steps: int | None = _f(None, "Learning-rate warm-up steps (default: 6% of the run).", bounds=NON_NEGATIVE)
@@ -458,6 +458,8 @@ def make_config(given: dict, base: dict | None = None) -> tuple[TrainConfig, set
     """
     names = {f.name for f in config_fields()}
     given, base = current_names(given), current_names(base or {})
+    if "batch_size" in given and "per_device_train_batch_size" in given:
+        raise UserError("--batch-size and --per-device-train-batch-size both set the batch: give one of them")
     unknown = set(given) - names
     if unknown:
         raise UserError(f"unknown setting {sorted(unknown)[0]!r}")
@@ -505,13 +507,16 @@ def total_steps_for(config: TrainConfig, batches_per_epoch: int) -> int:
     return max(1, math.ceil(config.num_train_epochs * batches_per_epoch))
 
 
-def check_phases(tinit: int, tfinal: int, total_steps: int) -> None:
+def check_phases(tinit: int, tfinal: int, total_steps: int, flags: bool = True) -> None:
     """AdaLoRA's budget falls between steps tinit and total_steps - tfinal: that interval must not be empty
-    (the command line's run plan and the Trainer's callback check it alike)."""
+    (the command line's run plan and the Trainer's callback check it alike; `flags`: named as the command
+    line's flags, else as `AdaLoraConfig`'s fields)."""
     if tinit < 0 or tfinal < 0 or tinit >= total_steps - tfinal:
-        raise UserError(
-            f"--tinit {tinit} and --tfinal {tfinal} leave no steps for the budget to fall in a {total_steps}-step run"
-        )
+        if flags:
+            raise UserError(f"--tinit {tinit} and --tfinal {tfinal} leave no steps for the budget to fall in a "
+                            f"{total_steps}-step run")
+        raise UserError(f"AdaLoRA's tinit ({tinit}) and tfinal ({tfinal}) leave no steps for the rank budget to fall "
+                        f"in the Trainer's {total_steps} steps: lower them or train longer")
 
 
 def adalora_phases(config: TrainConfig, total_steps: int) -> tuple[int, int, int]:

@@ -44,7 +44,8 @@ def train_command(resolved: dict) -> str:
     derived = set(resolved.get("derived", ()))
     for f in config_fields():
         value = resolved.get(f.name, f.default)
-        if f.name in ("resume_from_checkpoint", "overwrite") or f.name in derived or value in (f.default, None):
+        unset = value in (f.default, [f.default], None)  # a list of choices holds its default as one item
+        if f.name in ("resume_from_checkpoint", "overwrite") or f.name in derived or unset:
             continue
         if isinstance(value, bool):
             words.append(flag(f.name) if value else "--no-" + flag(f.name)[2:])

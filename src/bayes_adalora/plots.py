@@ -307,6 +307,8 @@ def plot_run(folder: str | Path, output_dir: str | Path | None = None) -> list[P
     for name, plot in PLOTS.items():
         try:
             figure = plot(run)
+        except UserError:  # already one sentence naming its file (a UserError is a ValueError too)
+            raise
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as err:  # a file of the wrong shape
             raise UserError(f"{run.folder / PLOT_SOURCES[name]} does not hold what a run writes there "
                             f"({type(err).__name__}: {err}): the run is damaged; train it again") from None

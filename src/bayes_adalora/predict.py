@@ -78,11 +78,12 @@ def posterior_draw(model: nn.Module, sigma: dict[str, torch.Tensor], generator: 
                     p.data = p.data + noise
         yield
     finally:
-        for name, p in model.named_parameters():
-            if name in means:
-                p.data = means[name]
-            elif name in sharded:
-                local_shard(p).copy_(sharded[name])
+        with torch.no_grad():  # a DTensor's local view is written in place: not under autograd
+            for name, p in model.named_parameters():
+                if name in means:
+                    p.data = means[name]
+                elif name in sharded:
+                    local_shard(p).copy_(sharded[name])
 
 
 def predict_sampled(model: nn.Module, loaders: dict, device, autocast, sigma: dict[str, torch.Tensor],

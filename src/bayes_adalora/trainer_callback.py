@@ -42,7 +42,7 @@ class RankAllocationCallback(TrainerCallback):
             )
         tuner = adalora_tuner(model)
         config = adalora_settings(tuner)
-        check_phases(config.tinit, config.tfinal, state.max_steps)
+        check_phases(config.tinit, config.tfinal, state.max_steps, flags=False)
         config.total_step = state.max_steps
         rank_allocator(tuner).set_total_step(state.max_steps)  # the same config object, unless replaced
 
