@@ -35,8 +35,9 @@ def test_gradient_accumulation_steps_on_the_mean_gradient_of_the_whole_batch(tmp
     same mean gradient, so the same run, up to the order of float sums."""
     whole, halves = tmp_path / "whole", tmp_path / "halves"
     assert main(args(glue_dir, tiny_deberta_no_dropout, whole, "--method", "adalora")) == 0
-    assert main(args(glue_dir, tiny_deberta_no_dropout, halves, "--method", "adalora",
-                     "--per-device-train-batch-size", "8", "--gradient-accumulation-steps", "2")) == 0
+    assert main(train_argv(glue_dir, tiny_deberta_no_dropout, halves, "--method", "adalora",  # no --batch-size
+                           max_steps=8, max_length=32, eval_steps=8, per_device_train_batch_size=8,
+                           gradient_accumulation_steps=2)) == 0
     assert json.loads((halves / "config.json").read_text())["batch_size"] == 16  # the Trainer's count: 8 x 1 x 2
     a, b = (json.loads((r / "history.json").read_text()) for r in (whole, halves))
     assert len(b["loss"]) == 8 and max(abs(x - y) for x, y in zip(a["loss"], b["loss"])) < 1e-5

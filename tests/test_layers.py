@@ -13,10 +13,11 @@ MAY_DEFER = {"cli", "__init__"}
 # Lower layers first: a module may import only from its own layer's earlier modules or from lower layers.
 LAYERS = [
     {"errors", "paths", "tasks", "methods", "importance", "posterior", "schedules", "metrics", "evaluation", "recipes",
-     "steps", "ivon_inplace", "lm_metrics", "ivon_settings"},
+     "steps", "sharding", "ivon_inplace", "lm_metrics", "ivon_settings"},
     {"config", "data", "models", "adapters", "checkpoint", "fast_adalora", "lm_data"},
-    {"allocator", "build", "predict", "run_folder", "lm_predict", "kinds", "trackers"},
-    {"train", "run_io", "hf_trainer", "export"},
+    {"allocator", "build", "predict", "run_folder", "lm_predict", "kinds", "trackers", "trainer_args",
+     "trainer_metrics"},
+    {"trainer_callback", "trainer_checkpoints", "train", "run_io", "hf_trainer", "export"},
     {"cli", "plots", "__init__"},
 ]
 

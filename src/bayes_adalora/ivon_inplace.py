@@ -23,6 +23,8 @@ import ivon
 import torch
 from torch import Tensor
 
+from .sharding import check_row_sharded, local_shard, shard_rows
+
 
 class InplaceIVON(ivon.IVON):
     """`ivon.IVON` whose parameters are views of one flat buffer, updated in place (same numbers)."""
@@ -224,8 +226,6 @@ class ShardedIVON(InplaceIVON):
 
     def _get_param_configs(self):
         """ivon-opt's sizes, counted over this process's rows; each group's whole size kept as `global_numel`."""
-        from .sharding import check_row_sharded, local_shard
-
         params = self._params()
         for p in params:
             check_row_sharded(p)
@@ -243,8 +243,6 @@ class ShardedIVON(InplaceIVON):
 
     def _flatten(self) -> None:
         """The buffers over this process's rows, and where each of its entries sits in its group's whole vector."""
-        from .sharding import local_shard, shard_rows
-
         options = dict(device=self._device, dtype=self._dtype)
         self._flat = torch.empty(self._numel, **options)
         self._mean = torch.empty(self._numel, **options)
@@ -275,8 +273,6 @@ class ShardedIVON(InplaceIVON):
         self._ensure_views()
 
     def _locals(self) -> list[Tensor]:
-        from .sharding import local_shard
-
         return [local_shard(p) for p in self._params()]
 
     def _ensure_views(self) -> None:
@@ -290,8 +286,6 @@ class ShardedIVON(InplaceIVON):
             torch._foreach_copy_(self._locals(), self._views)
 
     def _local_grads(self) -> list[Tensor | None]:
-        from .sharding import local_shard
-
         return [local_shard(p.grad) if p.requires_grad and p.grad is not None else None for p in self._params()]
 
     def _draw_noise(self, index: int, group: dict, out: Tensor) -> None:
