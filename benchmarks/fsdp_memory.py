@@ -109,6 +109,8 @@ def worker(out: Path) -> None:
     rows = [None] * world
     if world > 1:
         dist.all_gather_object(rows, row)
+        del model, optimizer, step  # what holds the process group goes first (a gloo process can abort at exit)
+        gc.collect()
         dist.destroy_process_group()
     else:
         rows = [row]

@@ -6,6 +6,7 @@ and the posterior file's tensors (process 0), to compare one process with two.
 Usage: fsdp_run.py llama|minilm CRITERION OUT.json
 """
 
+import gc
 import json
 import os
 import sys
@@ -63,8 +64,8 @@ for it in range(1, STEPS + 1):
     labels = tokens if kind == "llama" else torch.randint(0, 2, (BATCH,), generator=data)
     mine = slice(rank * BATCH // world, (rank + 1) * BATCH // world)  # this process's half of the batch
 
-    def forward_backward(inputs=tokens[mine], targets=labels[mine]):
-        loss = model(input_ids=inputs, labels=targets).loss
+    def forward_backward(inputs=tokens[mine], targets=labels[mine], net=model):
+        loss = net(input_ids=inputs, labels=targets).loss
         loss.backward()
         return loss
 
@@ -85,5 +86,9 @@ if rank == 0:
         json.dump({"patterns": every, "weights": {n: t.tolist() for n, t in weights.items()},
                    "hess": {n: t.tolist() for n, t in posterior.items() if n.endswith(".hess")},
                    "sharded": world > 1}, file)
+# what holds the process group (the sharded model, IVON on its shards) goes first, then the group: one left to
+# the interpreter's exit can abort the process (gloo's threads still hold tensors) after its result is written
+del model, optimizer, step, tuner, params, posterior, weights
+gc.collect()
 if world > 1:
     dist.destroy_process_group()
