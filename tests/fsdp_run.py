@@ -1,9 +1,10 @@
-"""A bayes-adalora loop over a model FSDP2 shards (torch's `fully_shard`) or over the whole model, launched by
-tests/test_fsdp.py alone or under torchrun (2 processes, gloo): IVON on the shards (`ShardedIVON`), the posterior
-rank allocation over them, the posterior gathered whole. Writes every step's rank pattern, the final weights
-and the posterior file's tensors (process 0), to compare one process with two.
+"""An AdaLoRA loop over a model FSDP2 shards (torch's `fully_shard`) or over the whole model, launched by
+tests/test_fsdp.py alone or under torchrun (2 processes, gloo): IVON on the shards (`ShardedIVON`) or AdamW, the
+rank allocation over them (the posterior's, or AdaLoRA's sensitivity), the posterior gathered whole. Writes every
+step's rank pattern, the final weights and the posterior file's tensors (process 0), to compare one process with
+two.
 
-Usage: fsdp_run.py llama|minilm CRITERION OUT.json
+Usage: fsdp_run.py llama|minilm CRITERION OUT.json [bayes-adalora|adalora-ivon|adalora]
 """
 
 import gc
@@ -23,6 +24,7 @@ from bayes_adalora.sharding import gather_rows, local_shard, model_is_sharded, s
 from bayes_adalora.steps import IVONStep, NoiseStream
 
 kind, criterion, out = sys.argv[1], sys.argv[2], sys.argv[3]
+method = sys.argv[4] if len(sys.argv) > 4 else "bayes-adalora"
 STEPS, BATCH, LENGTH = 12, 4, 12
 world = int(os.environ.get("WORLD_SIZE", "1"))
 if world > 1:
@@ -53,10 +55,15 @@ if world > 1:
     shard_model(model)
     assert model_is_sharded(model)
 params = [p for p in model.parameters() if p.requires_grad]
-optimizer = ShardedIVON(params, lr=0.5, ess=1e5, hess_init=0.1, clip_radius=1e-2, beta2=0.9)
-install_allocator(model, "bayes-adalora", optimizer, criterion)
+if method == "adalora":  # torch's AdamW steps DTensors itself; its step, g / sqrt(v), turns the rounding of a
+    # gradient near 0 (the mean over 2 processes' halves against the mean over the batch) into up to lr: lr is small
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    step = None
+else:
+    optimizer = ShardedIVON(params, lr=0.5, ess=1e5, hess_init=0.1, clip_radius=1e-2, beta2=0.9)
+    step = IVONStep(optimizer, 1, NoiseStream(0))
+install_allocator(model, method, optimizer, criterion)
 tuner = adalora_tuner(model)
-step = IVONStep(optimizer, 1, NoiseStream(0))
 data = torch.Generator().manual_seed(1)
 patterns = []
 for it in range(1, STEPS + 1):
@@ -69,12 +76,18 @@ for it in range(1, STEPS + 1):
         loss.backward()
         return loss
 
-    step.gradients(forward_backward)
-    step.update()
-    tuner.update_and_allocate(it)
+    if step is None:
+        optimizer.zero_grad(set_to_none=True)
+        forward_backward()
+        optimizer.step()
+    else:
+        step.gradients(forward_backward)
+        step.update()
+    tuner.update_and_allocate(it)  # after the step, before the gradients go: the sensitivity reads them
     patterns.append(rank_pattern(tuner))
 names = {p: n for n, p in model.named_parameters()}
-posterior, _ = posterior_state_dict(optimizer, names)  # every process: the sharded tensors are gathered
+# every process: the sharded tensors are gathered
+posterior = posterior_state_dict(optimizer, names)[0] if step is not None else {}
 weights = {n: gather_rows(p, local_shard(p)) for n, p in model.named_parameters() if p.requires_grad}
 every = [None] * world
 if world > 1:

@@ -33,11 +33,12 @@ def cli_args(glue_dir, model, out, *extra):
                       max_train_samples=32)
 
 
-def run(kind: str, criterion: str, out: Path, processes: int) -> dict:
+def run(kind: str, criterion: str, out: Path, processes: int, method: str = "bayes-adalora") -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, str(SCRIPT)] if processes == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), str(SCRIPT)]
-    done = subprocess.run([*launch, kind, criterion, str(out)], capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run([*launch, kind, criterion, str(out), method], capture_output=True, text=True, env=env,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -46,10 +47,14 @@ def relative_gap(a: dict, b: dict) -> float:
     return max(np.abs(np.array(a[k]) - np.array(b[k])).max() / (np.abs(np.array(a[k])).max() + 1e-12) for k in a)
 
 
-@pytest.mark.parametrize("kind, criterion", [("llama", "snr_abs"), ("minilm", "snr_abs"), ("llama", "mean_abs")])
-def test_two_sharded_processes_train_as_one_does(kind, criterion, tmp_path):
-    one = run(kind, criterion, tmp_path / "one.json", 1)
-    two = run(kind, criterion, tmp_path / "two.json", 2)
+@pytest.mark.parametrize("kind, criterion, method", [
+    ("llama", "snr_abs", "bayes-adalora"), ("minilm", "snr_abs", "bayes-adalora"),
+    ("llama", "mean_abs", "bayes-adalora"),
+    ("llama", "snr_abs", "adalora-ivon"), ("minilm", "snr_abs", "adalora"), ("llama", "snr_abs", "adalora"),
+])
+def test_two_sharded_processes_train_as_one_does(kind, criterion, method, tmp_path):
+    one = run(kind, criterion, tmp_path / "one.json", 1, method)
+    two = run(kind, criterion, tmp_path / "two.json", 2, method)
     assert two["sharded"] and not one["sharded"]
     # every masking step: the same rank pattern in both processes and in the single run
     assert two["patterns"][0] == two["patterns"][1] == one["patterns"][0]
@@ -57,6 +62,8 @@ def test_two_sharded_processes_train_as_one_does(kind, criterion, tmp_path):
         len(flags) for flags in one["patterns"][0][-1].values())  # triplets were masked
     assert one["weights"].keys() == two["weights"].keys()
     assert relative_gap(one["weights"], two["weights"]) < 1e-4
+    if method == "adalora":  # AdamW: no posterior
+        return
     # the posterior file's Hessians, gathered whole from the shards
     assert one["hess"].keys() == two["hess"].keys() and len(one["hess"]) == len(one["weights"])
     assert relative_gap(one["hess"], two["hess"]) < 1e-4
@@ -88,7 +95,7 @@ def test_a_whole_tensor_is_its_own_shard():
     assert gather_rows(p, local) is local
 
 
-@pytest.mark.parametrize("method", ["bayes-adalora", "lora"])
+@pytest.mark.parametrize("method", ["bayes-adalora", "lora", "adalora", "adalora-ivon", "full"])
 def test_the_command_trains_sharded_over_two_processes_as_one_process_does(method, tmp_path, glue_dir,
                                                                           tiny_deberta_no_dropout):
     single, double = tmp_path / "single", tmp_path / "double"
@@ -107,11 +114,15 @@ def test_the_command_trains_sharded_over_two_processes_as_one_process_does(metho
     if mc:  # the same draws as one process: each process adds its rows of one whole draw
         assert two["metrics"]["mc"]["nll"] == pytest.approx(one["metrics"]["mc"]["nll"], rel=1e-4)
     # the files hold the whole tensors, gathered from the shards
-    files = ["adapter/adapter_model.safetensors"] + (["posterior.safetensors"] if method == "bayes-adalora" else [])
+    files = ["model/model.safetensors" if method == "full" else "adapter/adapter_model.safetensors"] + (
+        ["posterior.safetensors"] if method in ("bayes-adalora", "adalora-ivon") else [])
     for name in files:
         a, b = load_file(single / name), load_file(double / name)
         assert a.keys() == b.keys()
-        assert relative_gap(*({k: v.tolist() for k, v in t.items() if v.numel()} for t in (a, b))) < 1e-4
+        # a key's bias has a gradient of 0 up to rounding (softmax ignores a shift of a query's scores), and AdamW's
+        # g / sqrt(v) steps on that rounding, which one process and two do not share: full's key biases are left out
+        kept = [k for k in a if a[k].numel() and not k.endswith("key_proj.bias")]
+        assert relative_gap(*({k: t[k].tolist() for k in kept} for t in (a, b))) < 1e-4
     if method == "bayes-adalora":  # sigma's spread at the masking steps: over the whole posterior, not one shard
         sigma = [read_json(r / "history.json")["sigma"] for r in (single, double)]
         assert [s["step"] for s in sigma[0]] == [s["step"] for s in sigma[1]]
@@ -129,7 +140,6 @@ def test_sharding_in_one_process_is_refused(capfd, tmp_path, glue_dir, tiny_debe
 
 
 @pytest.mark.parametrize("extra, words", [
-    (["--method", "adalora"], "--method adalora is not yet one of them"),
     (["--no-fast-path"], "drop --no-fast-path"),
     (["--save-steps", "4"], "--fsdp does not yet combine with --save-steps"),
 ])

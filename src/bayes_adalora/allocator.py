@@ -27,12 +27,12 @@ import torch
 from peft.tuners.adalora.layer import RankAllocator
 from torch import Tensor
 
-from .adapters import FACTORS, SVDLayer, svd_layers
+from .adapters import FACTORS, SVDLayer, sensitivity_parameters, svd_layers
 from .evaluation import importance_correlations
 from .importance import POSTERIOR_CRITERIA, posterior_score
 from .methods import get_method
 from .posterior import posterior_sigma_from_hessian
-from .sharding import all_sum, local_shard, shard_rows
+from .sharding import all_sum, gather_rows, is_sharded, local_shard, model_is_sharded, shard_rows
 
 # What "sensitivity" means in the correlation log of each allocator.
 INSTANT_SENSITIVITY = "instantaneous |mu * grad|: posterior mean times the gradient of the last sampled training pass"
@@ -226,12 +226,30 @@ class PosteriorRankAllocator(TripletScoring, RankAllocator):
         return rank_pattern(self.layout, keep)
 
 
+class WholeParameters:
+    """What peft's `RankAllocator.mask_to_budget` reads of a model (`named_parameters`), for a model FSDP
+    sharded: the adapter's parameters, gathered whole (copies: peft's masking of them is thrown away)."""
+
+    def __init__(self, named: list[tuple[str, Tensor]]):
+        self.named = named
+
+    def named_parameters(self):
+        return iter(self.named)
+
+
 class SensitivityRankAllocator(TripletScoring, RankAllocator):
-    """peft's own RankAllocator (adalora-ivon: sensitivity from IVON's gradients), unchanged, that
-    logs at each masking how its smoothed sensitivity ranks triplets against the posterior criteria."""
+    """peft's own RankAllocator (adalora, adalora-ivon: AdaLoRA's smoothed sensitivity), unchanged, that
+    logs at each masking (given a correlation log) how its sensitivity ranks triplets against the posterior
+    criteria, and masks a model FSDP sharded.
+
+    On shards, the sensitivity EMAs hold each process's rows (`fast_adalora.ForeachSensitivity`). At a
+    masking step their scores are gathered whole (adapter-sized, once per masking), peft's own
+    `mask_to_budget` chooses the triplets from them, exactly as in one process, and each process zeroes its
+    rows of the lambdas not kept."""
 
     sensitivity_kind = SMOOTHED_SENSITIVITY
     criterion = None
+    _whole_scores: dict[str, Tensor] | None = None
 
     def sensitivity_scores(self, model) -> Tensor:
         """AdaLoRA's score exp_avg_ipt * exp_avg_unc, flat in layout order."""
@@ -242,18 +260,40 @@ class SensitivityRankAllocator(TripletScoring, RankAllocator):
         ]
         return torch.cat([(self.exp_avg_ipt[k] * self.exp_avg_unc[k]).reshape(-1) for k in keys])
 
+    def _element_score(self, n):
+        if self._whole_scores is not None:
+            return self._whole_scores[n]
+        return super()._element_score(n)
+
     @torch.no_grad()
     def mask_to_budget(self, model, budget):
         if self.correlation_log is not None:
             self.log_correlations(model, budget)
-        return super().mask_to_budget(model, budget)
+        named = sensitivity_parameters(model, self.adapter_name)
+        if not any(is_sharded(p) for _, p in named):
+            return super().mask_to_budget(model, budget)
+        # every process gathers the same tensors in the same order (named_parameters' order)
+        self._whole_scores = {n: gather_rows(p, local_shard(RankAllocator._element_score(self, n)))
+                              for n, p in named if n in self.exp_avg_ipt}
+        try:
+            pattern = super().mask_to_budget(WholeParameters([(n, gather_rows(p, local_shard(p).clone()))
+                                                              for n, p in named]), budget)
+        finally:
+            self._whole_scores = None
+        for n, p in named:
+            if n in pattern:  # lambda: this process's rows of its pattern
+                start, stop = shard_rows(p)
+                keep = torch.tensor(pattern[n][start:stop], dtype=torch.bool, device=local_shard(p).device)
+                local_shard(p).masked_fill_(~keep.view(-1, 1), 0.0)
+        return pattern
 
 
 def install_allocator(peft_model, method: str, optimizer, criterion: str,
                       correlation_log: CorrelationLog | None = None) -> RankAllocator | None:
     """Give a peft AdaLoRA model the method's allocator (`methods.Method.allocator`): the posterior
     one reading `optimizer` (IVON), or peft's sensitivity one, replaced by the logging one where a
-    `correlation_log` is given. Returns the allocator, None for a method without AdaLoRA."""
+    `correlation_log` is given or the model is FSDP sharded. Returns the allocator, None for a method without
+    AdaLoRA."""
     kind = get_method(method).allocator
     if kind is None:
         return None
@@ -262,7 +302,7 @@ def install_allocator(peft_model, method: str, optimizer, criterion: str,
     if kind == "posterior":
         tuner.rankallocator = PosteriorRankAllocator(tuner.model, tuner.peft_config[adapter], adapter, optimizer,
                                                      criterion, correlation_log)
-    elif correlation_log is not None:
+    elif correlation_log is not None or model_is_sharded(tuner.model):
         tuner.rankallocator = SensitivityRankAllocator(tuner.model, tuner.peft_config[adapter], adapter, optimizer,
                                                        correlation_log)
     return tuner.rankallocator

@@ -32,7 +32,6 @@ LR_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "const
                 "inverse_sqrt", "two-phase")
 LAMBDA_INITS = ("zero", "paper")
 FSDP_MODES = ("full_shard", "shard_grad_op")  # transformers' names of FSDP's sharding strategies
-FSDP_METHODS = ("bayes-adalora", "lora")  # what trains on shards (the sensitivity allocator does not read them yet)
 REPORT_TO = ("none", "all", "tensorboard", "wandb", "mlflow")
 SEED_MAX = 2**32 - 1  # NumPy's seed range
 DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
@@ -241,7 +240,7 @@ class TrainConfig:
         None, "Shard the model over the processes with PyTorch FSDP2 (launch 2 or more with torchrun or accelerate): "
               "each process keeps its rows of every weight and of IVON's state. full_shard gathers a block for its "
               "forward and again for its backward; shard_grad_op keeps it gathered between them (faster, more "
-              "memory). For bayes-adalora and lora.", choices=FSDP_MODES)
+              "memory).", choices=FSDP_MODES)
     bf16: bool = _f(False, "bf16 autocast for forward and backward (decoder LMs on CUDA: the frozen base in bf16).")
     load_in: str | None = _f(None, "Decoder LMs: load the frozen base quantized by bitsandbytes (CUDA only).",
                              choices=("8bit", "4bit"))
@@ -294,10 +293,6 @@ class TrainConfig:
         if self.criterion != DEFAULT_CRITERION and not method.reads_posterior:  # the default: no criterion read
             raise UserError(f"--criterion {self.criterion} reads IVON's posterior and needs --method bayes-adalora, "
                             f"not {self.method}")
-        if self.fsdp and self.method not in FSDP_METHODS:
-            raise UserError(f"--fsdp trains {' and '.join(FSDP_METHODS)} on shards; --method {self.method} is not "
-                            f"yet one of them (AdaLoRA's sensitivity allocator and full fine-tuning read whole "
-                            f"weights): use DDP (no --fsdp) for it")
         if self.fsdp and not self.fast_path and method.uses_adalora:
             raise UserError("--fsdp runs AdaLoRA on the fast path, whose penalty and masks read shards; stock peft's "
                             "(--no-fast-path) read whole weights: drop --no-fast-path")

@@ -103,19 +103,20 @@ class ForeachSensitivity:
 
     I = |theta * grad|; Ibar <- b1 Ibar + (1 - b1) I; Ubar <- b2 Ubar + (1 - b2) |I - Ibar|, the same
     operations in the same order as peft, so the EMAs are bitwise peft's; kept in peft's dicts
-    (`ipt`, `exp_avg_ipt`, `exp_avg_unc`, keyed by parameter name), which checkpoints save.
+    (`ipt`, `exp_avg_ipt`, `exp_avg_unc`, keyed by parameter name), which checkpoints save. Of a parameter
+    FSDP sharded, they hold this process's rows (its shard's gradient is already the mean over processes).
     """
 
     @torch.no_grad()
     def update_ipt(self, model):
         if deepspeed_config() is not None:  # peft gathers sharded gradients first
             return super().update_ipt(model)
-        named = sensitivity_parameters(model, self.adapter_name)
-        for n, p in named:
+        named = [(n, local_shard(p), local_shard(p.grad)) for n, p in sensitivity_parameters(model, self.adapter_name)]
+        for n, p, _ in named:
             if n not in self.ipt:
                 self.ipt[n], self.exp_avg_ipt[n], self.exp_avg_unc[n] = (torch.zeros_like(p) for _ in range(3))
-        names = [n for n, _ in named]
-        ipt = torch._foreach_mul([p for _, p in named], [p.grad for _, p in named])
+        names = [n for n, _, _ in named]
+        ipt = torch._foreach_mul([p for _, p, _ in named], [g for _, _, g in named])
         torch._foreach_abs_(ipt)
         avg = [self.exp_avg_ipt[n] for n in names]
         unc = [self.exp_avg_unc[n] for n in names]

@@ -473,13 +473,13 @@ def _train(config: TrainConfig, figures: Figures | None, closing: ExitStack) -> 
         "processes": world,
     }
     # what the files hold, whole: every process takes part where FSDP sharded it
-    adapter_state = whole_adapter_state(model) if model_is_sharded(model) else None
+    trained_state = whole_trained_state(model, config.method_spec.adapter is None) if model_is_sharded(model) else None
     posterior = posterior_state_dict(optimizer, {p: n for n, p in model.named_parameters()}) \
         if config.uses_ivon else None
     if run.is_main:
         write_outputs(out, lambda folder: write_run(folder, config, settings, model, tokenizer, posterior,
                                                     done.history, results, allocator, correlations, figures,
-                                                    adapter_state))
+                                                    trained_state))
     trainer.accelerator.wait_for_everyone()
     return results
 
@@ -505,10 +505,15 @@ def start_processes(device: torch.device) -> None:
     PartialState(cpu=device.type == "cpu")
 
 
-def whole_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's tensors (and the modules trained in full) of a model FSDP sharded, gathered whole from every
-    process's rows, for `save_pretrained(state_dict=...)`; every process must call it. The frozen base is not
-    gathered."""
+def whole_trained_state(model: nn.Module, full: bool) -> dict[str, torch.Tensor]:
+    """What a run's files hold of a model FSDP sharded, gathered whole, for `save_pretrained(state_dict=...)`:
+    every weight (`full`: process 0 alone keeps them, on the CPU, one tensor gathered at a time; the other
+    processes get an empty dict), else the adapter's tensors and the modules trained in full (the frozen base is
+    not gathered). Every process must call it."""
+    if full:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     state = model.state_dict()  # FSDP2's: DTensors, nothing gathered
     kept = {k: v for k, v in state.items() if "lora_" in k or "modules_to_save" in k}
     return {k: (v.full_tensor() if is_sharded(v) else v).detach().cpu() for k, v in kept.items()}
@@ -516,15 +521,16 @@ def whole_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def write_run(folder: Path, config: TrainConfig, settings: dict, model: nn.Module, tokenizer, posterior, history: dict,
               results: dict, allocator, correlations: CorrelationLog | None, figures: Figures | None,
-              adapter_state: dict | None = None) -> None:
+              trained_state: dict | None = None) -> None:
     """Every file of a finished run, into `folder`; `settings` is config.json (`planned_config`); `posterior`:
-    `adapters.posterior_state_dict`'s tensors and metadata (IVON methods); `adapter_state`: the adapter's
-    tensors gathered whole (FSDP), else the model's own are written."""
+    `adapters.posterior_state_dict`'s tensors and metadata (IVON methods); `trained_state`: the trained tensors
+    gathered whole (FSDP, `whole_trained_state`), else the model's own are written."""
+    given = {"state_dict": trained_state} if trained_state else {}
     if config.method_spec.adapter is None:
-        model.save_pretrained(folder / "model")
+        model.save_pretrained(folder / "model", **given)
         tokenizer.save_pretrained(folder / "model")
     else:
-        model.save_pretrained(folder / "adapter", **({"state_dict": adapter_state} if adapter_state else {}))
+        model.save_pretrained(folder / "adapter", **given)
         if "id2label" in results:  # the class names beside the adapter (model/config.json holds them for full)
             write_json({k: results[k] for k in ("id2label", "label2id")}, folder / "adapter" / LABELS_FILE)
     if posterior is not None:
