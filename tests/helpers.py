@@ -3,8 +3,13 @@ it), and the checks of a refused command."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -60,3 +65,53 @@ def refused(capfd, args: list, *words: str, code: int = 2) -> str:
     for word in words:
         assert word in lines[0], (word, lines[0])
     return lines[0]
+
+
+def complete_checkpoints(out: Path) -> list[int]:
+    """The steps of a run's complete checkpoints (the run's state file is written last)."""
+    folder = Path(out) / "checkpoints"
+    found = folder.glob("checkpoint-*/bayes-adalora-state.json") if folder.is_dir() else []
+    return sorted(int(p.parent.name.split("-")[1]) for p in found)
+
+
+def kill_at_checkpoint(command: list[str], out: Path, step: int) -> None:
+    """Start `command` (a run writing into `out`), and SIGKILL it and every process it started once checkpoint
+    `step` (or a later one) is complete."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and child.poll() is None:
+            done = complete_checkpoints(out)
+            if done and max(done) >= step:
+                break
+            time.sleep(0.05)
+        assert child.poll() is None, "the run ended before it could be killed"
+    finally:
+        kill_tree(child.pid)  # the launcher and every process it started (torchrun's in sessions of their own)
+        child.wait()
+    assert not (Path(out) / "results.json").exists()
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL process `pid` and all its descendants, found in /proc, at once (stopped first, so none can start
+    another or notice the others' end)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # it ended meanwhile
+            continue
+        parent = int(stat[stat.rindex(")") + 2:].split()[1])  # after the command name, which may hold spaces
+        children.setdefault(parent, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, []))
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        for member in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(member, sig)

@@ -16,7 +16,7 @@ from bayes_adalora.cli import main
 from bayes_adalora.ivon_inplace import InplaceIVON, ShardedIVON
 from bayes_adalora.sharding import gather_rows, local_shard, shard_rows
 from conftest import save_tiny_deberta
-from helpers import read_json, refused, train_argv
+from helpers import complete_checkpoints, kill_at_checkpoint, read_json, refused, train_argv
 
 SCRIPT = Path(__file__).with_name("fsdp_run.py")
 
@@ -141,7 +141,6 @@ def test_sharding_in_one_process_is_refused(capfd, tmp_path, glue_dir, tiny_debe
 
 @pytest.mark.parametrize("extra, words", [
     (["--no-fast-path"], "drop --no-fast-path"),
-    (["--save-steps", "4"], "--fsdp does not yet combine with --save-steps"),
 ])
 def test_what_does_not_train_on_shards_yet_is_refused_in_one_sentence(extra, words, capfd, tmp_path, glue_dir,
                                                                        tiny_deberta):
@@ -159,3 +158,44 @@ def test_a_launch_by_another_sharding_engine_is_refused_before_the_model_loads(v
     # a model path that does not exist: the refusal comes before any model is read
     refused(capfd, cli_args(glue_dir, tmp_path / "no-model", out), words, "--fsdp full_shard")
     assert not out.exists()
+
+
+def sharded_launch(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+            "bayes_adalora.cli", *args]
+
+
+@pytest.mark.parametrize("method", ["bayes-adalora", "adalora", "full"])
+def test_a_sharded_run_killed_and_resumed_ends_as_the_uninterrupted_sharded_run(method, tmp_path, glue_dir,
+                                                                                tiny_deberta_no_dropout):
+    """Checkpoints of a sharded run hold the whole tensors, as one process's run writes them; each process reads
+    its rows back. Killed with SIGKILL mid-run (the launcher and both processes) and resumed, the run ends
+    bitwise as the uninterrupted sharded run: metrics, loss curve, ranks, trained files."""
+    def args(out, *extra):
+        return train_argv(glue_dir, tiny_deberta_no_dropout, out, "--method", method, "--fsdp", "full_shard", *extra,
+                          max_steps=40, batch_size=16, max_length=32, eval_steps=20, max_train_samples=32)
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    done = subprocess.run(sharded_launch(*args(reference)), env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    saving = args(killed, "--save-steps", "2")
+    kill_at_checkpoint(sharded_launch(*saving), killed, 10)
+    latest = max(complete_checkpoints(killed))
+    assert 10 <= latest < 40
+    checkpoint = killed / "checkpoints" / f"checkpoint-{latest}"
+    if method == "bayes-adalora":  # IVON's state is whole in the file: one Hessian entry per trained weight
+        state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+        trained = load_file(checkpoint / "adapter_model.safetensors")
+        assert sum(g["hess"].numel() for g in state["param_groups"]) == sum(t.numel() for t in trained.values())
+    done = subprocess.run(sharded_launch(*saving, "--resume-from-checkpoint"), env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (read_json(r / "results.json") for r in (reference, killed))
+    assert one["metrics"] == two["metrics"] and one["final_ranks"] == two["final_ranks"]
+    assert read_json(reference / "history.json")["loss"] == read_json(killed / "history.json")["loss"]
+    files = ["model/model.safetensors" if method == "full" else "adapter/adapter_model.safetensors"] + (
+        ["posterior.safetensors"] if method == "bayes-adalora" else [])
+    for name in files:
+        a, b = load_file(reference / name), load_file(killed / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

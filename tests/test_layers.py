@@ -17,7 +17,7 @@ LAYERS = [
     {"config", "data", "models", "adapters", "checkpoint", "fast_adalora", "lm_data"},
     {"allocator", "build", "predict", "run_folder", "lm_predict", "kinds", "trackers", "trainer_args",
      "trainer_metrics"},
-    {"trainer_callback", "trainer_checkpoints", "train", "run_io", "hf_trainer", "export"},
+    {"trainer_callback", "trainer_checkpoints", "trainer_fsdp", "train", "run_io", "hf_trainer", "export"},
     {"cli", "plots", "__init__"},
 ]
 

@@ -1,19 +1,15 @@
 """Checkpoints and exact resume: a run killed with SIGKILL and resumed equals an uninterrupted one, bitwise."""
 
 import json
-import os
 import random
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from bayes_adalora.cli import main
-from helpers import train_argv
+from helpers import complete_checkpoints, kill_at_checkpoint, train_argv
 
 STEPS = 60
 
@@ -40,34 +36,6 @@ def assert_same_run(a, b):
         assert all(torch.equal(pa[k], pb[k]) for k in pa)
 
 
-def complete(out):
-    """The steps of the complete checkpoints (the run's state file is written last)."""
-    folder = out / "checkpoints"
-    found = folder.glob("checkpoint-*/bayes-adalora-state.json") if folder.is_dir() else []
-    return sorted(int(p.parent.name.split("-")[1]) for p in found)
-
-
-def kill_at_checkpoint(args, out, step):
-    """Start the run in a child process, SIGKILL it once checkpoint `step` (or a later one) exists."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    child = subprocess.Popen([sys.executable, "-m", "bayes_adalora.cli", *args], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline and child.poll() is None:
-            done = complete(out)
-            if done and max(done) >= step:
-                break
-            time.sleep(0.05)
-        assert child.poll() is None, "the run ended before it could be killed"
-        child.send_signal(signal.SIGKILL)
-        child.wait()
-    finally:
-        if child.poll() is None:
-            child.kill()
-    assert not (out / "results.json").exists()
-
-
 @pytest.mark.parametrize("method", ["bayes-adalora", "adalora"])
 def test_killed_and_resumed_runs_equal_the_uninterrupted_run(method, tmp_path, glue_dir, tiny_deberta):
     reference = tmp_path / "reference"
@@ -76,8 +44,8 @@ def test_killed_and_resumed_runs_equal_the_uninterrupted_run(method, tmp_path, g
     for kill in kills:
         out = tmp_path / f"killed-{kill}"
         args = run_args(glue_dir, tiny_deberta, out, "--method", method, "--save-steps", "1")
-        kill_at_checkpoint(args, out, kill)
-        latest = max(complete(out))
+        kill_at_checkpoint([sys.executable, "-m", "bayes_adalora.cli", *args], out, kill)
+        latest = max(complete_checkpoints(out))
         # a kill while a checkpoint is written leaves it incomplete (without the run's state file); --resume
         # takes the latest complete one
         assert latest < STEPS and len(list((out / "checkpoints").glob("checkpoint-*"))) <= 3
@@ -100,7 +68,7 @@ def test_divergence_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "diverged at step" in err[0]
     step = int(err[0].split("diverged at step ")[1].split(":")[0])
-    kept = complete(out)
+    kept = complete_checkpoints(out)
     # the loss of step s is taken at the weights of step s - 1: the last good checkpoint is s - 2
     assert kept == [step - 2]
     assert f"checkpoint-{step - 2}" in err[0]

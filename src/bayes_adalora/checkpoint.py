@@ -27,6 +27,7 @@ from .adapters import rank_allocator, rank_pattern, set_rank_pattern
 from .config import current_names
 from .errors import UserError
 from .paths import atomic_file
+from .sharding import gather_rows, local_shard, shard_rows
 
 CHECKPOINTS = "checkpoints"
 RUN_STATE = "bayes-adalora-state.json"
@@ -57,27 +58,39 @@ def drop_checkpoints_from(output_dir: Path, first_bad: int) -> list[Path]:
     return checkpoint_dirs(output_dir)
 
 
+EMAS = ("ipt", "exp_avg_ipt", "exp_avg_unc")  # peft's allocator's sensitivity tensors, keyed by parameter name
+
+
 def allocator_state(tuner) -> dict:
-    """peft's AdaLoRA allocator state and rank pattern (None where the method has no allocator)."""
+    """peft's AdaLoRA allocator state and rank pattern (None where the method has no allocator). Of a model FSDP
+    sharded, the EMAs (each process's rows) are gathered whole: every process must call it then."""
     if tuner is None:
         return {}
     alloc = rank_allocator(tuner)
+    params = dict(tuner.model.named_parameters())
     return {
-        "ipt": dict(alloc.ipt), "exp_avg_ipt": dict(alloc.exp_avg_ipt), "exp_avg_unc": dict(alloc.exp_avg_unc),
+        **{key: {n: gather_rows(params[n], t) if n in params else t for n, t in getattr(alloc, key).items()}
+           for key in EMAS},
         "rank_pattern": rank_pattern(tuner),
     }
 
 
 def load_allocator_state(tuner, state: dict) -> None:
-    """Restore peft's allocator EMAs (each onto its parameter's device: a checkpoint is read onto the CPU)
-    and the rank pattern."""
+    """Restore peft's allocator EMAs (each onto its parameter's device: a checkpoint is read onto the CPU; of a
+    parameter FSDP sharded, this process's rows) and the rank pattern."""
     if tuner is None or not state:
         return
     alloc = rank_allocator(tuner)
-    devices = {n: p.device for n, p in tuner.model.named_parameters()}
+    params = dict(tuner.model.named_parameters())
+
+    def placed(n: str, t: torch.Tensor) -> torch.Tensor:
+        if n not in params:
+            return t
+        start, stop = shard_rows(params[n])
+        return t[start:stop].to(local_shard(params[n]).device)
+
     alloc.ipt, alloc.exp_avg_ipt, alloc.exp_avg_unc = (
-        {n: t.to(devices.get(n, t.device)) for n, t in state[key].items()}
-        for key in ("ipt", "exp_avg_ipt", "exp_avg_unc"))
+        {n: placed(n, t) for n, t in state[key].items()} for key in EMAS)
     set_rank_pattern(tuner, state["rank_pattern"])
 
 

@@ -296,10 +296,9 @@ class TrainConfig:
         if self.fsdp and not self.fast_path and method.uses_adalora:
             raise UserError("--fsdp runs AdaLoRA on the fast path, whose penalty and masks read shards; stock peft's "
                             "(--no-fast-path) read whole weights: drop --no-fast-path")
-        for name in ("save_steps", "resume_from_checkpoint", "load_in"):
-            if self.fsdp and getattr(self, name):
-                raise UserError(f"--fsdp does not yet combine with {flag(name)} (checkpoints of sharded state, and "
-                                f"a quantized base, are not written or read sharded yet)")
+        if self.fsdp and self.load_in:
+            raise UserError(f"--fsdp does not yet combine with --load-in {self.load_in} (a quantized base is not "
+                            f"sharded yet)")
         if self.lambda_init != "zero" and not method.uses_adalora:
             raise UserError(f"--lambda-init sets AdaLoRA's lambda and needs an AdaLoRA method, not {self.method}")
 

@@ -23,7 +23,7 @@ import ivon
 import torch
 from torch import Tensor
 
-from .sharding import check_row_sharded, local_shard, shard_rows
+from .sharding import check_row_sharded, gather_rows, local_shard, shard_rows
 
 
 class InplaceIVON(ivon.IVON):
@@ -292,3 +292,65 @@ class ShardedIVON(InplaceIVON):
         """The group's whole draw, as one process makes it, of which this process keeps its rows' entries."""
         whole = torch.randn(group["global_numel"], device=out.device, dtype=out.dtype)
         torch.index_select(whole, 0, self._noise_index[index], out=out)
+
+    # ------------------------------------------------------------ checkpoints: the whole state
+
+    _FLAT_STATE = ("avg_grad", "avg_nxg", "avg_gsq")  # over every group's parameters, between samples and a step
+
+    def whole_state_dict(self) -> dict:
+        """The state_dict of one process holding every parameter whole: IVON's Hessian and momentum (and any
+        gradient average held between samples and a step) gathered from every process's rows, so a checkpoint
+        holds what an unsharded `InplaceIVON` saves, and `load_state_dict` reads it back on any number of
+        processes. Every process must call it (a collective)."""
+        state = self.state_dict()
+        for group, saved in zip(self.param_groups, state["param_groups"]):
+            for key in ("hess", "momentum"):
+                saved[key] = _gather_flat(_kept(group["params"]), saved[key])
+            saved["numel"] = group["global_numel"]
+        for key in self._FLAT_STATE:
+            if isinstance(state["state"].get(key), Tensor):
+                state["state"][key] = _gather_flat(self._params(), state["state"][key])
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Read a state_dict of this process's rows, or a whole one (`whole_state_dict`, or an unsharded
+        IVON's), of which this process keeps its rows."""
+        state_dict = {**state_dict, "param_groups": [dict(g) for g in state_dict["param_groups"]],
+                      "state": dict(state_dict["state"])}
+        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+            params = _kept(group["params"])
+            for key in ("hess", "momentum"):
+                saved[key] = _rows_of_whole(params, saved[key])
+            saved["numel"], saved["global_numel"] = group["numel"], group["global_numel"]
+        for key in self._FLAT_STATE:
+            if isinstance(state_dict["state"].get(key), Tensor):
+                state_dict["state"][key] = _rows_of_whole(self._params(), state_dict["state"][key])
+        super().load_state_dict(state_dict)
+
+
+def _kept(params) -> list[Tensor]:
+    return [p for p in params if p is not None]
+
+
+def _gather_flat(params: list[Tensor], flat: Tensor) -> Tensor:
+    """The whole flat vector over `params` of which `flat` holds this process's rows of each (a collective)."""
+    parts, offset = [], 0
+    for p in params:
+        local = local_shard(p)
+        parts.append(gather_rows(p, flat[offset : offset + local.numel()].view(local.shape)).reshape(-1))
+        offset += local.numel()
+    return torch.cat(parts) if parts else flat
+
+
+def _rows_of_whole(params: list[Tensor], flat: Tensor) -> Tensor:
+    """This process's rows of each of `params` in `flat`, when `flat` is the whole vector over them (else
+    `flat`: already this process's rows)."""
+    whole = sum(p.numel() for p in params)
+    if flat.numel() != whole or whole == sum(local_shard(p).numel() for p in params):
+        return flat
+    parts, offset = [], 0
+    for p in params:
+        start, stop = shard_rows(p)
+        parts.append(flat[offset : offset + p.numel()].view(p.shape)[start:stop].reshape(-1))
+        offset += p.numel()
+    return torch.cat(parts)

@@ -63,6 +63,17 @@ def gather_rows(p: Tensor, local: Tensor) -> Tensor:
                               stride=p.stride()).full_tensor()
 
 
+def rows_like(p: Tensor, whole: Tensor) -> Tensor:
+    """`whole` (a tensor of `p`'s shape) sharded as `p` is: a DTensor of this process's rows of it (a copy, on
+    `p`'s device); `whole` itself for a plain `p` or a tensor of another shape (a step count)."""
+    if not is_sharded(p) or tuple(whole.shape) != tuple(p.shape):
+        return whole
+    DTensor, _ = _dtensor()
+    start, stop = shard_rows(p)
+    local = whole[start:stop].to(device=local_shard(p).device, dtype=whole.dtype).contiguous()
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+
+
 def all_sum(value: Tensor, params) -> Tensor:
     """`value` summed over the processes that share the sharding of `params` (in place); as it is when no
     parameter is sharded."""

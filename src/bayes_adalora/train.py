@@ -54,9 +54,10 @@ from .models import LABELS_FILE, causal_lm_token_loss, default_model_path, label
 from .predict import named_posterior_sigma
 from .run_folder import TRACKER_DIR, check_output_dir, write_json, write_marker, write_outputs
 from .schedules import masking_steps
-from .sharding import all_sum, is_sharded, local_shard, model_is_sharded, shard_model
+from .sharding import all_sum, local_shard, model_is_sharded, shard_model
 from .tasks import get_task
 from .trackers import sigma_statistics, tracking
+from .trainer_fsdp import ShardedCheckpoints, whole_trained_state
 
 Figures = Callable[[Path], object]  # draws a finished run folder's figures into it (`plots.plot_run`)
 
@@ -162,7 +163,7 @@ class Progress:
     train_seconds: float = 0.0
 
 
-class RunTrainerMixin:
+class RunTrainerMixin(ShardedCheckpoints):
     """What the run needs of its Trainer beyond the stock one: a classifier's loss weighed as the batch's mean,
     the loss of each optimizer step (the sum of its micro-batches' `training_step` losses, which the Trainer
     scales so that it is the step's mean; under several processes, their mean), and a resume with a new --learning-rate
@@ -503,20 +504,6 @@ def start_processes(device: torch.device) -> None:
     from accelerate import PartialState
 
     PartialState(cpu=device.type == "cpu")
-
-
-def whole_trained_state(model: nn.Module, full: bool) -> dict[str, torch.Tensor]:
-    """What a run's files hold of a model FSDP sharded, gathered whole, for `save_pretrained(state_dict=...)`:
-    every weight (`full`: process 0 alone keeps them, on the CPU, one tensor gathered at a time; the other
-    processes get an empty dict), else the adapter's tensors and the modules trained in full (the frozen base is
-    not gathered). Every process must call it."""
-    if full:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    state = model.state_dict()  # FSDP2's: DTensors, nothing gathered
-    kept = {k: v for k, v in state.items() if "lora_" in k or "modules_to_save" in k}
-    return {k: (v.full_tensor() if is_sharded(v) else v).detach().cpu() for k, v in kept.items()}
 
 
 def write_run(folder: Path, config: TrainConfig, settings: dict, model: nn.Module, tokenizer, posterior, history: dict,

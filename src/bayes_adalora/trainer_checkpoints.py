@@ -114,10 +114,11 @@ class AdaLoraCheckpoints:
         self._save_adalora_state(output_dir)
 
     def _save_adalora_state(self, output_dir):
+        allocator = allocator_state(self.tuner)  # every process: of a model FSDP sharded, the EMAs are gathered
         if self.args.should_save and os.path.isdir(output_dir):
             optimizer = unwrap_optimizer(self.optimizer)
             noise = getattr(self, "_ivon_noise", None)  # IVONTrainer's, once it has stepped
-            torch.save({"allocator": allocator_state(self.tuner),
+            torch.save({"allocator": allocator,
                         "ivon_current_step": getattr(optimizer, "current_step", None),
                         "ivon_noise": noise.state if noise is not None else None},
                        os.path.join(output_dir, ADALORA_STATE))

@@ -1,0 +1,126 @@
+"""Checkpoints of a run FSDP sharded: written whole, as a run in one process writes them, and read back onto
+each process's rows.
+
+A checkpoint holds the trained tensors (the adapter, or every weight for `full`) and the optimizer's state
+gathered whole, in the files and formats of an unsharded run's checkpoint; on resume every process reads them
+and keeps its rows. The trained tensors are adapter-sized (the frozen base is not saved), so the gathers are
+cheap; a sharded `full` run gathers its model and AdamW's state onto process 0 at each save, as FSDP's
+FULL_STATE_DICT does. `ShardedCheckpoints` is the Trainer mixin; the functions are its parts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from peft.utils import load_peft_weights, set_peft_model_state_dict
+from safetensors.torch import load_file
+from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
+
+from .ivon_inplace import ShardedIVON
+from .sharding import is_sharded, local_shard, model_is_sharded, rows_like, shard_rows
+from .trainer_checkpoints import unwrap_optimizer
+
+
+def whole_trained_state(model: nn.Module, full: bool) -> dict[str, torch.Tensor]:
+    """What a run's files hold of a model FSDP sharded, gathered whole, for `save_pretrained(state_dict=...)`:
+    every weight (`full`: process 0 alone keeps them, on the CPU, one tensor gathered at a time; the other
+    processes get an empty dict), else the adapter's tensors and the modules trained in full (the frozen base is
+    not gathered). Every process must call it."""
+    if full:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = model.state_dict()  # FSDP2's: DTensors, nothing gathered
+    kept = {k: v for k, v in state.items() if "lora_" in k or "modules_to_save" in k}
+    return {k: (v.full_tensor() if is_sharded(v) else v).detach().cpu() for k, v in kept.items()}
+
+
+def whole_optimizer_state(optimizer) -> dict:
+    """The optimizer's state_dict as one process holding every parameter whole would save it (IVON's flat
+    Hessian and momentum, or AdamW's per-parameter moments, gathered). Every process must call it."""
+    if isinstance(optimizer, ShardedIVON):
+        return optimizer.whole_state_dict()
+    state = optimizer.state_dict()  # its per-parameter dicts are the live ones: copied, not changed
+    state["state"] = {index: {k: (v.full_tensor() if is_sharded(v) else v) for k, v in entry.items()}
+                      for index, entry in sorted(state["state"].items())}
+    return state
+
+
+def load_whole_optimizer_state(optimizer, state: dict) -> None:
+    """Read a whole state_dict (`whole_optimizer_state`'s, or an unsharded run's) into an optimizer over
+    parameters FSDP sharded: each process keeps its rows."""
+    if not isinstance(optimizer, ShardedIVON):  # which keeps its rows of a whole state itself
+        params = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict's numbering
+        state = {**state, "state": {index: {k: rows_like(params[index], v) if isinstance(v, torch.Tensor) else v
+                                            for k, v in entry.items()}
+                                    for index, entry in state["state"].items()}}
+    type(optimizer).load_state_dict(optimizer, state)  # the class's: the instance's may be ours, for the Trainer
+
+
+def load_into_shards(model: nn.Module, state: dict[str, torch.Tensor]) -> _IncompatibleKeys:
+    """`model.load_state_dict(state, strict=False)` for a model FSDP sharded and whole tensors in `state`: each
+    process copies its rows of each."""
+    targets = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    with torch.no_grad():
+        for name, value in state.items():
+            if name in targets:
+                target = targets[name]
+                start, stop = shard_rows(target)
+                local_shard(target).copy_(value[start:stop] if is_sharded(target) else value)
+    return _IncompatibleKeys(missing_keys=[n for n in targets if n not in state],
+                             unexpected_keys=[n for n in state if n not in targets])
+
+
+def load_whole_weights(model: nn.Module, folder: Path) -> None:
+    """A checkpoint's trained tensors (an adapter, through peft's own renaming of its keys, or a model's
+    safetensors files) into a model FSDP sharded."""
+    if isinstance(model, PeftModel):
+        # peft renames the keys and, for a model of DTensors, shards each whole tensor as its parameter is
+        weights = load_peft_weights(str(folder), device="cpu")
+        set_peft_model_state_dict(model, weights, adapter_name=model.active_adapter)
+        return
+    weights = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        weights.update(load_file(file))
+    load_into_shards(model, weights)
+
+
+class ShardedCheckpoints:
+    """A Trainer mixin: of a model FSDP sharded (`sharding.shard_model`, which the Trainer does not know of), the
+    checkpoints are gathered whole on every process and written by process 0 in an unsharded run's files, and
+    a resume reads them back onto each process's rows. A model not sharded is the Trainer's own business."""
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        if not model_is_sharded(self.model):
+            return super().save_model(output_dir, _internal_call)
+        state = whole_trained_state(self.model, not isinstance(self.model, PeftModel))  # every process
+        self._save(output_dir or self.args.output_dir, state_dict=state)  # process 0 writes
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        if not model_is_sharded(self.model):
+            return super()._save_optimizer_and_scheduler(output_dir)
+        optimizer = unwrap_optimizer(self.optimizer)
+        whole = whole_optimizer_state(optimizer)  # every process; the Trainer asks process 0 alone for it
+        optimizer.state_dict = lambda: whole
+        try:
+            super()._save_optimizer_and_scheduler(output_dir)
+        finally:
+            del optimizer.state_dict
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if not model_is_sharded(self.model):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_whole_weights(self.model, Path(resume_from_checkpoint))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        if checkpoint is None or not model_is_sharded(self.model):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        optimizer = unwrap_optimizer(self.optimizer)
+        optimizer.load_state_dict = lambda state: load_whole_optimizer_state(optimizer, state)
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        finally:
+            del optimizer.load_state_dict
