@@ -74,22 +74,24 @@ def complete_checkpoints(out: Path) -> list[int]:
     return sorted(int(p.parent.name.split("-")[1]) for p in found)
 
 
-def kill_at_checkpoint(command: list[str], out: Path, step: int) -> None:
+def kill_at_checkpoint(command: list[str], out: Path, step: int, deadline_s: float = 600) -> None:
     """Start `command` (a run writing into `out`), and SIGKILL it and every process it started once checkpoint
-    `step` (or a later one) is complete."""
+    `step` (or a later one) is complete; fail, with the run's last error lines, where it ends first or where the
+    checkpoint does not come within `deadline_s`."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline and child.poll() is None:
-            done = complete_checkpoints(out)
-            if done and max(done) >= step:
-                break
-            time.sleep(0.05)
-        assert child.poll() is None, "the run ended before it could be killed"
-    finally:
-        kill_tree(child.pid)  # the launcher and every process it started (torchrun's in sessions of their own)
-        child.wait()
+    log = Path(out).with_name(Path(out).name + ".stderr")
+    with log.open("w") as stderr:
+        child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.time() + deadline_s
+        try:
+            while child.poll() is None and not (complete_checkpoints(out) and max(complete_checkpoints(out)) >= step):
+                if time.time() > deadline:
+                    raise TimeoutError(f"checkpoint {step} did not come within {deadline_s} s")
+                time.sleep(0.05)
+            assert child.poll() is None, f"the run ended before it could be killed: {log.read_text()[-2000:]}"
+        finally:
+            kill_tree(child.pid)  # the launcher and every process it started (torchrun's in sessions of their own)
+            child.wait()
     assert not (Path(out) / "results.json").exists()
 
 

@@ -228,7 +228,8 @@ class PosteriorRankAllocator(TripletScoring, RankAllocator):
 
 class WholeParameters:
     """What peft's `RankAllocator.mask_to_budget` reads of a model (`named_parameters`), for a model FSDP
-    sharded: the adapter's parameters, gathered whole (copies: peft's masking of them is thrown away)."""
+    sharded: the adapter's parameters by name, the lambdas gathered whole (copies: peft's masking of them is
+    thrown away)."""
 
     def __init__(self, named: list[tuple[str, Tensor]]):
         self.named = named
@@ -275,9 +276,12 @@ class SensitivityRankAllocator(TripletScoring, RankAllocator):
         # every process gathers the same tensors in the same order (named_parameters' order)
         self._whole_scores = {n: gather_rows(p, local_shard(RankAllocator._element_score(self, n)))
                               for n, p in named if n in self.exp_avg_ipt}
+        # peft reads the names of A and B, and masks lambda: only the lambdas are gathered (and their masking
+        # thrown away), A and B stand in as their shards
+        whole = [(n, gather_rows(p, local_shard(p).clone()) if f"lora_E.{self.adapter_name}" in n else local_shard(p))
+                 for n, p in named]
         try:
-            pattern = super().mask_to_budget(WholeParameters([(n, gather_rows(p, local_shard(p).clone()))
-                                                              for n, p in named]), budget)
+            pattern = super().mask_to_budget(WholeParameters(whole), budget)
         finally:
             self._whole_scores = None
         for n, p in named:

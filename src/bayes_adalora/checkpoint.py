@@ -27,7 +27,7 @@ from .adapters import rank_allocator, rank_pattern, set_rank_pattern
 from .config import current_names
 from .errors import UserError
 from .paths import atomic_file
-from .sharding import gather_rows, local_shard, shard_rows
+from .sharding import gather_rows, is_sharded, local_shard, shard_rows
 
 CHECKPOINTS = "checkpoints"
 RUN_STATE = "bayes-adalora-state.json"
@@ -86,8 +86,10 @@ def load_allocator_state(tuner, state: dict) -> None:
     def placed(n: str, t: torch.Tensor) -> torch.Tensor:
         if n not in params:
             return t
+        if not is_sharded(params[n]):
+            return t.to(params[n].device)
         start, stop = shard_rows(params[n])
-        return t[start:stop].to(local_shard(params[n]).device)
+        return t[start:stop].to(local_shard(params[n]).device).clone()  # a copy: the whole is not kept alive
 
     alloc.ipt, alloc.exp_avg_ipt, alloc.exp_avg_unc = (
         {n: placed(n, t) for n, t in state[key].items()} for key in EMAS)

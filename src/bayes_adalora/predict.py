@@ -14,7 +14,7 @@ from torch import nn
 from .adapters import lambda_parameters
 from .evaluation import mc_predictive, point_predictive, predictive_metrics
 from .posterior import posterior_sigma
-from .sharding import gather_rows, is_sharded, local_shard, shard_rows
+from .sharding import gather_rows, is_sharded, local_shard, reshard, shard_rows
 from .tasks import TaskSpec
 
 
@@ -56,6 +56,9 @@ def posterior_draw(model: nn.Module, sigma: dict[str, torch.Tensor], generator: 
     """
     lambdas = lambda_parameters(model)
     means, sharded = {}, {}
+    # FSDP with shard_grad_op leaves the blocks gathered after a forward: the shards again, before a draw is
+    # added to them (a gathered block would not see it) and before they are restored
+    reshard(model)
     try:  # the setup too: an error half-way through it (out of memory, say) restores what it had changed
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -78,6 +81,7 @@ def posterior_draw(model: nn.Module, sigma: dict[str, torch.Tensor], generator: 
                     p.data = p.data + noise
         yield
     finally:
+        reshard(model)
         with torch.no_grad():  # a DTensor's local view is written in place: not under autograd
             for name, p in model.named_parameters():
                 if name in means:

@@ -64,13 +64,13 @@ def gather_rows(p: Tensor, local: Tensor) -> Tensor:
 
 
 def rows_like(p: Tensor, whole: Tensor) -> Tensor:
-    """`whole` (a tensor of `p`'s shape) sharded as `p` is: a DTensor of this process's rows of it (a copy, on
-    `p`'s device); `whole` itself for a plain `p` or a tensor of another shape (a step count)."""
+    """`whole` (a tensor of `p`'s shape) sharded as `p` is: a DTensor of a copy of this process's rows of it, on
+    `p`'s device; `whole` itself for a plain `p` or a tensor of another shape (a step count)."""
     if not is_sharded(p) or tuple(whole.shape) != tuple(p.shape):
         return whole
     DTensor, _ = _dtensor()
     start, stop = shard_rows(p)
-    local = whole[start:stop].to(device=local_shard(p).device, dtype=whole.dtype).contiguous()
+    local = whole[start:stop].to(device=local_shard(p).device).clone()  # a copy: `whole` is not kept alive
     return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
 
 
@@ -121,3 +121,14 @@ def shard_model(model: nn.Module, mesh=None, reshard_after_forward: bool = True)
         if hasattr(module, "forget_layers"):
             module.forget_layers()
     return model
+
+
+def reshard(model: nn.Module) -> None:
+    """Free the whole weights FSDP gathered for a forward that no backward followed (an evaluation): with
+    `reshard_after_forward` False (shard_grad_op) they stay gathered, and the model's parameters are then
+    whole ones, not the shards IVON and the allocation hold. A model not sharded is left as it is."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

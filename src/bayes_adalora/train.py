@@ -54,7 +54,7 @@ from .models import LABELS_FILE, causal_lm_token_loss, default_model_path, label
 from .predict import named_posterior_sigma
 from .run_folder import TRACKER_DIR, check_output_dir, write_json, write_marker, write_outputs
 from .schedules import masking_steps
-from .sharding import all_sum, local_shard, model_is_sharded, shard_model
+from .sharding import all_sum, local_shard, model_is_sharded, reshard, shard_model
 from .tasks import get_task
 from .trackers import sigma_statistics, tracking
 from .trainer_fsdp import ShardedCheckpoints, whole_trained_state
@@ -167,7 +167,8 @@ class RunTrainerMixin(ShardedCheckpoints):
     """What the run needs of its Trainer beyond the stock one: a classifier's loss weighed as the batch's mean,
     the loss of each optimizer step (the sum of its micro-batches' `training_step` losses, which the Trainer
     scales so that it is the step's mean; under several processes, their mean), and a resume with a new --learning-rate
-    (a diverged run's) that replaces the checkpoint's."""
+    (a diverged run's) that replaces the checkpoint's; of a model FSDP sharded, checkpoints gathered whole and read
+    back onto the shards (`ShardedCheckpoints`)."""
 
     step_loss = None
     peak_lr: float | None = None
@@ -275,6 +276,7 @@ class RunRecorder(TrainerCallback):
         end_of_epoch = step % run.steps_per_epoch == 0
         if step % plan.eval_steps == 0 or step == plan.total_steps or end_of_epoch:
             done.final = run.kind.evaluate(run.model, run.dev_loaders, run.device, run.autocast)
+            reshard(run.model)  # under FSDP: the shards again, which IVON and the allocation hold
             history["eval"].append({"step": step, **done.final})
             main, higher = run.spec.main_metric_name, run.spec.higher_is_better
             if not done.best or score(done.final[main], higher) > score(done.best[main], higher):
@@ -287,6 +289,8 @@ class RunRecorder(TrainerCallback):
             raise diverged(run.out, step, "the weights are no longer finite", first_bad=step, is_main=run.is_main)
 
     def on_save(self, args, state, control, **kwargs):
+        # every process has written its files (its RNG state) before the run's state marks the checkpoint complete
+        self.run.trainer.accelerator.wait_for_everyone()
         if self.run.is_main:
             done = self.run.done
             write_run_state(Path(args.output_dir) / f"checkpoint-{state.global_step}", {
@@ -450,6 +454,7 @@ def _train(config: TrainConfig, figures: Figures | None, closing: ExitStack) -> 
     if config.mc_samples:  # once, at the end: K passes over the dev data
         mc = kind.evaluate_sampled(model, dev_loaders, device, autocast, named_posterior_sigma(model, optimizer),
                                    config.mc_samples, config.seed)
+        reshard(model)
     ranks = adapter_ranks(model) if config.method_spec.adapter is not None else {}
     if not same_everywhere(trainer, ranks):  # every process must have masked the same triplets
         raise RuntimeError("the processes ended with different rank patterns; please report this as a bug")

@@ -3,9 +3,10 @@ each process's rows.
 
 A checkpoint holds the trained tensors (the adapter, or every weight for `full`) and the optimizer's state
 gathered whole, in the files and formats of an unsharded run's checkpoint; on resume every process reads them
-and keeps its rows. The trained tensors are adapter-sized (the frozen base is not saved), so the gathers are
-cheap; a sharded `full` run gathers its model and AdamW's state onto process 0 at each save, as FSDP's
-FULL_STATE_DICT does. `ShardedCheckpoints` is the Trainer mixin; the functions are its parts.
+and keeps a copy of its rows. The trained tensors are adapter-sized (the frozen base is not saved), so the
+gathers are cheap; a sharded `full` run gathers its model and AdamW's state, one tensor at a time, into process
+0's CPU memory at each save, as FSDP's FULL_STATE_DICT does, and every process reads them whole (on the CPU)
+on resume. `ShardedCheckpoints` is the Trainer mixin; the functions are its parts.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from peft import PeftModel
 from peft.utils import load_peft_weights, set_peft_model_state_dict
 from safetensors.torch import load_file
 from torch import nn
-from torch.nn.modules.module import _IncompatibleKeys
 
+from .errors import UserError
 from .ivon_inplace import ShardedIVON
 from .sharding import is_sharded, local_shard, model_is_sharded, rows_like, shard_rows
 from .trainer_checkpoints import unwrap_optimizer
@@ -38,15 +39,20 @@ def whole_trained_state(model: nn.Module, full: bool) -> dict[str, torch.Tensor]
     return {k: (v.full_tensor() if is_sharded(v) else v).detach().cpu() for k, v in kept.items()}
 
 
-def whole_optimizer_state(optimizer) -> dict:
+def whole_optimizer_state(optimizer, keep: bool = True) -> dict | None:
     """The optimizer's state_dict as one process holding every parameter whole would save it (IVON's flat
-    Hessian and momentum, or AdamW's per-parameter moments, gathered). Every process must call it."""
+    Hessian and momentum, adapter-sized, or AdamW's per-parameter moments, gathered one tensor at a time onto
+    the CPU), for the process that `keep`s it (None for the others). Every process must call it."""
     if isinstance(optimizer, ShardedIVON):
-        return optimizer.whole_state_dict()
+        state = optimizer.whole_state_dict()
+        return state if keep else None
     state = optimizer.state_dict()  # its per-parameter dicts are the live ones: copied, not changed
-    state["state"] = {index: {k: (v.full_tensor() if is_sharded(v) else v) for k, v in entry.items()}
-                      for index, entry in sorted(state["state"].items())}
-    return state
+    whole = {}
+    for index, entry in sorted(state["state"].items()):  # the same order in every process
+        gathered = {k: v.full_tensor().cpu() if is_sharded(v) else v for k, v in entry.items()}
+        if keep:
+            whole[index] = gathered
+    return {**state, "state": whole} if keep else None
 
 
 def load_whole_optimizer_state(optimizer, state: dict) -> None:
@@ -60,9 +66,9 @@ def load_whole_optimizer_state(optimizer, state: dict) -> None:
     type(optimizer).load_state_dict(optimizer, state)  # the class's: the instance's may be ours, for the Trainer
 
 
-def load_into_shards(model: nn.Module, state: dict[str, torch.Tensor]) -> _IncompatibleKeys:
+def load_into_shards(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
     """`model.load_state_dict(state, strict=False)` for a model FSDP sharded and whole tensors in `state`: each
-    process copies its rows of each."""
+    process copies its rows of each. Returns (missing, unexpected) names, as `load_state_dict` does."""
     targets = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     with torch.no_grad():
         for name, value in state.items():
@@ -70,8 +76,17 @@ def load_into_shards(model: nn.Module, state: dict[str, torch.Tensor]) -> _Incom
                 target = targets[name]
                 start, stop = shard_rows(target)
                 local_shard(target).copy_(value[start:stop] if is_sharded(target) else value)
-    return _IncompatibleKeys(missing_keys=[n for n in targets if n not in state],
-                             unexpected_keys=[n for n in state if n not in targets])
+    return [n for n in targets if n not in state], [n for n in state if n not in targets]
+
+
+def check_all_loaded(model: nn.Module, folder: Path, missing: list[str], unexpected: list[str]) -> None:
+    """Refuse a resume that would leave a trained weight as it was, or read a tensor into nothing."""
+    trained_missing = [n for n, p in model.named_parameters() if p.requires_grad and n in set(missing)]
+    if trained_missing or unexpected:
+        what, names = ("missing", trained_missing) if trained_missing else ("unknown", unexpected)
+        raise UserError(f"the checkpoint {folder} does not match this model ({what} weights: "
+                        f"{', '.join(names[:3])}): resume it with the model it was trained from, or start again "
+                        f"with --overwrite")
 
 
 def load_whole_weights(model: nn.Module, folder: Path) -> None:
@@ -80,12 +95,12 @@ def load_whole_weights(model: nn.Module, folder: Path) -> None:
     if isinstance(model, PeftModel):
         # peft renames the keys and, for a model of DTensors, shards each whole tensor as its parameter is
         weights = load_peft_weights(str(folder), device="cpu")
-        set_peft_model_state_dict(model, weights, adapter_name=model.active_adapter)
-        return
+        result = set_peft_model_state_dict(model, weights, adapter_name=model.active_adapter)
+        return check_all_loaded(model, folder, result.missing_keys, result.unexpected_keys)
     weights = {}
     for file in sorted(Path(folder).glob("*.safetensors")):
         weights.update(load_file(file))
-    load_into_shards(model, weights)
+    check_all_loaded(model, folder, *load_into_shards(model, weights))
 
 
 class ShardedCheckpoints:
@@ -103,7 +118,8 @@ class ShardedCheckpoints:
         if not model_is_sharded(self.model):
             return super()._save_optimizer_and_scheduler(output_dir)
         optimizer = unwrap_optimizer(self.optimizer)
-        whole = whole_optimizer_state(optimizer)  # every process; the Trainer asks process 0 alone for it
+        # every process; the Trainer asks process 0 alone for it
+        whole = whole_optimizer_state(optimizer, keep=self.args.should_save)
         optimizer.state_dict = lambda: whole
         try:
             super()._save_optimizer_and_scheduler(output_dir)
@@ -111,9 +127,10 @@ class ShardedCheckpoints:
             del optimizer.state_dict
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        if not model_is_sharded(self.model):
+        model = self.model if model is None else model
+        if not model_is_sharded(model):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        load_whole_weights(self.model, Path(resume_from_checkpoint))
+        load_whole_weights(model, Path(resume_from_checkpoint))
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         if checkpoint is None or not model_is_sharded(self.model):
