@@ -2,12 +2,14 @@
 processes (`fully_shard`, gloo), a decoder large enough for the weights to dominate (a randomly initialised
 Llama of about 120M parameters; no download).
 
-Each process builds the whole model (as loading a checkpoint does today), adds the AdaLoRA adapter, shards it
-(2 and 4 processes), then trains a few bayes-adalora steps with IVON on its shards. Reported per process:
-`weights_mb`, the memory of the parameters it holds (its rows under FSDP) and IVON's state; the resident memory
-(RSS) before any model (`rss_start_mb`: the libraries), once the whole model is built (`rss_load_mb`, which
-every process pays at load time, before sharding), once sharded (`rss_sharded_mb`), and the highest while
-training (`rss_train_mb`, sampled every 5 ms: with the blocks FSDP gathers one at a time and the activations).
+The first process builds the whole model (as loading a checkpoint does) and adds the AdaLoRA adapter; under
+FSDP (2 and 4 processes) the others build it empty on the meta device, and each receives its rows from the first
+(`sharding.shard_from_first_process`, what `--fsdp` runs), then trains a few bayes-adalora steps with IVON on its
+shards. Reported per process: `weights_mb`, the memory of the parameters it holds (its rows under FSDP) and IVON's
+state; the resident memory (RSS) before any model (`rss_start_mb`: the libraries), once the model is built
+(`rss_load_mb`: the whole model in the first process, an empty one in the others), the highest from the build
+through sharding (`rss_load_peak_mb`, sampled every 5 ms), once sharded (`rss_sharded_mb`), and the highest
+while training (`rss_train_mb`: with the blocks FSDP gathers one at a time and the activations).
 
     python benchmarks/fsdp_memory.py            # runs 1, 2 and 4 processes, writes results/fsdp-memory.json
     python benchmarks/fsdp_memory.py --report   # prints the table of the JSON file
@@ -63,7 +65,7 @@ def worker(out: Path) -> None:
     from bayes_adalora.allocator import install_allocator
     from bayes_adalora.build import build_trainable_model, make_optimizer
     from bayes_adalora.config import TrainConfig
-    from bayes_adalora.sharding import local_shard, shard_model
+    from bayes_adalora.sharding import local_shard, shard_from_first_process
     from bayes_adalora.steps import IVONStep, NoiseStream
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -73,8 +75,10 @@ def worker(out: Path) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     start = rss_mb()  # the libraries, before any model
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=8000, hidden_size=1024, intermediate_size=2816,
-                                        num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16))
+    loading = PeakSampler()
+    with torch.device("meta" if rank > 0 else "cpu"):  # under FSDP the first process alone holds the weights
+        base = LlamaForCausalLM(LlamaConfig(vocab_size=8000, hidden_size=1024, intermediate_size=2816,
+                                            num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16))
     config = TrainConfig(task="causal-lm", train_file="unused", validation_file="unused", init_r=8, target_r=4,
                          tinit=1, tfinal=1, delta_t=1)
     model = build_trainable_model(base, config, STEPS, set())
@@ -82,8 +86,9 @@ def worker(out: Path) -> None:
     gc.collect()
     load = rss_mb()
     if world > 1:
-        shard_model(model)
+        shard_from_first_process(model, torch.device("cpu"))
     gc.collect()
+    load_peak = loading.stop()
     sharded = rss_mb()
     optimizer = make_optimizer(model, config, ess=1e5, total_steps=STEPS)
     install_allocator(model, "bayes-adalora", optimizer, "snr_abs")
@@ -105,7 +110,7 @@ def worker(out: Path) -> None:
     seconds = (time.perf_counter() - started) / STEPS
     peak = sampler.stop()
     row = {"rank": rank, "weights_mb": (weights + state) / 2**20, "rss_start_mb": start, "rss_load_mb": load,
-           "rss_sharded_mb": sharded, "rss_train_mb": peak, "seconds_per_step": seconds}
+           "rss_load_peak_mb": load_peak, "rss_sharded_mb": sharded, "rss_train_mb": peak, "seconds_per_step": seconds}
     rows = [None] * world
     if world > 1:
         dist.all_gather_object(rows, row)
@@ -132,12 +137,14 @@ def run(processes: int) -> list[dict]:
 
 
 def report(results: dict) -> str:
-    lines = ["| processes | weights + IVON state (MB) | RSS: libraries | whole model loaded | sharded | training peak "
-             "| s/step |", "|---|---|---|---|---|---|---|"]
+    lines = ["| processes | weights + IVON state (MB) | RSS: libraries | load peak: first process | load peak: others "
+             "| sharded | training peak | s/step |", "|---|---|---|---|---|---|---|---|"]
     for processes, rows in results["runs"].items():
         most = {key: max(r[key] for r in rows) for key in rows[0] if key != "rank"}  # the largest process
-        lines.append(f"| {processes} | {most['weights_mb']:.0f} | {most['rss_start_mb']:.0f} | "
-                     f"{most['rss_load_mb']:.0f} | {most['rss_sharded_mb']:.0f} | {most['rss_train_mb']:.0f} | "
+        first = rows[0]["rss_load_peak_mb"]
+        others = f"{max(r['rss_load_peak_mb'] for r in rows[1:]):.0f}" if len(rows) > 1 else "-"
+        lines.append(f"| {processes} | {most['weights_mb']:.0f} | {most['rss_start_mb']:.0f} | {first:.0f} | "
+                     f"{others} | {most['rss_sharded_mb']:.0f} | {most['rss_train_mb']:.0f} | "
                      f"{most['seconds_per_step']:.2f} |")
     return "\n".join(lines)
 

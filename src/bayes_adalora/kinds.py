@@ -60,7 +60,8 @@ class TaskKind(Protocol):
     spec: TaskSpec | LMTaskSpec
 
     def read_data(self, config: TrainConfig): ...  # its `.spec`, `.train`, `.dev` (split name -> examples)
-    def load_model(self, name: str, config: TrainConfig, device: torch.device): ...  # (tokenizer, model, fresh)
+    # (tokenizer, model, fresh); without `weights`, the model built empty on the meta device
+    def load_model(self, name: str, config: TrainConfig, device: torch.device, weights: bool = True): ...
     def check_processes(self, model, world: int) -> None: ...  # refuse what cannot train on `world` processes
     def collator(self, tokenizer): ...  # the Trainer's data_collator: pads a batch of `train_dataset` rows
     def train_dataset(self, data, tokenizer, config: TrainConfig) -> list[dict]: ...  # encoded, not padded
@@ -102,9 +103,9 @@ class ClassifierKind:
             check_scorable(data.spec, ds)
         return data
 
-    def load_model(self, name: str, config: TrainConfig, device: torch.device):
+    def load_model(self, name: str, config: TrainConfig, device: torch.device, weights: bool = True):
         """(tokenizer, model, newly initialised modules), refusing a --max-length past its positions."""
-        tokenizer, model, fresh = load_model(name, self.spec, config.trust_remote_code)
+        tokenizer, model, fresh = load_model(name, self.spec, config.trust_remote_code, weights)
         check_max_length(model, name, config.max_length)
         return tokenizer, model, fresh
 
@@ -158,12 +159,12 @@ class CausalLMKind:
         return RunData(self.spec, train.head(config.max_train_samples or len(train)),
                        {self.spec.dev_splits[0]: dev.head(config.max_eval_samples or len(dev))})
 
-    def load_model(self, name: str, config: TrainConfig, device: torch.device):
+    def load_model(self, name: str, config: TrainConfig, device: torch.device, weights: bool = True):
         """(tokenizer, model, newly initialised modules), refusing a --max-length past its positions and a
         model that sees the tokens it is to predict (an encoder such as BERT)."""
         frozen_bf16 = config.bf16 and device.type == "cuda" and config.method_spec.adapter is not None
         tokenizer, model, fresh = load_causal_lm(name, config.trust_remote_code, device, config.load_in,
-                                                 bf16_base=frozen_bf16)
+                                                 bf16_base=frozen_bf16, weights=weights)
         check_max_length(model, name, config.max_length)
         if not attends_causally(model):
             raise UserError(f"--task {self.spec.name} needs a decoder, and model {name!r} ({model.config.model_type}) "

@@ -121,9 +121,24 @@ def check_local_model(name: str) -> None:
                         f"put it back, or name the model anew")
 
 
-def load_model(name: str, spec: TaskSpec, trust_remote_code: bool):
+def pretrained(auto_class, name: str, weights: bool, settings: dict, **kwargs):
+    """(model, loading info) of `auto_class.from_pretrained(name, **settings, **kwargs)`; without `weights`, the
+    same model built empty on the meta device from the checkpoint's config with `settings`, and no weight read
+    (a process that receives its weights from another: FSDP's), with empty loading info."""
+    if weights:
+        return auto_class.from_pretrained(name, output_loading_info=True, **settings, **kwargs)
+    from transformers import AutoConfig
+
+    remote = kwargs.get("trust_remote_code", False)
+    config = AutoConfig.from_pretrained(name, trust_remote_code=remote, **settings)
+    with torch.device("meta"):
+        return auto_class.from_config(config, trust_remote_code=remote, dtype=kwargs["dtype"]), {}
+
+
+def load_model(name: str, spec: TaskSpec, trust_remote_code: bool, weights: bool = True):
     """(tokenizer, model for sequence classification, newly initialised module names); the model's
-    config names the classes (`id2label`, `label2id`), so a saved config carries them."""
+    config names the classes (`id2label`, `label2id`), so a saved config carries them. Without `weights`, the
+    model is built empty on the meta device (`pretrained`), and no module is known to be new."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     check_local_model(name)
@@ -132,16 +147,16 @@ def load_model(name: str, spec: TaskSpec, trust_remote_code: bool):
                         f"(data.load_task_data gives the task with its classes)")
     # fp32 master weights whatever the checkpoint's dtype: IVON keeps one dtype for all its state,
     # and --bf16 autocasts the compute.
-    kwargs = dict(num_labels=spec.num_labels, trust_remote_code=trust_remote_code, dtype=torch.float32,
-                  **label_maps(spec))
+    settings = dict(num_labels=spec.num_labels, **label_maps(spec))
     if spec.is_regression:
-        kwargs["problem_type"] = "regression"
+        settings["problem_type"] = "regression"
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
         # a base fine-tuned for another number of classes (an SST-2 checkpoint for 3 classes): its head is
         # new here, as a missing one would be (trained in full and saved with the adapter)
-        model, info = AutoModelForSequenceClassification.from_pretrained(name, output_loading_info=True,
-                                                                         ignore_mismatched_sizes=True, **kwargs)
+        model, info = pretrained(AutoModelForSequenceClassification, name, weights, settings,
+                                 trust_remote_code=trust_remote_code, dtype=torch.float32,
+                                 **({"ignore_mismatched_sizes": True} if weights else {}))
     except (OSError, SafetensorError) as exc:
         raise UserError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from exc
     if tokenizer.pad_token is None:  # a decoder's tokenizer (GPT-2): pad with EOS, as the causal-LM tasks do
@@ -252,12 +267,13 @@ def quantization_config(load_in: str | None, device: torch.device):
 
 
 def load_causal_lm(name: str, trust_remote_code: bool, device: torch.device,
-                   load_in: str | None = None, bf16_base: bool = False):
+                   load_in: str | None = None, bf16_base: bool = False, weights: bool = True):
     """(tokenizer, causal LM, newly initialised module names) for a decoder-LM task.
 
     The tokenizer pads on the right, with its EOS token where it has no pad token. The base is fp32
     (IVON keeps one dtype for all its state), or bf16 with `bf16_base` (a frozen base under an adapter,
-    on CUDA), or 8/4-bit through bitsandbytes with `load_in`.
+    on CUDA), or 8/4-bit through bitsandbytes with `load_in`. Without `weights`, built empty on the meta
+    device (`pretrained`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -268,7 +284,7 @@ def load_causal_lm(name: str, trust_remote_code: bool, device: torch.device,
         kwargs.update(quantization_config=quantized, device_map={"": device.index or 0})
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-        model, info = AutoModelForCausalLM.from_pretrained(name, output_loading_info=True, **kwargs)
+        model, info = pretrained(AutoModelForCausalLM, name, weights, {}, **kwargs)
     except (OSError, SafetensorError, ValueError) as exc:
         raise UserError(f"cannot load model {name!r} as a causal LM: {str(exc).splitlines()[0]}") from exc
     if tokenizer.pad_token is None:

@@ -132,3 +132,52 @@ def reshard(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
+
+
+def first_process_value(value):
+    """`value` as the first process holds it, in every process (a collective)."""
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shard_from_first_process(model: nn.Module, device: torch.device, reshard_after_forward: bool = True) -> nn.Module:
+    """`shard_model`, where the first process built `model` with its values (on the CPU) and the others built it
+    empty, on the meta device (no weight read: the whole model is the first process's alone, in its CPU memory):
+    each process then receives its rows from the first (`fill_from_first_process`), on `device`. What trains is
+    the first process's choice too (peft's move of an adapter onto the meta device makes AdaLoRA's frozen rank
+    count trainable). Every process must call it."""
+    trained = first_process_value({n for n, p in model.named_parameters() if p.requires_grad})
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in trained)
+    empty = any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    # the first process's tensors (adapter, new head and the buffers a state dict leaves out included), kept
+    # by name while FSDP makes its shards of them (each block moved to the device one at a time)
+    whole = None if empty else {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    shard_model(model, reshard_after_forward=reshard_after_forward)
+    if empty:
+        model.to_empty(device=device)
+    fill_from_first_process(model, whole, device)
+    return model
+
+
+def fill_from_first_process(model: nn.Module, whole: dict[str, Tensor] | None, device: torch.device) -> None:
+    """Give a model FSDP sharded the first process's values: `whole` is the first process's parameters and
+    buffers by name from before sharding (the others pass None). One tensor at a time, in the same order
+    everywhere: the first process sends it whole (and lets it go), each process keeps its rows. Every process
+    must call it."""
+    import torch.distributed as dist
+
+    targets = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    with torch.no_grad():
+        for name, target in targets.items():
+            if whole is not None:
+                value = whole.pop(name).detach().to(device)
+            else:
+                value = torch.empty(target.shape, dtype=target.dtype, device=device)
+            dist.broadcast(value, src=0)
+            start, stop = shard_rows(target)
+            local_shard(target).copy_(value[start:stop] if is_sharded(target) else value)
+            del value

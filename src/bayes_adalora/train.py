@@ -54,7 +54,7 @@ from .models import LABELS_FILE, causal_lm_token_loss, default_model_path, label
 from .predict import named_posterior_sigma
 from .run_folder import TRACKER_DIR, check_output_dir, write_json, write_marker, write_outputs
 from .schedules import masking_steps
-from .sharding import all_sum, local_shard, model_is_sharded, reshard, shard_model
+from .sharding import all_sum, first_process_value, local_shard, model_is_sharded, reshard, shard_from_first_process
 from .tasks import get_task
 from .trackers import sigma_statistics, tracking
 from .trainer_fsdp import ShardedCheckpoints, whole_trained_state
@@ -370,7 +370,15 @@ def _train(config: TrainConfig, figures: Figures | None, closing: ExitStack) -> 
     spec = data.spec  # classification on the user's own data: with the classes of its training file
     set_seed(config.seed)  # before the model: the seed also fixes the new head's and the adapter's first weights
     model_name = config.model or default_model_path()
-    tokenizer, model, fresh = kind.load_model(model_name, config, device)
+    if config.fsdp:  # the process group first: under FSDP only the first process reads the weights
+        if world < 2:
+            raise UserError("--fsdp shards the model over processes: launch 2 or more (torchrun --nproc_per_node N, "
+                            "or accelerate launch)")
+        start_processes(device)
+    empty = bool(config.fsdp) and rank != 0  # built on the meta device; its rows come from the first process
+    tokenizer, model, fresh = kind.load_model(model_name, config, device, weights=not empty)
+    if config.fsdp:
+        fresh = first_process_value(fresh)  # which modules are new: known where the weights were read
     kind.check_processes(model, world)
     train_set = kind.train_dataset(data, tokenizer, config)
     if not train_set:
@@ -378,13 +386,11 @@ def _train(config: TrainConfig, figures: Figures | None, closing: ExitStack) -> 
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     dev_loaders = {split: kind.dev_loader(ds, tokenizer, config) for split, ds in data.dev.items()}
     # the adapter first (its size sets --ivon-ess auto); its length is the plan's, from the same two numbers
-    model = on_device(build_trainable_model(model, config, total_steps_for(config, steps_per_epoch), fresh), device)
+    model = build_trainable_model(model, config, total_steps_for(config, steps_per_epoch), fresh)
+    # under FSDP the first process keeps the whole model in CPU memory: each block goes to the device as it is sharded
+    model = model if config.fsdp else on_device(model, device)
     if config.fsdp:  # before the optimizer: IVON's state is made beside each process's rows
-        if world < 2:
-            raise UserError("--fsdp shards the model over processes: launch 2 or more (torchrun --nproc_per_node N, "
-                            "or accelerate launch)")
-        start_processes(device)
-        shard_model(model, reshard_after_forward=config.fsdp == "full_shard")
+        shard_from_first_process(model, device, reshard_after_forward=config.fsdp == "full_shard")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     plan = plan_run(config, model_name, len(data.train), steps_per_epoch, spec, trainable_parameters=trainable)
     settings = planned_config(config, plan)  # config.json's form: kept in checkpoints, checked on resume
