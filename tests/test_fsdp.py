@@ -205,3 +205,29 @@ def test_a_sharded_run_killed_and_resumed_ends_as_the_uninterrupted_sharded_run(
     for name in files:
         a, b = load_file(reference / name), load_file(killed / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+@pytest.mark.parametrize("method, trainer, strategy", [
+    ("bayes-adalora", "IVONTrainer", "full_shard"), ("adalora", "AdaLoraTrainer", "full_shard"),
+    ("adalora-ivon", "IVONTrainer", "shard_grad_op"), ("lora", "ShardedTrainer", "full_shard"),
+])
+def test_make_trainer_shards_over_two_processes_as_ddp_trains(method, trainer, strategy, tmp_path, glue_dir,
+                                                              tiny_deberta_no_dropout):
+    """The Trainer path: `make_trainer` with `config.fsdp` under torchrun against the same Trainer with DDP (2
+    processes each: the stock Trainer weighs a classifier's loss by the process count, which DDP and FSDP share)."""
+    script = Path(__file__).with_name("fsdp_trainer_run.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(script.parent), os.environ.get("PYTHONPATH", "")])}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+              str(tiny_deberta_no_dropout), str(glue_dir)]
+    runs = {}
+    for name, fsdp in (("ddp", "none"), ("fsdp", strategy)):
+        (tmp_path / name).mkdir()
+        done = subprocess.run([*launch, str(tmp_path / name), "8", method, fsdp], env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = read_json(tmp_path / name / "result.json")
+    ddp, sharded = runs["ddp"], runs["fsdp"]
+    assert (ddp["sharded"], sharded["sharded"], sharded["trainer"]) == (False, True, trainer)
+    assert sharded["ranks"][0] == sharded["ranks"][1] == ddp["ranks"][0]
+    assert relative_gap(ddp["weights"], sharded["weights"]) < 1e-4

@@ -24,42 +24,52 @@ import torch
 from transformers import Trainer, TrainingArguments, set_seed
 
 from .adapters import adalora_tuner, rank_allocator, remask
-from .allocator import PosteriorRankAllocator, install_allocator
+from .allocator import PosteriorRankAllocator, SensitivityRankAllocator, install_allocator
 from .build import build_trainable_model, make_optimizer, use_fast_path
 from .config import TrainConfig
+from .errors import UserError
 from .ivon_inplace import ShardedIVON
 from .ivon_settings import resolve_ess
 from .kinds import task_kind
 from .methods import IVON_METHODS, get_method
 from .models import causal_lm_token_loss
+from .sharding import model_is_sharded, shard_model
 from .steps import IVONStep, NoiseStream
 from .tasks import get_task
 from .trainer_args import ADALORA_METHODS, IVONArguments, trainer_max_steps
 from .trainer_callback import RankAllocationCallback
 from .trainer_checkpoints import ADALORA_STATE, AdaLoraCheckpoints, read_adalora_state, unwrap_optimizer
+from .trainer_fsdp import ShardedModel
 from .trainer_metrics import compute_lm_metrics, compute_metrics, reduce_lm_logits
 
 __all__ = [
     "ADALORA_METHODS", "ADALORA_STATE", "AdaLoraCheckpoints", "AdaLoraTrainer", "IVONArguments", "IVONTrainer",
-    "RankAllocationCallback", "compute_lm_metrics", "compute_metrics", "make_trainer", "read_adalora_state",
-    "reduce_lm_logits", "remask", "trainer_max_steps", "unwrap_optimizer",
+    "RankAllocationCallback", "ShardedTrainer", "compute_lm_metrics", "compute_metrics", "make_trainer",
+    "read_adalora_state", "reduce_lm_logits", "remask", "trainer_max_steps", "unwrap_optimizer",
 ]
 
 # Below this, a learning rate is on AdamW's scale: IVON's step is lr * clip((m + wd mu) / (h + wd)).
 IVON_LR_WARN_BELOW = 1e-2
 
 
-class AdaLoraTrainer(AdaLoraCheckpoints, Trainer):
+class AdaLoraTrainer(ShardedModel, AdaLoraCheckpoints, Trainer):
     """A stock `Trainer` (its optimizer, AdamW by default) for a peft AdaLoRA model, with
-    `RankAllocationCallback` and checkpoints that resume (`AdaLoraCheckpoints`)."""
+    `RankAllocationCallback` and checkpoints that resume (`AdaLoraCheckpoints`); the model may be FSDP sharded
+    (`ShardedModel`: `make_trainer` with `config.fsdp`), the sensitivity then kept on each process's rows."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         adalora_tuner(self.model)
+        if model_is_sharded(self.model):  # peft's masking reads whole weights: the one that reads shards
+            install_allocator(self.model, "adalora", None, None)
         self.add_rank_allocation()
 
 
-class IVONTrainer(AdaLoraCheckpoints, Trainer):
+class ShardedTrainer(ShardedModel, Trainer):
+    """A stock `Trainer` for a model FSDP sharded before it (`make_trainer` with `config.fsdp`: lora, full)."""
+
+
+class IVONTrainer(ShardedModel, AdaLoraCheckpoints, Trainer):
     """A `transformers.Trainer` that trains a peft AdaLoRA model with IVON (`bayes-adalora`, `adalora-ivon`).
 
     Takes the Trainer's arguments plus `ivon_args`, an `IVONArguments` (default: `bayes-adalora`), or
@@ -169,10 +179,12 @@ class IVONTrainer(AdaLoraCheckpoints, Trainer):
         if self.args.world_size > 1 and optimizer.hess_approx == "price" and not sharded:  # ivon-opt cannot sync gradsq
             optimizer.sync = True  # one passed in too: else accumulated micro-batches stay per process
         tuner = adalora_tuner(self.model)
+        allocator = rank_allocator(tuner)
         if get_method(self.ivon_args.method).reads_posterior:
-            allocator = rank_allocator(tuner)
             if not (isinstance(allocator, PosteriorRankAllocator) and allocator.optimizer is optimizer):
                 install_allocator(self.model, self.ivon_args.method, optimizer, self.ivon_args.criterion)
+        elif sharded and not isinstance(allocator, SensitivityRankAllocator):  # the sensitivity on shards
+            install_allocator(self.model, self.ivon_args.method, optimizer, self.ivon_args.criterion)
         use_fast_path(self.model, settings, optimizer)  # a model or an IVON passed in: fast path too
         return self.optimizer
 
@@ -214,8 +226,11 @@ def make_trainer(model, train_dataset, eval_dataset, config: TrainConfig, traini
     tokenizer becomes the `processing_class` and the task's padding collator the `data_collator` unless
     given; modules the checkpoint lacks are trained in full and saved), or a model object (for sequence
     classification only its head is then trained in full). The adapter's default `tinit`, `tfinal` and
-    `delta_t` scale with the Trainer's step count. Returns an `IVONTrainer` for IVON methods, an
-    `AdaLoraTrainer` (AdamW from `training_args`) for `adalora`, else a `transformers.Trainer`.
+    `delta_t` scale with the Trainer's step count. With `config.fsdp` (under torchrun or accelerate, 2 processes or
+    more) the built model is sharded with torch's FSDP2 (`sharding.shard_model`) before the Trainer, and IVON's
+    state and the rank allocation follow the shards. Returns an `IVONTrainer` for IVON methods, an
+    `AdaLoraTrainer` (AdamW from `training_args`) for `adalora`, else a `transformers.Trainer` (a
+    `ShardedTrainer` under FSDP).
     """
     set_seed(training_args.seed)  # the new head and the adapter start from the run's seed
     if isinstance(model, (str, os.PathLike)):
@@ -230,9 +245,14 @@ def make_trainer(model, train_dataset, eval_dataset, config: TrainConfig, traini
         fresh = set()
     n_examples = len(train_dataset) if hasattr(train_dataset, "__len__") else None
     model = build_trainable_model(model, config, trainer_max_steps(training_args, n_examples), fresh)
+    if config.fsdp:  # torch's FSDP2 over the processes torchrun or accelerate started, before the Trainer
+        if training_args.world_size < 2:
+            raise UserError("--fsdp shards the model over processes: launch 2 or more (torchrun --nproc_per_node N, "
+                            "or accelerate launch)")
+        shard_model(model.to(training_args.device), reshard_after_forward=config.fsdp == "full_shard")
     common = dict(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset)
     if config.uses_ivon:
         return IVONTrainer(**common, config=config, **trainer_kwargs)
     if config.uses_adalora:
         return AdaLoraTrainer(**common, **trainer_kwargs)
-    return Trainer(**common, **trainer_kwargs)
+    return (ShardedTrainer if config.fsdp else Trainer)(**common, **trainer_kwargs)

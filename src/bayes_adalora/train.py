@@ -57,7 +57,7 @@ from .schedules import masking_steps
 from .sharding import all_sum, first_process_value, local_shard, model_is_sharded, reshard, shard_from_first_process
 from .tasks import get_task
 from .trackers import sigma_statistics, tracking
-from .trainer_fsdp import ShardedCheckpoints, whole_trained_state
+from .trainer_fsdp import ShardedModel, whole_trained_state
 
 Figures = Callable[[Path], object]  # draws a finished run folder's figures into it (`plots.plot_run`)
 
@@ -163,12 +163,12 @@ class Progress:
     train_seconds: float = 0.0
 
 
-class RunTrainerMixin(ShardedCheckpoints):
+class RunTrainerMixin(ShardedModel):
     """What the run needs of its Trainer beyond the stock one: a classifier's loss weighed as the batch's mean,
     the loss of each optimizer step (the sum of its micro-batches' `training_step` losses, which the Trainer
     scales so that it is the step's mean; under several processes, their mean), and a resume with a new --learning-rate
     (a diverged run's) that replaces the checkpoint's; of a model FSDP sharded, checkpoints gathered whole and read
-    back onto the shards (`ShardedCheckpoints`)."""
+    back onto the shards (`ShardedModel`)."""
 
     step_loss = None
     peak_lr: float | None = None
@@ -189,18 +189,6 @@ class RunTrainerMixin(ShardedCheckpoints):
         if self.args.world_size > 1:
             loss = self.accelerator.reduce(loss, "mean")
         return loss.item()  # one device sync a step
-
-    def create_accelerator_and_postprocess(self):
-        super().create_accelerator_and_postprocess()
-        prepare = self.accelerator.prepare_model
-
-        def prepare_model(model, device_placement=None, evaluation_mode=False):
-            if model_is_sharded(model):  # FSDP2 already: not wrapped in DDP (which accelerate refuses for DTensors)
-                self.accelerator._models.append(model)
-                return model
-            return prepare(model, device_placement=device_placement, evaluation_mode=evaluation_mode)
-
-        self.accelerator.prepare_model = prepare_model
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)

@@ -6,7 +6,7 @@ gathered whole, in the files and formats of an unsharded run's checkpoint; on re
 and keeps a copy of its rows. The trained tensors are adapter-sized (the frozen base is not saved), so the
 gathers are cheap; a sharded `full` run gathers its model and AdamW's state, one tensor at a time, into process
 0's CPU memory at each save, as FSDP's FULL_STATE_DICT does, and every process reads them whole (on the CPU)
-on resume. `ShardedCheckpoints` is the Trainer mixin; the functions are its parts.
+on resume. `ShardedModel` is the Trainer mixin; the functions are its parts.
 """
 
 from __future__ import annotations
@@ -103,10 +103,24 @@ def load_whole_weights(model: nn.Module, folder: Path) -> None:
     check_all_loaded(model, folder, *load_into_shards(model, weights))
 
 
-class ShardedCheckpoints:
-    """A Trainer mixin: of a model FSDP sharded (`sharding.shard_model`, which the Trainer does not know of), the
-    checkpoints are gathered whole on every process and written by process 0 in an unsharded run's files, and
-    a resume reads them back onto each process's rows. A model not sharded is the Trainer's own business."""
+class ShardedModel:
+    """A Trainer mixin for a model FSDP sharded before the Trainer (`sharding.shard_model`, which the Trainer does
+    not know of): it is not wrapped in DDP (accelerate refuses DTensors there; FSDP already averages the
+    gradients); its checkpoints are gathered whole on every process and written by process 0 in an unsharded
+    run's files, and a resume reads them back onto each process's rows. A model not sharded is the Trainer's
+    own business."""
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        prepare = self.accelerator.prepare_model
+
+        def prepare_model(model, device_placement=None, evaluation_mode=False):
+            if model_is_sharded(model):  # FSDP2 already: not wrapped in DDP
+                self.accelerator._models.append(model)
+                return model
+            return prepare(model, device_placement=device_placement, evaluation_mode=evaluation_mode)
+
+        self.accelerator.prepare_model = prepare_model
 
     def save_model(self, output_dir=None, _internal_call=False):
         if not model_is_sharded(self.model):
