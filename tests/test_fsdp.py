@@ -231,3 +231,14 @@ def test_make_trainer_shards_over_two_processes_as_ddp_trains(method, trainer, s
     assert (ddp["sharded"], sharded["sharded"], sharded["trainer"]) == (False, True, trainer)
     assert sharded["ranks"][0] == sharded["ranks"][1] == ddp["ranks"][0]
     assert relative_gap(ddp["weights"], sharded["weights"]) < 1e-4
+
+
+def test_accelerates_fsdp_in_the_trainer_arguments_is_refused_for_make_trainers_own(tmp_path, tiny_deberta):
+    from transformers import TrainingArguments
+
+    from bayes_adalora.config import TrainConfig
+    from bayes_adalora.hf_trainer import make_trainer
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, fsdp=True, report_to=[], max_steps=2)
+    with pytest.raises(ValueError, match="leave fsdp unset and give make_trainer a config with fsdp='full_shard'"):
+        make_trainer(str(tiny_deberta), [], None, TrainConfig(method="bayes-adalora"), args)

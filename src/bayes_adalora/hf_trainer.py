@@ -60,9 +60,19 @@ class AdaLoraTrainer(ShardedModel, AdaLoraCheckpoints, Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         adalora_tuner(self.model)
+        refuse_accelerate_fsdp(self.args)
         if model_is_sharded(self.model):  # peft's masking reads whole weights: the one that reads shards
             install_allocator(self.model, "adalora", None, None)
         self.add_rank_allocation()
+
+
+def refuse_accelerate_fsdp(args: TrainingArguments) -> None:
+    """accelerate's FSDP (`TrainingArguments(fsdp=...)`) would shard the model inside the Trainer, where AdaLoRA's
+    rank allocation and IVON were set up on the whole one: refused, for `make_trainer`'s `config.fsdp`."""
+    if args.fsdp:
+        raise ValueError("TrainingArguments(fsdp=...) shards the model inside the Trainer, after the rank allocation "
+                         "and IVON were set up on the whole one: leave fsdp unset and give make_trainer a config with "
+                         "fsdp='full_shard' (torch's FSDP2 before the Trainer)")
 
 
 class ShardedTrainer(ShardedModel, Trainer):
@@ -112,6 +122,7 @@ class IVONTrainer(ShardedModel, AdaLoraCheckpoints, Trainer):
             )
         if self.args.n_gpu > 1 or self.args.deepspeed:
             raise ValueError("IVONTrainer runs one device per process (torchrun), not DataParallel or DeepSpeed")
+        refuse_accelerate_fsdp(self.args)
         self.args = copy.copy(self.args)  # the caller's arguments keep their max_grad_norm (for an AdamW baseline)
         if self.args.max_grad_norm:
             warnings.warn(
@@ -232,6 +243,7 @@ def make_trainer(model, train_dataset, eval_dataset, config: TrainConfig, traini
     `AdaLoraTrainer` (AdamW from `training_args`) for `adalora`, else a `transformers.Trainer` (a
     `ShardedTrainer` under FSDP).
     """
+    refuse_accelerate_fsdp(training_args)  # before the model loads (the Trainer would refuse it on one process)
     set_seed(training_args.seed)  # the new head and the adapter start from the run's seed
     if isinstance(model, (str, os.PathLike)):
         model = str(model)
