@@ -27,12 +27,15 @@ torch.set_num_threads(1)
 world = int(os.environ.get("WORLD_SIZE", "1"))
 config = TrainConfig(method=method, init_r=4, target_r=2, tinit=2, tfinal=3, delta_t=1,
                      fsdp=None if fsdp == "none" else fsdp)
+# evaluated at step 5: with shard_grad_op the blocks stay gathered after it, and the Trainer shards them again
 args = TrainingArguments(output_dir=str(out / "trainer"), report_to=[], use_cpu=True, save_strategy="no",
-                         logging_strategy="no", per_device_train_batch_size=per_device,
+                         logging_strategy="no", eval_strategy="steps", eval_steps=5, per_device_eval_batch_size=8,
+                         per_device_train_batch_size=per_device,
                          learning_rate=0.5 if config.uses_ivon else 1e-3, max_grad_norm=0.0, max_steps=10, seed=0,
                          disable_tqdm=True)
 tokenizer = AutoTokenizer.from_pretrained(model_path)
-trainer = make_trainer(model_path, read_sst2(glue_dir, "train", tokenizer), None, config, args)
+trainer = make_trainer(model_path, read_sst2(glue_dir, "train", tokenizer), read_sst2(glue_dir, "dev", tokenizer),
+                       config, args)
 trainer.train()
 model = trainer.model
 ranks = adapter_ranks(model)

@@ -233,12 +233,17 @@ def test_make_trainer_shards_over_two_processes_as_ddp_trains(method, trainer, s
     assert relative_gap(ddp["weights"], sharded["weights"]) < 1e-4
 
 
-def test_accelerates_fsdp_in_the_trainer_arguments_is_refused_for_make_trainers_own(tmp_path, tiny_deberta):
+def test_accelerates_fsdp_in_the_trainer_arguments_is_refused_for_make_trainers_own(tmp_path, tiny_deberta,
+                                                                                      monkeypatch):
     from transformers import TrainingArguments
 
     from bayes_adalora.config import TrainConfig
     from bayes_adalora.hf_trainer import make_trainer
 
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")  # what TrainingArguments(fsdp=...) sets: undone after
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, fsdp=True, report_to=[], max_steps=2)
-    with pytest.raises(ValueError, match="leave fsdp unset and give make_trainer a config with fsdp='full_shard'"):
+    with pytest.raises(ValueError, match="leave it off and give make_trainer a config with fsdp='full_shard'"):
         make_trainer(str(tiny_deberta), [], None, TrainConfig(method="bayes-adalora"), args)
+    plain = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=2)
+    with pytest.raises(ValueError, match=r"TrainConfig\(fsdp=...\) shards the model over processes: launch 2"):
+        make_trainer(str(tiny_deberta), [], None, TrainConfig(method="bayes-adalora", fsdp="full_shard"), plain)

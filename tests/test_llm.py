@@ -506,7 +506,8 @@ def test_the_pad_token_falls_back_to_eos_and_pads_on_the_right(tiny_lms):
     assert batch["labels"].tolist() == [[-100, 5], [-100, -100]]
 
 
-def test_two_processes_tune_a_decoder_lm_as_one_does(tiny_lms, tmp_path):
+@pytest.mark.parametrize("fsdp", [[], ["--fsdp", "full_shard"]], ids=["ddp", "fsdp"])
+def test_two_processes_tune_a_decoder_lm_as_one_does(fsdp, tiny_lms, tmp_path):
     """torchrun with 2 CPU processes (gloo), causal-lm `text` rows of very unequal lengths, so the two halves of a
     batch hold unequal numbers of scored tokens: the same global batches, so the same ranks and, up to the order of
     float sums, the same adapter and metrics as one process (worst 7e-5 relative). Each process averaging its own
@@ -538,7 +539,7 @@ def test_two_processes_tune_a_decoder_lm_as_one_does(tiny_lms, tmp_path):
     assert main(args(single)) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-              "-m", "bayes_adalora.cli", *args(double)]
+              "-m", "bayes_adalora.cli", *args(double), *fsdp]  # under FSDP: the second process builds on meta
     done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     one, two = (json.loads((r / "results.json").read_text()) for r in (single, double))

@@ -33,7 +33,7 @@ from .ivon_settings import resolve_ess
 from .kinds import task_kind
 from .methods import IVON_METHODS, get_method
 from .models import causal_lm_token_loss
-from .sharding import model_is_sharded, shard_model
+from .sharding import model_is_sharded, process_mesh, shard_model
 from .steps import IVONStep, NoiseStream
 from .tasks import get_task
 from .trainer_args import ADALORA_METHODS, IVONArguments, trainer_max_steps
@@ -67,12 +67,17 @@ class AdaLoraTrainer(ShardedModel, AdaLoraCheckpoints, Trainer):
 
 
 def refuse_accelerate_fsdp(args: TrainingArguments) -> None:
-    """accelerate's FSDP (`TrainingArguments(fsdp=...)`) would shard the model inside the Trainer, where AdaLoRA's
-    rank allocation and IVON were set up on the whole one: refused, for `make_trainer`'s `config.fsdp`."""
-    if args.fsdp:
-        raise ValueError("TrainingArguments(fsdp=...) shards the model inside the Trainer, after the rank allocation "
-                         "and IVON were set up on the whole one: leave fsdp unset and give make_trainer a config with "
-                         "fsdp='full_shard' (torch's FSDP2 before the Trainer)")
+    """accelerate's FSDP (`TrainingArguments(fsdp=...)`, or an `accelerate launch` with an FSDP configuration)
+    would shard the model inside the Trainer, where this package's trainers set up on the whole one: refused, for
+    `make_trainer`'s `config.fsdp`. DeepSpeed from the launcher likewise."""
+    if args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
+        raise ValueError("accelerate's FSDP (TrainingArguments(fsdp=...) or an FSDP launch configuration) shards the "
+                         "model inside the Trainer, after IVON, the rank allocation and the checkpoints were set up "
+                         "on the whole one: leave it off and give make_trainer a config with fsdp='full_shard' "
+                         "(torch's FSDP2 before the Trainer)")
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true"):
+        raise ValueError("this run was launched with DeepSpeed, which bayes-adalora's trainers do not train with: "
+                         "launch without it, and give make_trainer a config with fsdp='full_shard' to shard the model")
 
 
 class ShardedTrainer(ShardedModel, Trainer):
@@ -93,10 +98,11 @@ class IVONTrainer(ShardedModel, AdaLoraCheckpoints, Trainer):
     gradients, so with equal micro-batches it steps on the batch's mean gradient whatever
     `gradient_accumulation_steps` is. Evaluation and saving use the posterior mean.
 
-    Several processes (`torchrun`, DDP): every process samples the same noise (from `ivon_noise`, a
-    stream of its own seeded from `args.seed`, which dropout on unequally padded micro-batches cannot
-    shift), DDP averages the gradients and IVON runs with `sync=True`, so all hold the same posterior and
-    mask the same triplets. Gradient clipping does not apply (IVON clips its own update,
+    Several processes (`torchrun`, DDP; or FSDP, the model sharded before the Trainer: `make_trainer` with
+    `config.fsdp`, IVON then a `ShardedIVON` on each process's rows): every process samples the same noise
+    (from `ivon_noise`, a stream of its own seeded from `args.seed`, which dropout on unequally padded
+    micro-batches cannot shift), DDP averages the gradients and IVON runs with `sync=True`, so all hold the
+    same posterior and mask the same triplets. Gradient clipping does not apply (IVON clips its own update,
     `ivon_clip_radius`): a nonzero `max_grad_norm` is set to 0 with a warning. Refused: fp16 (its loss
     scaling changes the gradients IVON reads; use bf16 or fp32), DeepSpeed and several devices in one
     process (DataParallel).
@@ -187,6 +193,9 @@ class IVONTrainer(ShardedModel, AdaLoraCheckpoints, Trainer):
                                             total_steps=self.run_steps())
         optimizer = self.ivon_optimizer
         sharded = isinstance(optimizer, ShardedIVON)  # FSDP's reduce-scatter already averaged each shard's gradient
+        if model_is_sharded(self.model) and not sharded:
+            raise ValueError(f"the model is FSDP sharded and the optimizer is a {type(optimizer).__name__}: IVON on "
+                             f"shards is a ShardedIVON (let IVONTrainer make it: pass no optimizer)")
         if self.args.world_size > 1 and optimizer.hess_approx == "price" and not sharded:  # ivon-opt cannot sync gradsq
             optimizer.sync = True  # one passed in too: else accumulated micro-batches stay per process
         tuner = adalora_tuner(self.model)
@@ -244,6 +253,12 @@ def make_trainer(model, train_dataset, eval_dataset, config: TrainConfig, traini
     `ShardedTrainer` under FSDP).
     """
     refuse_accelerate_fsdp(training_args)  # before the model loads (the Trainer would refuse it on one process)
+    if config.fsdp and training_args.world_size < 2:
+        raise UserError("TrainConfig(fsdp=...) shards the model over processes: launch 2 or more (torchrun "
+                        "--nproc_per_node N, or accelerate launch)")
+    if config.fsdp and training_args.load_best_model_at_end:
+        raise UserError("load_best_model_at_end does not yet read a checkpoint back into a model FSDP sharded: leave "
+                        "it unset with TrainConfig(fsdp=...)")
     set_seed(training_args.seed)  # the new head and the adapter start from the run's seed
     if isinstance(model, (str, os.PathLike)):
         model = str(model)
@@ -258,10 +273,8 @@ def make_trainer(model, train_dataset, eval_dataset, config: TrainConfig, traini
     n_examples = len(train_dataset) if hasattr(train_dataset, "__len__") else None
     model = build_trainable_model(model, config, trainer_max_steps(training_args, n_examples), fresh)
     if config.fsdp:  # torch's FSDP2 over the processes torchrun or accelerate started, before the Trainer
-        if training_args.world_size < 2:
-            raise UserError("--fsdp shards the model over processes: launch 2 or more (torchrun --nproc_per_node N, "
-                            "or accelerate launch)")
-        shard_model(model.to(training_args.device), reshard_after_forward=config.fsdp == "full_shard")
+        shard_model(model.to(training_args.device), mesh=process_mesh(training_args.device),
+                    reshard_after_forward=config.fsdp == "full_shard")
     common = dict(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset)
     if config.uses_ivon:
         return IVONTrainer(**common, config=config, **trainer_kwargs)

@@ -166,7 +166,7 @@ class CausalLMKind:
         tokenizer, model, fresh = load_causal_lm(name, config.trust_remote_code, device, config.load_in,
                                                  bf16_base=frozen_bf16, weights=weights)
         check_max_length(model, name, config.max_length)
-        if not attends_causally(model):
+        if weights and not attends_causally(model):  # a forward pass: where the weights were read (FSDP's first)
             raise UserError(f"--task {self.spec.name} needs a decoder, and model {name!r} ({model.config.model_type}) "
                             f"attends both ways: it would see each token it is to predict; choose a causal LM "
                             f"(GPT-2, Llama, Qwen2, ...)")

@@ -134,6 +134,15 @@ def reshard(model: nn.Module) -> None:
             module.reshard()
 
 
+def process_mesh(device: torch.device):
+    """A 1-D device mesh over every process, on `device`'s type (not the machine's default accelerator: a CPU run
+    on a machine with GPUs shards on the CPU)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (dist.get_world_size(),))
+
+
 def first_process_value(value):
     """`value` as the first process holds it, in every process (a collective)."""
     import torch.distributed as dist
@@ -155,8 +164,9 @@ def shard_from_first_process(model: nn.Module, device: torch.device, reshard_aft
     empty = any(t.is_meta for t in (*model.parameters(), *model.buffers()))
     # the first process's tensors (adapter, new head and the buffers a state dict leaves out included), kept
     # by name while FSDP makes its shards of them (each block moved to the device one at a time)
-    whole = None if empty else {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    shard_model(model, reshard_after_forward=reshard_after_forward)
+    # (detached: FSDP moves each parameter's `.data` to the device, these keep the CPU memory)
+    whole = None if empty else {n: t.detach() for n, t in (*model.named_parameters(), *model.named_buffers())}
+    shard_model(model, mesh=process_mesh(device), reshard_after_forward=reshard_after_forward)
     if empty:
         model.to_empty(device=device)
     fill_from_first_process(model, whole, device)

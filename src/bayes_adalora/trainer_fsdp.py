@@ -21,7 +21,7 @@ from torch import nn
 
 from .errors import UserError
 from .ivon_inplace import ShardedIVON
-from .sharding import is_sharded, local_shard, model_is_sharded, rows_like, shard_rows
+from .sharding import is_sharded, local_shard, model_is_sharded, reshard, rows_like, shard_rows
 from .trainer_checkpoints import unwrap_optimizer
 
 
@@ -121,6 +121,31 @@ class ShardedModel:
             return prepare(model, device_placement=device_placement, evaluation_mode=evaluation_mode)
 
         self.accelerator.prepare_model = prepare_model
+
+    def autocast_smart_context_manager(self, cache_enabled=True):
+        """bf16 autocast for the forward of a model sharded here (accelerate gives it to the models it prepares,
+        and this one it does not prepare)."""
+        if self.args.bf16 and model_is_sharded(self.model):
+            return torch.autocast(self.args.device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
+        return super().autocast_smart_context_manager(cache_enabled)
+
+    def evaluate(self, *args, **kwargs):
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:  # shard_grad_op keeps the blocks gathered after a forward with no backward
+            reshard(self.model)
+
+    def predict(self, *args, **kwargs):
+        try:
+            return super().predict(*args, **kwargs)
+        finally:
+            reshard(self.model)
+
+    def _load_best_model(self):
+        if model_is_sharded(self.model):
+            raise ValueError("load_best_model_at_end does not yet read a checkpoint back into a model FSDP sharded: "
+                             "leave it unset, or train without fsdp")
+        return super()._load_best_model()
 
     def save_model(self, output_dir=None, _internal_call=False):
         if not model_is_sharded(self.model):
