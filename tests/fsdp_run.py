@@ -101,7 +101,8 @@ if rank == 0:
                    "sharded": world > 1}, file)
 # what holds the process group (the sharded model, IVON on its shards) goes first, then the group: one left to
 # the interpreter's exit can abort the process (gloo's threads still hold tensors) after its result is written
-del model, optimizer, step, tuner, params, posterior, weights
+# (the last step's closure and the name map hold the model's parameters too: a gloo abort at exit under load, once)
+del model, optimizer, step, tuner, params, posterior, weights, names, forward_backward
 gc.collect()
 if world > 1:
     dist.destroy_process_group()
