@@ -74,6 +74,12 @@ def rows_like(p: Tensor, whole: Tensor) -> Tensor:
     return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
 
 
+def copy_rows(target: Tensor, whole: Tensor) -> None:
+    """Write `whole` (a tensor of `target`'s shape) into `target`: of a DTensor, this process's rows of it."""
+    start, stop = shard_rows(target)
+    local_shard(target).copy_(whole[start:stop] if is_sharded(target) else whole)
+
+
 def all_sum(value: Tensor, params) -> Tensor:
     """`value` summed over the processes that share the sharding of `params` (in place); as it is when no
     parameter is sharded."""
@@ -162,9 +168,8 @@ def shard_from_first_process(model: nn.Module, device: torch.device, reshard_aft
     for name, p in model.named_parameters():
         p.requires_grad_(name in trained)
     empty = any(t.is_meta for t in (*model.parameters(), *model.buffers()))
-    # the first process's tensors (adapter, new head and the buffers a state dict leaves out included), kept
-    # by name while FSDP makes its shards of them (each block moved to the device one at a time)
-    # (detached: FSDP moves each parameter's `.data` to the device, these keep the CPU memory)
+    # the first process's tensors (adapter, new head and the buffers a state dict leaves out included), kept by
+    # name while FSDP shards them; detached, so they keep the CPU memory when FSDP moves each block's `.data`
     whole = None if empty else {n: t.detach() for n, t in (*model.named_parameters(), *model.named_buffers())}
     shard_model(model, mesh=process_mesh(device), reshard_after_forward=reshard_after_forward)
     if empty:
@@ -188,6 +193,5 @@ def fill_from_first_process(model: nn.Module, whole: dict[str, Tensor] | None, d
             else:
                 value = torch.empty(target.shape, dtype=target.dtype, device=device)
             dist.broadcast(value, src=0)
-            start, stop = shard_rows(target)
-            local_shard(target).copy_(value[start:stop] if is_sharded(target) else value)
+            copy_rows(target, value)
             del value

@@ -21,7 +21,7 @@ from torch import nn
 
 from .errors import UserError
 from .ivon_inplace import ShardedIVON
-from .sharding import is_sharded, local_shard, model_is_sharded, reshard, rows_like, shard_rows
+from .sharding import copy_rows, is_sharded, model_is_sharded, reshard, rows_like
 from .trainer_checkpoints import unwrap_optimizer
 
 
@@ -73,9 +73,7 @@ def load_into_shards(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[
     with torch.no_grad():
         for name, value in state.items():
             if name in targets:
-                target = targets[name]
-                start, stop = shard_rows(target)
-                local_shard(target).copy_(value[start:stop] if is_sharded(target) else value)
+                copy_rows(targets[name], value)
     return [n for n in targets if n not in state], [n for n in state if n not in targets]
 
 
