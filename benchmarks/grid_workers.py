@@ -5,7 +5,9 @@ The cells, their commands and their order are the pinned checkout's own: this im
 (with the pinned commit) is what the driver itself would write. Only the scheduling differs:
 workers take the first cell that is neither on disk nor taken by another worker, and an extra seed
 (3, 4) starts only once seeds 0-2 of adalora and bayes-adalora are all on disk, as the sequential
-script would see them. Interrupted, it resumes from the cells on disk like the script. With
+script would see them. Stopped (Ctrl-C or SIGTERM), it stops the running cells' `train` processes too, so
+none goes on writing into a cell folder that a restarted grid hands out again; it resumes from the cells on
+disk like the script. With
 `--extra-seeds-first`, a decided extra seed is taken before the ablation's cells (the core cells stay
 first): the same cells and commands, in an order that settles the main comparison sooner. `--first
 NAMES` likewise takes the named cells before the others of their stage (the lambda cells, say, when the
@@ -23,9 +25,12 @@ chosen_lrs(results), jobs(results, work, glue_dir, lrs, extra) and run_cell(args
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import math
+import os
 import shlex
+import signal
 import sys
 import threading
 import time
@@ -62,6 +67,7 @@ class Scheduler:
         self.taken: set[Path] = set()
         self.lock = threading.Lock()
         self.stop = threading.Event()  # set when a worker fails: the others start no new cell
+        self.interrupted = False  # set when the grid was stopped: a cell failing then is one it stopped
 
     def decided(self, record: dict) -> bool:
         """Whether a cell may start now: an extra seed only once the first seeds it depends on are on disk."""
@@ -128,10 +134,59 @@ def worker(scheduler: Scheduler, index: int, threads: int, failures: list) -> No
             scheduler.done(path)
         except BaseException as exc:  # a bad --glue-dir, a broken cell file, a failed run, Ctrl-C
             scheduler.stop.set()
-            if not isinstance(exc, KeyboardInterrupt):
+            if not isinstance(exc, KeyboardInterrupt) and not scheduler.interrupted:
                 traceback.print_exc()
             failures.append(exc)
             return
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below `pid` (children first), read from Linux's /proc; empty where there is none."""
+    parent_of = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # the command name, in parentheses, may hold spaces: the parent is the second field after it
+            parent_of[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # it ended while being read
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parent_of.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def stop_cells(grace_seconds: float = 30.0) -> None:
+    """SIGTERM to every process this grid started (the cells' `train` runs), SIGKILL to any still there after
+    `grace_seconds`: a cell left running would go on writing into the folder a restarted grid reuses."""
+    pids = descendants(os.getpid())
+    send(signal.SIGTERM, pids)
+    deadline = time.time() + grace_seconds
+    while pids and time.time() < deadline:
+        time.sleep(0.1)
+        pids = [pid for pid in pids if Path(f"/proc/{pid}").exists() and not is_zombie(pid)]
+    send(signal.SIGKILL, pids)
+
+
+def send(signum: int, pids) -> None:
+    """`signum` to each of `pids` that is still there."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
+def is_zombie(pid: int) -> bool:
+    """Whether `pid` has ended and waits only for its parent to read its status."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def interrupt(signum, frame):
+    """SIGTERM handled as Ctrl-C, so that `main` stops the running cells before it exits."""
+    raise KeyboardInterrupt
 
 
 def run_workers(scheduler: Scheduler, workers: int, threads: int) -> list:
@@ -176,10 +231,14 @@ def main(argv=None) -> int:
     # the glue folder resolved as mini_glue_v2.main resolves it: the cells' commands are the script's own
     scheduler = Scheduler(grid, args.results, args.work, args.glue_dir.resolve(), shlex.split(args.extra_args),
                           args.extra_seeds_first, deadline, tuple(n for n in args.first.split(",") if n))
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         failures = run_workers(scheduler, args.workers, args.threads)
     except KeyboardInterrupt:
-        scheduler.stop.set()  # the running cells finish (their subprocesses got the signal too)
+        scheduler.interrupted = True
+        scheduler.stop.set()  # no new cell starts; the running ones are stopped, and a restart reruns them
+        stop_cells()
+        print("stopped; the grid resumes from the cells on disk", file=sys.stderr, flush=True)
         return 130
     return 1 if failures else 0
 

@@ -200,3 +200,59 @@ def test_an_unknown_driver_or_one_the_pinned_checkout_lacks_is_refused(tmp_path,
     with pytest.raises(SystemExit):
         grid_workers.main(["--pinned", str(tmp_path), "--driver", "mini_glue", "--glue-dir", ".", "--results", ".",
                            "--work", "."])
+
+
+FAKE_DRIVER = '''
+import subprocess, sys
+from pathlib import Path
+SEEDS, EXTRA_SEEDS, CORE = (0,), (), ()
+
+def cell_path(results, task, cell, seed):
+    return results / f"{cell}-{seed}.json"
+
+def chosen_lrs(results):
+    return {}
+
+def jobs(results, work, glue_dir, lrs, extra):
+    for cell in ("a", "b", "c"):
+        yield cell_path(results, "t", cell, 0), [str(work / cell)], {"cell": cell, "seed": 0}
+
+def run_cell(args, record, path, threads):  # a cell that runs until it is stopped, as a long `train` does
+    code = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(300)"
+    subprocess.run([sys.executable, "-c", code, args[0]], check=True)
+    path.write_text("{}")
+    return {"metric": "f1", "best": 0.8, "train_seconds": 1}
+'''
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="the running cells are found through /proc")
+def test_a_stopped_grid_stops_its_running_cells_and_writes_no_cell(tmp_path):
+    """SIGTERM (what `kill` sends) to the grid: its cells' processes end too, rather than running on into the
+    folders that a restarted grid hands out again."""
+    import signal
+    import subprocess
+
+    (tmp_path / "pinned" / "benchmarks").mkdir(parents=True)
+    (tmp_path / "pinned" / "benchmarks" / "mini_glue_v2.py").write_text(FAKE_DRIVER)
+    work, results = tmp_path / "work", tmp_path / "results"
+    work.mkdir()
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "grid_workers.py"
+    grid = subprocess.Popen([sys.executable, str(script), "--pinned", str(tmp_path / "pinned"), "--workers", "2",
+                             "--glue-dir", str(tmp_path), "--results", str(results), "--work", str(work)],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    cells = []
+    while len(cells) < 2 and time.time() < deadline:  # until both workers' cells are running
+        time.sleep(0.1)
+        cells = [int(text) for p in work.iterdir() if (text := p.read_text())]
+    assert len(cells) == 2
+    try:
+        grid.send_signal(signal.SIGTERM)
+        _, err = grid.communicate(timeout=60)
+        assert grid.returncode == 130 and "stopped; the grid resumes from the cells on disk" in err
+        assert "Traceback" not in err  # the cells it stopped are not reported as failures
+        for pid in cells:  # gone (or only a zombie waiting for init to read its status)
+            assert not Path(f"/proc/{pid}").exists() or grid_workers.is_zombie(pid)
+    finally:  # a failed check leaves no process behind
+        grid_workers.send(signal.SIGKILL, (*cells, grid.pid))
+    assert not list(results.rglob("*.json"))
