@@ -192,10 +192,17 @@ def test_the_accuracy_goal_needs_the_mean_within_tolerance_and_no_interval_wholl
     assert goal(-0.05, -0.06, -0.04, status="no") == "not judged: no task learned"
     assert goal(-0.002, -0.010, 0.006, status="pending (1 of 3 adalora seeds)") == "pending"
 
+    def interim(mean, low, high, n):
+        pair = {"n": n, "mean": mean, "low": low, "high": high, "significant": not low <= 0 <= high}
+        return grid.goal_accuracy({"sst2": {"learned_status": "yes", "paired": {"bayes-adalora": pair}}})["status"]
+
+    assert interim(-0.0135, -0.12, 0.10, n=2) == "pending"  # 2 of 5 seeds: the mean may still move
+    assert interim(-0.0135, -0.12, 0.10, n=5) == "missed"
+
 
 def test_the_calibration_goal_needs_both_nll_and_ece_lower_on_three_tasks():
-    lower = {"mean": -0.02, "low": -0.03, "high": -0.01}
-    level = {"mean": -0.01, "low": -0.03, "high": 0.01}
+    lower = {"n": 5, "mean": -0.02, "low": -0.03, "high": -0.01}
+    level = {"n": 5, "mean": -0.01, "low": -0.03, "high": 0.01}
 
     def goal(*pairs):
         tasks = {t: {"calibration": {"nll": nll, "ece": ece}} for t, (nll, ece) in zip(("sst2", "mrpc", "cola"), pairs)}
@@ -204,6 +211,9 @@ def test_the_calibration_goal_needs_both_nll_and_ece_lower_on_three_tasks():
     assert goal((lower, lower), (lower, lower), (lower, lower)) == "met"
     assert goal((lower, lower), (lower, lower), (lower, level)) == "missed"  # NLL lower on CoLA, ECE not
     assert goal((lower, lower), (lower, lower), (None, None)) == "pending"  # CoLA can still make it
+    early = {**level, "n": 2}  # 2 of 5 seeds: more seeds may narrow the interval below 0
+    assert goal((lower, lower), (lower, lower), (lower, early)) == "pending"
+    assert goal((lower, lower), (level, level), (lower, early)) == "missed"  # MRPC's 5 seeds leave too few tasks
 
 
 def test_claim4_is_decided_once_its_arms_have_intervals_on_a_sigma_that_varies(tmp_path, glue_dir, monkeypatch):
