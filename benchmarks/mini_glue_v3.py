@@ -569,7 +569,7 @@ def summarize(results: Path, glue_dir: str) -> dict:
     machines = sorted({r["machine"] for folder in ("cells", "tune") for r in cell_records(results / folder)
                        if "machine" in r})
     return {"machine": "; ".join(machines) or "none yet", "learning_rates": lrs,
-            "tuning": tuning_table(results),
+            "tuning": (tuning := tuning_table(results)), "tuning_sigma": tuning_sigma(results, tuning),
             "tasks": tasks, "goals": goals,
             "arms": {name: {"family": a.family, "flags": shlex.join(a.flags())} for name, a in ARMS.items()},
             "commits": v2.cell_commits(results / "cells"), "tuning_commits": v2.cell_commits(results / "tune"),
@@ -585,6 +585,22 @@ def tuning_table(results: Path) -> dict:
             for family, rungs in ladders(results, task, group)[0].items():
                 table.setdefault(task, {})[family] = {f"{lr:g}": v for lr, v in
                                                       family_scores(results, task, family, rungs).items()}
+    return table
+
+
+def tuning_sigma(results: Path, tuning: dict) -> dict:
+    """task -> lr -> sigma's p99/p01 over every entry at the first and the last masking step, and over lambda's
+    entries alone at the first, for the IVON tuning runs (the new defaults at each rung of `tuning`'s ladder)."""
+    table = {}
+    for task, families in tuning.items():
+        for lr in sorted(float(x) for x in families.get("ivon", {})):
+            record = load(tune_path(results, task, "ivon", lr))
+            if record and record.get("sigma"):
+                first, last = record["sigma"][0], record["sigma"][-1]
+                table.setdefault(task, {})[f"{lr:g}"] = {
+                    "first": sigma_spread(record, 0), "last": sigma_spread(record, -1),
+                    "lambda_first": first["sigma/lambda/p99"] / first["sigma/lambda/p01"],
+                    "first_step": first["step"], "last_step": last["step"]}
     return table
 
 
@@ -675,6 +691,13 @@ def markdown(summary: dict) -> str:
             parts = [f"step {s['step']}: {s['p01']:.3g} / {s['median']:.3g} / {s['p99']:.3g}, "
                      f"{s['p99'] / s['p01']:.2f}" if s else "-" for s in (sigma.get("first"), sigma.get("last"))]
             lines.append(f"| {task} | {name} | " + " | ".join(parts) + " |")
+    lines += ["", "Sigma's p99/p01 against IVON's learning rate (the tuning runs at the new defaults): over every "
+              "entry at the first and the last masking step, and over lambda's entries alone at the first", "",
+              "| task | lr | all, first | lambda, first | all, last |", "|---|---|---|---|---|"]
+    for task, rungs in summary.get("tuning_sigma", {}).items():
+        for lr, v in rungs.items():
+            lines.append(f"| {task} | {lr} | {v['first']:.2f} (step {v['first_step']}) | {v['lambda_first']:.1f} | "
+                         f"{v['last']:.2f} (step {v['last_step']}) |")
     lines += ["", f"## Tuning (held-out tenth of each training file, seed {TUNE_SEED}, final judged metric)", ""]
     for task, families in summary["tuning"].items():
         for family, scores in families.items():

@@ -29,8 +29,10 @@ def fake_record(judged: float, ece: float = 0.1, nll: float = 0.5, mc: dict | No
               "commit": "abc", "machine": "test CPU", "metrics": {"final": final, "best": {**final, "step": 3}}}
     if mc is not None:
         record["metrics"]["mc"] = {metric: judged, "brier": 0.2, "aurc": 0.1, "samples": 16, **mc}
-        record["sigma"] = [{"step": 2, "sigma/all/p01": 0.01, "sigma/all/median": 0.02, "sigma/all/p99": 0.01 * spread},
-                           {"step": 4, "sigma/all/p01": 0.01, "sigma/all/median": 0.03, "sigma/all/p99": 0.05}]
+        lam = {"sigma/lambda/p01": 0.001, "sigma/lambda/p99": 0.05}  # lambda's entries alone: 50-fold
+        record["sigma"] = [{"step": 2, "sigma/all/p01": 0.01, "sigma/all/median": 0.02, "sigma/all/p99": 0.01 * spread,
+                            **lam}, {"step": 4, "sigma/all/p01": 0.01, "sigma/all/median": 0.03, "sigma/all/p99": 0.05,
+                                     **lam}]
     return record
 
 
@@ -233,6 +235,7 @@ def test_the_report_renders_a_partial_grid_with_counts(tmp_path, glue_dir, monke
     monkeypatch.setattr(grid, "trivial_baseline", lambda task, glue, metric: 0.5 if metric == "accuracy" else 0.0)
     results, out = tmp_path / "results", tmp_path / "out"
     finish_sweep(results, FOUR, ("adalora", "ivon"), best={"ivon": grid.LADDERS["ivon"][2]})  # ivon best at the top
+    write_record(grid.tune_path(results, "mrpc", "ivon", 15.0), fake_record(0.8, mc={}, spread=2.5))  # with sigma
     for s in (0, 1):
         write_record(grid.cell_path(results, "sst2", "adalora", s), {**fake_record(0.80 + s / 100), "seed": s})
         write_record(grid.cell_path(results, "sst2", "bayes-adalora", s),
@@ -247,6 +250,7 @@ def test_the_report_renders_a_partial_grid_with_counts(tmp_path, glue_dir, monke
     assert "| sst2 | bayes-adalora | 0.1000 | 0.0500 | 0.5000 | 0.4000 |" in md  # ECE and NLL, point then MC
     assert "| stsb | regression: no NLL or ECE | |" in md
     assert "| sigma varies | pending |" in md and "| accuracy | pending |" in md  # sst2's 4.0 alone decides nothing
+    assert "| mrpc | 15 | 2.50 (step 2) | 50.0 | 5.00 (step 4) |" in md  # the tuning run's sigma: 0.025/0.01, 0.05/0.01
     # the ivon sweep's best was its top rung: one more round, doubling it; adalora's middle stays inside
     assert grid.ladders(results, "sst2", ("adalora", "ivon"))[0]["ivon"][-1] == 120.0  # 60 x 2
     assert "sst2" not in summary["learning_rates"] or "ivon" not in summary["learning_rates"]["sst2"]
