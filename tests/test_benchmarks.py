@@ -35,3 +35,22 @@ def test_speed_interleaves_methods_and_measures_each_ones_memory_alone(tmp_path,
         # MiniLM's fp32 weights alone are about 90 MB; training adds activations and optimizer state
         assert row["peak_rss_mb"] > 300 and 0 < row["training_adds_rss_mb"] < row["peak_rss_mb"]
     assert rows["lora"]["ratio_to_lora"] == 1.0 and rows["bayes-adalora"]["ratio_to_lora"] > 0
+
+
+def test_mc_temperature_draws_from_the_posterior_widened_by_the_temperature_and_nothing_else(
+        tmp_path, glue_dir, tiny_deberta):
+    """At T 1 the benchmark's predictive is `evaluate --mc-samples`'s own, number for number; a large T reaches the
+    draws (the predictive moves) but not the posterior mean (the point metrics stay)."""
+    import helpers
+    import mc_temperature
+    from bayes_adalora.cli import main
+    from bayes_adalora.run_io import evaluate_run
+
+    out = tmp_path / "run"
+    assert main(helpers.train_argv(glue_dir, tiny_deberta, out, "--method", "bayes-adalora", max_steps=4,
+                                   max_length=32)) == 0
+    reference = evaluate_run(out, data_dir=str(glue_dir), mc_samples=2, device="cpu")["metrics"]
+    at_one = mc_temperature.evaluate_at(out, glue_dir, 1.0, 2)
+    assert at_one == {"point": mc_temperature.pick(reference["point"]), "mc": mc_temperature.pick(reference["mc"])}
+    wide = mc_temperature.evaluate_at(out, glue_dir, 1e8, 2)
+    assert wide["point"] == at_one["point"] and abs(wide["mc"]["nll"] - at_one["mc"]["nll"]) > 1e-3
