@@ -42,9 +42,11 @@ def evaluate_at(run_dir: Path, heldout: Path, temperature: float, draws: int) ->
     from bayes_adalora import run_io
 
     torch.set_num_threads(1)
+    scored = run_io.read_run(run_dir).config.max_eval_samples  # the held-out rows the tuning run was scored on
     with mock.patch.object(run_io, "posterior_sigma_by_name", scaled_sigma(run_io.posterior_sigma_by_name,
                                                                            temperature)):
-        out = run_io.evaluate_run(run_dir, data_dir=str(heldout), mc_samples=draws, device="cpu")
+        out = run_io.evaluate_run(run_dir, data_dir=str(heldout), mc_samples=draws, device="cpu",
+                                  max_eval_samples=scored)
     return {"point": pick(out["metrics"]["point"]), "mc": pick(out["metrics"]["mc"])}
 
 
@@ -71,6 +73,10 @@ def run(work: Path, results: Path, out: Path, temperatures: list[float], draws: 
                 continue
             start = time.time()
             got = evaluate_at(work / "tune" / task / f"ivon-lr{ivon_lr:g}", heldout, t, draws)
+            scored = pick(v3.load(v3.tune_path(results, task, "ivon", ivon_lr))["metrics"]["final"])
+            if any(abs(got["point"][m] - scored[m]) > 1e-6 for m in METRICS):  # other rows, or another run
+                raise SystemExit(f"{task}: the IVON run's point metrics {got['point']} are not its tuning record's "
+                                 f"{scored}: --work is not the grid's work folder for --results")
             rows["ivon_point"] = got["point"]
             rows["mc"][f"{t:g}"] = got["mc"]
             tmp = out.with_suffix(".partial")
