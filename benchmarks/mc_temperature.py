@@ -28,7 +28,7 @@ sys.path.insert(0, str(HERE))
 import mini_glue_v3 as v3  # noqa: E402
 
 TASKS = ("sst2", "mrpc", "cola")
-METRICS = ("accuracy", "ece", "nll", "brier")
+METRICS = ("judged", "ece", "nll", "brier")  # judged: the task's metric in Mini-GLUE v3 (CoLA: MCC)
 
 
 def scaled_sigma(original, temperature: float):
@@ -36,7 +36,7 @@ def scaled_sigma(original, temperature: float):
     return lambda run, model: {k: v * math.sqrt(temperature) for k, v in original(run, model).items()}
 
 
-def evaluate_at(run_dir: Path, heldout: Path, temperature: float, draws: int) -> dict:
+def evaluate_at(run_dir: Path, heldout: Path, temperature: float, draws: int, task: str) -> dict:
     import torch
 
     from bayes_adalora import run_io
@@ -47,11 +47,11 @@ def evaluate_at(run_dir: Path, heldout: Path, temperature: float, draws: int) ->
                                                                            temperature)):
         out = run_io.evaluate_run(run_dir, data_dir=str(heldout), mc_samples=draws, device="cpu",
                                   max_eval_samples=scored)
-    return {"point": pick(out["metrics"]["point"]), "mc": pick(out["metrics"]["mc"])}
+    return {"point": pick(out["metrics"]["point"], task), "mc": pick(out["metrics"]["mc"], task)}
 
 
-def pick(metrics: dict) -> dict:
-    return {m: metrics[m] for m in METRICS}
+def pick(metrics: dict, task: str) -> dict:
+    return {m: metrics[v3.JUDGED[task].metric if m == "judged" else m] for m in METRICS}
 
 
 def run(work: Path, results: Path, out: Path, temperatures: list[float], draws: int) -> dict:
@@ -66,14 +66,14 @@ def run(work: Path, results: Path, out: Path, temperatures: list[float], draws: 
             continue
         reference = v3.load(v3.tune_path(results, task, "adalora", adalora_lr))
         rows = table["rows"].setdefault(task, {"ivon_lr": ivon_lr, "adalora_lr": adalora_lr,
-                                               "adalora_point": pick(reference["metrics"]["final"]), "mc": {}})
+                                               "adalora_point": pick(reference["metrics"]["final"], task), "mc": {}})
         heldout = work / "heldout"
         for t in temperatures:
             if f"{t:g}" in rows["mc"]:
                 continue
             start = time.time()
-            got = evaluate_at(work / "tune" / task / f"ivon-lr{ivon_lr:g}", heldout, t, draws)
-            scored = pick(v3.load(v3.tune_path(results, task, "ivon", ivon_lr))["metrics"]["final"])
+            got = evaluate_at(work / "tune" / task / f"ivon-lr{ivon_lr:g}", heldout, t, draws, task)
+            scored = pick(v3.load(v3.tune_path(results, task, "ivon", ivon_lr))["metrics"]["final"], task)
             if any(abs(got["point"][m] - scored[m]) > 1e-6 for m in METRICS):  # other rows, or another run
                 raise SystemExit(f"{task}: the IVON run's point metrics {got['point']} are not its tuning record's "
                                  f"{scored}: --work is not the grid's work folder for --results")
@@ -93,7 +93,8 @@ def markdown(table: dict) -> str:
              f"task's chosen learning rate; its MC predictive over {table['draws']} draws from N(mu, T sigma^2), on "
              "the held-out tenth, against the AdamW run's point prediction on the same rows. One run per task: a "
              "reading, not an interval.", "",
-             "| task | predictor | " + " | ".join(METRICS) + " |", "|---" * (2 + len(METRICS)) + "|"]
+             "| task | predictor | judged metric (SST-2, MRPC accuracy; CoLA MCC) | ECE | NLL | Brier |",
+             "|---" * (2 + len(METRICS)) + "|"]
     for task, rows in table["rows"].items():
         ref = rows["adalora_point"]
         lines.append(f"| {task} | adalora point (lr {rows['adalora_lr']:g}) | "

@@ -50,7 +50,8 @@ def test_mc_temperature_draws_from_the_posterior_widened_by_the_temperature_and_
     assert main(helpers.train_argv(glue_dir, tiny_deberta, out, "--method", "bayes-adalora", max_steps=4,
                                    max_length=32)) == 0
     reference = evaluate_run(out, data_dir=str(glue_dir), mc_samples=2, device="cpu")["metrics"]
-    at_one = mc_temperature.evaluate_at(out, glue_dir, 1.0, 2)
-    assert at_one == {"point": mc_temperature.pick(reference["point"]), "mc": mc_temperature.pick(reference["mc"])}
-    wide = mc_temperature.evaluate_at(out, glue_dir, 1e8, 2)
+    at_one = mc_temperature.evaluate_at(out, glue_dir, 1.0, 2, "sst2")
+    pick = mc_temperature.pick
+    assert at_one == {"point": pick(reference["point"], "sst2"), "mc": pick(reference["mc"], "sst2")}
+    wide = mc_temperature.evaluate_at(out, glue_dir, 1e8, 2, "sst2")
     assert wide["point"] == at_one["point"] and abs(wide["mc"]["nll"] - at_one["mc"]["nll"]) > 1e-3
