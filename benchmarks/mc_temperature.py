@@ -1,6 +1,6 @@
 """Does a wider posterior at prediction time calibrate bayes-adalora's MC predictive? Held-out data only.
 
-Mini-GLUE v3's MC predictive hardly moves from the posterior mean (ECE by at most 0.001): the new IVON defaults size
+Mini-GLUE v3's MC predictive hardly moves from the posterior mean (ECE by at most 0.002): the new IVON defaults size
 sigma so that a draw costs little training loss. This asks whether drawing from N(mu, T sigma^2), a posterior
 temperature T > 1 at prediction time only, buys calibration, and what it costs in accuracy. It reads the v3 grid's
 tuning runs (trained with seed 100 on nine tenths of each training file) at each task's chosen learning rate and
