@@ -240,13 +240,12 @@ def test_a_stopped_grid_stops_its_running_cells_and_writes_no_cell(tmp_path):
     grid = subprocess.Popen([sys.executable, str(script), "--pinned", str(tmp_path / "pinned"), "--workers", "2",
                              "--glue-dir", str(tmp_path), "--results", str(results), "--work", str(work)],
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    cells = []
-    while len(cells) < 2 and time.time() < deadline:  # until both workers' cells are running
-        time.sleep(0.1)
-        cells = [int(text) for p in work.iterdir() if (text := p.read_text())]
-    assert len(cells) == 2
+    deadline, cells = time.time() + 60, []
     try:
+        while len(cells) < 2 and time.time() < deadline:  # until both workers' cells are running
+            time.sleep(0.1)
+            cells = [int(text) for p in work.iterdir() if (text := p.read_text())]
+        assert len(cells) == 2
         grid.send_signal(signal.SIGTERM)
         _, err = grid.communicate(timeout=60)
         assert grid.returncode == 130 and "stopped; the grid resumes from the cells on disk" in err
@@ -254,5 +253,5 @@ def test_a_stopped_grid_stops_its_running_cells_and_writes_no_cell(tmp_path):
         for pid in cells:  # gone (or only a zombie waiting for init to read its status)
             assert not Path(f"/proc/{pid}").exists() or grid_workers.is_zombie(pid)
     finally:  # a failed check leaves no process behind
-        grid_workers.send(signal.SIGKILL, (*cells, grid.pid))
+        grid_workers.send(signal.SIGKILL, (*grid_workers.descendants(grid.pid), *cells, grid.pid))
     assert not list(results.rglob("*.json"))
