@@ -144,11 +144,9 @@ def descendants(pid: int) -> list[int]:
     """The processes below `pid` (children first), read from Linux's /proc; empty where there is none."""
     parent_of = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            # the command name, in parentheses, may hold spaces: the parent is the second field after it
-            parent_of[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue  # it ended while being read
+        fields = stat_fields(stat)
+        if fields:  # else it ended while being read
+            parent_of[int(stat.parent.name)] = int(fields[1])
     found, frontier = [], [pid]
     while frontier:
         children = [child for child, parent in parent_of.items() if parent in frontier]
@@ -178,10 +176,17 @@ def send(signum: int, pids) -> None:
 
 def is_zombie(pid: int) -> bool:
     """Whether `pid` has ended and waits only for its parent to read its status."""
+    fields = stat_fields(Path(f"/proc/{pid}/stat"))
+    return not fields or fields[0] == "Z"
+
+
+def stat_fields(stat: Path) -> list[str]:
+    """A /proc/<pid>/stat's fields after the command name (state, parent, ...); empty once the process is gone.
+    The name, in parentheses, may hold spaces, so the fields start after its last ')'."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        return stat.read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return True
+        return []
 
 
 def interrupt(signum, frame):
