@@ -55,3 +55,39 @@ def test_mc_temperature_draws_from_the_posterior_widened_by_the_temperature_and_
     assert at_one == {"point": pick(reference["point"], "sst2"), "mc": pick(reference["mc"], "sst2")}
     wide = mc_temperature.evaluate_at(out, glue_dir, 1e8, 2, "sst2")
     assert wide["point"] == at_one["point"] and abs(wide["mc"]["nll"] - at_one["mc"]["nll"]) > 1e-3
+
+
+def test_mask_agreement_scores_triplets_as_the_paper_defines_them_and_counts_differing_flags(tmp_path):
+    """S_k = s(lambda_k) + mean_i s(P_ik) + mean_j s(Q_kj) by hand for one 3 x 2 matrix at rank 2 (P is out x r,
+    Q is r x in); two runs' patterns differing in one flag of one matrix; the same-state correlations of a kept set."""
+    import mask_agreement
+    import torch
+    from safetensors.torch import save_file
+
+    name = "base_model.model.enc.query.{}.default.{}"
+    mu = {"lora_B": torch.tensor([[1.0, -2.0], [3.0, 0.0], [-5.0, 4.0]]), "lora_E": torch.tensor([[0.5], [-1.0]]),
+          "lora_A": torch.tensor([[2.0, -4.0], [0.0, 6.0]])}
+    posterior = {name.format(part, "mean"): m for part, m in mu.items()}
+    posterior |= {name.format(part, "sigma"): torch.full_like(m, 0.5) for part, m in mu.items()}
+    scores = mask_agreement.triplet_scores(posterior, "mean_abs", ["enc.query.lora_E"])
+    # k = 0: 0.5 + (1 + 3 + 5) / 3 + (2 + 4) / 2 = 6.5; k = 1: 1 + (2 + 0 + 4) / 3 + (0 + 6) / 2 = 6
+    assert torch.allclose(scores, torch.tensor([6.5, 6.0]))
+    # sigma is the same everywhere, so inv_sigma ties and snr orders as mean_abs does
+    assert torch.allclose(mask_agreement.triplet_scores(posterior, "snr", ["enc.query.lora_E"]), scores / 0.5)
+
+    a = {"enc.query.lora_E": [True, False], "enc.value.lora_E": [True, True]}
+    b = {"enc.query.lora_E": [True, True], "enc.value.lora_E": [True, True]}
+    assert mask_agreement.compare_patterns(a, a)["flags_differ"] == 0
+    assert mask_agreement.compare_patterns(a, b) == {"triplets": 4, "flags_differ": 0.25, "matrices_rank_differs": 1,
+                                                     "matrices": 2}
+    with pytest.raises(ValueError, match="different models"):
+        mask_agreement.compare_patterns(a, {"enc.query.lora_E": [True, False]})
+
+    run = tmp_path / "grid" / "sst2" / "bayes-adalora-seed0"
+    (run / "adapter").mkdir(parents=True)
+    (run / "results.json").write_text("{}")
+    (run / "adapter" / "adapter_config.json").write_text(json.dumps({"rank_pattern": {"enc.query.lora_E": [1, 1]}}))
+    save_file(posterior, run / "posterior.safetensors")
+    state = mask_agreement.same_state(run)
+    assert state["snr"] == pytest.approx(1.0) and state["mean_abs"] == pytest.approx(1.0)
+    assert state["inv_sigma"] != state["inv_sigma"]  # constant scores: no correlation (NaN), not a made-up one
