@@ -22,3 +22,15 @@ def trivial_baseline(task: str, glue_dir: str, metric: str) -> float:
     majority = Counter(labels).most_common(1)[0][0]
     value = compute_metrics(spec, [majority] * len(labels), labels)[metric]
     return 0.0 if math.isnan(value) else value
+
+
+@cache
+def constant_train_loss(task: str, glue_dir: str) -> float:
+    """The training loss of the best input-blind prediction on the training file: the entropy of its label
+    frequencies (cross-entropy, classification) or its labels' variance (squared error, regression)."""
+    spec = get_task(task)
+    labels = load_task_data(spec, data_dir=glue_dir).train.labels
+    if spec.is_regression:
+        mean = sum(labels) / len(labels)
+        return sum((y - mean) ** 2 for y in labels) / len(labels)
+    return -sum(n / len(labels) * math.log(n / len(labels)) for n in Counter(labels).values())

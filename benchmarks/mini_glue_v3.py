@@ -63,7 +63,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import mini_glue_v2 as v2  # noqa: E402
-from baselines import trivial_baseline  # noqa: E402
+from baselines import constant_train_loss, trivial_baseline  # noqa: E402
 from mini_glue_v2 import (  # noqa: E402
     at_edge,
     best_rung,
@@ -537,6 +537,8 @@ def summarize(results: Path, glue_dir: str) -> dict:
                                                        "std": statistics.stdev(values) if len(values) > 1 else math.nan}
             if any(r.get("sigma") for r in records):
                 entry["sigma"] = sigma_table(records)
+            if curves := [r["loss_curve"] for r in records if r.get("loss_curve")]:
+                entry["train_loss"] = {"n": len(curves), "mean": statistics.fmean(late_loss(c) for c in curves)}
             arms[name] = entry
         adalora = arms.get("adalora", {}).get(f"final/{judged}")
         n_adalora = adalora["n"] if adalora else 0
@@ -546,7 +548,8 @@ def summarize(results: Path, glue_dir: str) -> dict:
         judged_of = {name: seed_values(results, task, name, judged) for name in ARMS}
         classification = not get_task(task).is_regression
         tasks[task] = {
-            "metric": judged, "baseline": baseline, "learned": is_learned, "learned_status": status, "arms": arms,
+            "metric": judged, "baseline": baseline, "constant_train_loss": constant_train_loss(task, glue_dir),
+            "learned": is_learned, "learned_status": status, "arms": arms,
             "paired": {name: paired_interval(judged_of[name], judged_of["adalora"]) for name in ARMS
                        if name != "adalora" and name in arms},
             "paired_reference": {name: paired_interval(judged_of[name], judged_of[ref])
@@ -602,6 +605,11 @@ def tuning_sigma(results: Path, tuning: dict) -> dict:
                     "lambda_first": first["sigma/lambda/p99"] / first["sigma/lambda/p01"],
                     "first_step": first["step"], "last_step": last["step"]}
     return table
+
+
+def late_loss(curve: list[float]) -> float:
+    """The mean training loss over the last fifth of a run's loss curve."""
+    return statistics.fmean(curve[-max(1, len(curve) // 5):])
 
 
 def sigma_table(records: list[dict]) -> dict:
@@ -681,6 +689,12 @@ def markdown(summary: dict) -> str:
             lines.append(f"| {task} | regression: no NLL or ECE | |")
         else:
             lines.append(f"| {task} | {pair_text(t['calibration']['nll'])} | {pair_text(t['calibration']['ece'])} |")
+    lines += ["", "## Training loss over the last fifth of the run (mean over cells; IVON arms: at IVON's sampled "
+              "weights), against the best input-blind prediction's (label entropy; STS-B: label variance)", "",
+              "| task | input-blind | " + " | ".join(names) + " |", "|---" * (2 + len(names)) + "|"]
+    for task, t in summary["tasks"].items():
+        row = [fmt(t["arms"].get(n, {}).get("train_loss", {}).get("mean")) for n in names]
+        lines.append(f"| {task} | {fmt(t['constant_train_loss'])} | " + " | ".join(row) + " |")
     lines += ["", "## Sigma over every P, lambda and Q entry (mean over cells): p01 / median / p99, p99/p01", "",
               "| task | arm | first masking step | last masking step |", "|---|---|---|---|"]
     for task, t in summary["tasks"].items():

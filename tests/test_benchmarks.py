@@ -60,9 +60,10 @@ def test_mc_temperature_draws_from_the_posterior_widened_by_the_temperature_and_
 def test_mask_agreement_scores_triplets_as_the_paper_defines_them_and_counts_differing_flags(tmp_path):
     """S_k = s(lambda_k) + mean_i s(P_ik) + mean_j s(Q_kj) by hand for one 3 x 2 matrix at rank 2 (P is out x r,
     Q is r x in); two runs' patterns differing in one flag of one matrix; the same-state correlations of a kept set."""
-    import mask_agreement
     import torch
     from safetensors.torch import save_file
+
+    import mask_agreement
 
     name = "base_model.model.enc.query.{}.default.{}"
     mu = {"lora_B": torch.tensor([[1.0, -2.0], [3.0, 0.0], [-5.0, 4.0]]), "lora_E": torch.tensor([[0.5], [-1.0]]),

@@ -154,6 +154,7 @@ def goals_of(results: Path, glue_dir) -> dict:
 
 def test_goals_met_and_missed_on_fabricated_cells(tmp_path, glue_dir, monkeypatch):
     monkeypatch.setattr(grid, "trivial_baseline", lambda task, glue, metric: {"accuracy": 0.5}.get(metric, 0.0))
+    monkeypatch.setattr(grid, "constant_train_loss", lambda task, glue: 0.6931)  # the fixture has no MRPC or CoLA
     jitter = (0.0, 0.004, -0.004, 0.002, -0.002)
     adalora = {t: [(0.80 + j, 0.10 + j, 0.50 + j) for j in jitter] for t in FOUR}
     # bayes: the same scores +0.001 in each seed (level), ECE and NLL lower by 0.03 / 0.05 in every seed
@@ -220,6 +221,7 @@ def test_the_calibration_goal_needs_both_nll_and_ece_lower_on_three_tasks():
 
 def test_claim4_is_decided_once_its_arms_have_intervals_on_a_sigma_that_varies(tmp_path, glue_dir, monkeypatch):
     monkeypatch.setattr(grid, "trivial_baseline", lambda task, glue, metric: 0.0)
+    monkeypatch.setattr(grid, "constant_train_loss", lambda task, glue: 0.6931)  # the fixture has no MRPC or CoLA
     for task in grid.ABLATION_TASKS:
         metric = grid.JUDGED[task].metric
         for s, (ref, mean_abs, inv_sigma) in enumerate([(0.80, 0.80, 0.70), (0.82, 0.83, 0.71), (0.81, 0.81, 0.72)]):
@@ -233,11 +235,14 @@ def test_claim4_is_decided_once_its_arms_have_intervals_on_a_sigma_that_varies(t
 
 def test_the_report_renders_a_partial_grid_with_counts(tmp_path, glue_dir, monkeypatch):
     monkeypatch.setattr(grid, "trivial_baseline", lambda task, glue, metric: 0.5 if metric == "accuracy" else 0.0)
+    monkeypatch.setattr(grid, "constant_train_loss", lambda task, glue: 0.6931)
     results, out = tmp_path / "results", tmp_path / "out"
     finish_sweep(results, FOUR, ("adalora", "ivon"), best={"ivon": grid.LADDERS["ivon"][2]})  # ivon best at the top
     write_record(grid.tune_path(results, "mrpc", "ivon", 15.0), fake_record(0.8, mc={}, spread=2.5))  # with sigma
+    curves = ([1.0] * 8 + [0.5, 0.3], [0.6] * 10)  # last fifths: 0.4 and 0.6
     for s in (0, 1):
-        write_record(grid.cell_path(results, "sst2", "adalora", s), {**fake_record(0.80 + s / 100), "seed": s})
+        write_record(grid.cell_path(results, "sst2", "adalora", s),
+                     {**fake_record(0.80 + s / 100), "seed": s, "loss_curve": curves[s]})
         write_record(grid.cell_path(results, "sst2", "bayes-adalora", s),
                      {**fake_record(0.81, mc={"ece": 0.05, "nll": 0.4}), "seed": s})
     summary = grid.report(results, str(glue_dir), out)
@@ -249,6 +254,7 @@ def test_the_report_renders_a_partial_grid_with_counts(tmp_path, glue_dir, monke
             "--mc-samples 16`") in md
     assert "| sst2 | bayes-adalora | 0.1000 | 0.0500 | 0.5000 | 0.4000 |" in md  # ECE and NLL, point then MC
     assert "| stsb | regression: no NLL or ECE | |" in md
+    assert "| sst2 | 0.6931 | 0.5000 | - |" in md  # training loss: input-blind, adalora's last fifths, no curve
     assert "| sigma varies | pending |" in md and "| accuracy | pending |" in md  # sst2's 4.0 alone decides nothing
     assert "| mrpc | 15 | 2.50 (step 2) | 50.0 | 5.00 (step 4) |" in md  # the tuning run's sigma: 0.025/0.01, 0.05/0.01
     # the ivon sweep's best was its top rung: one more round, doubling it; adalora's middle stays inside
