@@ -118,7 +118,10 @@ def markdown(table: dict) -> str:
     lines = ["# Do the criteria allocate ranks differently? (Mini-GLUE v3 ablation runs)", "",
              "Written by `benchmarks/mask_agreement.py` from the v3 grid's run folders. Each arm's final rank "
              "pattern against bayes-adalora's (snr_abs) at the same seed, and, on bayes-adalora's final posterior, "
-             "each criterion's triplet scores against snr_abs's (Spearman, over the triplets the run kept).", "",
+             "each criterion's triplet scores against snr_abs's (Spearman, over the triplets the run kept). Once "
+             "two runs' masks differ their training differs too, so the share of differing flags bounds the "
+             "criterion's own effect from above; the one-state correlation is the cleaner measure of it. adalora "
+             "(AdamW, its own lr) shows how far apart two unrelated runs' masks fall.", "",
              "## Final masks against bayes-adalora (snr_abs), same seed", "",
              "| task | arm | seeds | triplet flags that differ (mean; per seed) | matrices whose rank differs (mean of "
              "the matrices) |", "|---|---|---|---|---|"]
