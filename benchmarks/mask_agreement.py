@@ -76,8 +76,9 @@ def triplet_scores(posterior: dict, criterion: str, matrices: list[str]):
     return torch.cat(out)
 
 
-def same_state(folder: Path) -> dict | None:
-    """Spearman correlation of each criterion's triplet scores with snr_abs's, over the triplets the run kept."""
+def same_state(folder: Path, pattern: dict[str, list[bool]]) -> dict | None:
+    """Spearman correlation of each criterion's triplet scores with snr_abs's, over the triplets the run kept
+    (`pattern`: its final rank pattern)."""
     import torch
     from safetensors.torch import load_file
 
@@ -85,8 +86,7 @@ def same_state(folder: Path) -> dict | None:
     from bayes_adalora.evaluation import rank_correlation
 
     path = folder / POSTERIOR_FILE
-    pattern = final_pattern(folder)
-    if pattern is None or not path.exists():
+    if not path.exists():
         return None
     posterior = load_file(str(path))
     matrices = list(pattern)
@@ -108,7 +108,7 @@ def collect(work: Path) -> dict:
                 other = final_pattern(run_folder(work, task, arm, seed))
                 if other is not None:
                     rows[arm].append({"seed": seed, **compare_patterns(other, ref)})
-            if seed in v3.SEEDS and (s := same_state(run_folder(work, task, REFERENCE, seed))) is not None:
+            if seed in v3.SEEDS and (s := same_state(run_folder(work, task, REFERENCE, seed), ref)) is not None:
                 state.append({"seed": seed, **s})
         table[task] = {"final_masks": {a: r for a, r in rows.items() if r}, "same_state": state}
     return table

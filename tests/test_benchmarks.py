@@ -89,6 +89,22 @@ def test_mask_agreement_scores_triplets_as_the_paper_defines_them_and_counts_dif
     (run / "results.json").write_text("{}")
     (run / "adapter" / "adapter_config.json").write_text(json.dumps({"rank_pattern": {"enc.query.lora_E": [1, 1]}}))
     save_file(posterior, run / "posterior.safetensors")
-    state = mask_agreement.same_state(run)
+    state = mask_agreement.same_state(run, mask_agreement.final_pattern(run))
     assert state["snr"] == pytest.approx(1.0) and state["mean_abs"] == pytest.approx(1.0)
     assert state["inv_sigma"] != state["inv_sigma"]  # constant scores: no correlation (NaN), not a made-up one
+
+
+def test_the_input_blind_training_loss_is_the_label_entropy_or_variance(tmp_path):
+    """Three positive and one negative sentence: -(3/4 ln 3/4 + 1/4 ln 1/4) = 0.5623; STS-B scores 0, 1, 2, 5:
+    mean 2, variance (4 + 1 + 0 + 9) / 4 = 3.5."""
+    from baselines import constant_train_loss
+
+    sst2, stsb = tmp_path / "SST-2", tmp_path / "STS-B"
+    sst2.mkdir(), stsb.mkdir()
+    rows = "sentence\tlabel\n" + "".join(f"s{i}\t{y}\n" for i, y in enumerate((1, 1, 0, 1)))
+    (sst2 / "train.tsv").write_text(rows), (sst2 / "dev.tsv").write_text(rows)
+    head = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+    rows = head + "".join(f"{i}\tg\tf\ty\t{i}\ts\ts\ta{i}\tb{i}\t{y}\n" for i, y in enumerate((0, 1, 2, 5)))
+    (stsb / "train.tsv").write_text(rows), (stsb / "dev.tsv").write_text(rows)
+    assert constant_train_loss("sst2", str(tmp_path)) == pytest.approx(0.562335, abs=1e-6)
+    assert constant_train_loss("stsb", str(tmp_path)) == pytest.approx(3.5)
