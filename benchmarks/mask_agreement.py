@@ -101,14 +101,15 @@ def collect(work: Path) -> dict:
         rows = {arm: [] for arm in ARMS}
         state = []
         for seed in (*v3.SEEDS, *v3.EXTRA_SEEDS):
-            ref = final_pattern(run_folder(work, task, REFERENCE, seed))
+            ref_folder = run_folder(work, task, REFERENCE, seed)
+            ref = final_pattern(ref_folder)
             if ref is None:
                 continue
             for arm in ARMS:
                 other = final_pattern(run_folder(work, task, arm, seed))
                 if other is not None:
                     rows[arm].append({"seed": seed, **compare_patterns(other, ref)})
-            if seed in v3.SEEDS and (s := same_state(run_folder(work, task, REFERENCE, seed), ref)) is not None:
+            if seed in v3.SEEDS and (s := same_state(ref_folder, ref)) is not None:
                 state.append({"seed": seed, **s})
         table[task] = {"final_masks": {a: r for a, r in rows.items() if r}, "same_state": state}
     return table
